@@ -1,0 +1,272 @@
+"""Data shared by every stage: load and mix datasets, validate records, render chats, tokenize, batch.
+
+A mixture is a list of (dataset, amount) pairs, written on the command line as
+    --dataset_mixer_list allenai/tulu-3-sft-mixture 1.0 my_data.jsonl 5000
+where an amount is a fraction of the dataset (above 1.0 upsamples: whole copies plus a seeded
+remainder) or an integer count of rows. Each dataset is shuffled with the run's seed before rows are
+taken, and every row keeps a `source` column naming the dataset it came from.
+
+Rendering follows Tülu 3: the loss covers each assistant turn's content plus its EOS token, and
+nothing else (system and user turns, the assistant header, the newline after EOS are label -100).
+"""
+import json
+import os
+
+import torch
+
+IGNORE_INDEX = -100  # label of a token that is not trained (torch's cross_entropy default)
+ROLES = ("system", "user", "assistant")
+
+# The Tülu chat template (no BOS is added by the template; the last assistant turn has no trailing newline).
+TULU_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ '<|system|>\n' + message['content'] + '\n' }}"
+    "{% elif message['role'] == 'user' %}{{ '<|user|>\n' + message['content'] + '\n' }}"
+    "{% elif message['role'] == 'assistant' %}"
+    "{% if not loop.last %}{{ '<|assistant|>\n' + message['content'] + eos_token + '\n' }}"
+    "{% else %}{{ '<|assistant|>\n' + message['content'] + eos_token }}{% endif %}"
+    "{% endif %}"
+    "{% if loop.last and add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+    "{% endfor %}"
+)
+
+
+class InvalidRecord(ValueError):
+    """A training record that does not have the expected shape; the message names where it is."""
+
+
+def add_data_args(parser, max_seq_length: int) -> None:
+    """The data flags every stage shares (names as in Tülu 3's open-instruct)."""
+    parser.add_argument("--dataset_mixer_list", nargs="+", required=True, metavar="NAME AMOUNT",
+                        help="pairs of dataset (hub name or local .jsonl/.json/.parquet) and amount "
+                             "(fraction, >1.0 upsamples, or integer row count)")
+    parser.add_argument("--max_seq_length", type=int, default=max_seq_length, help="right-truncate to this")
+    parser.add_argument("--chat_template_name", default=None, choices=["tulu"],
+                        help="render with the Tülu template instead of the model's own")
+    parser.add_argument("--skip_invalid_rows", action="store_true",
+                        help="drop malformed records (counted and reported) instead of stopping")
+    parser.add_argument("--preprocessing_num_workers", type=int, default=1, help="processes for tokenization")
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and mixing
+
+def load_rows(name_or_path: str):
+    """A hub dataset's train split, or a local .jsonl / .json / .parquet file, as a datasets.Dataset."""
+    import datasets
+
+    ext = os.path.splitext(name_or_path)[1].lower()
+    if ext in (".jsonl", ".json", ".parquet"):
+        if not os.path.exists(name_or_path):
+            raise FileNotFoundError(f"dataset file not found: {name_or_path}")
+        builder = "parquet" if ext == ".parquet" else "json"
+        return datasets.load_dataset(builder, data_files=name_or_path, split="train")
+    if os.path.exists(name_or_path):
+        raise ValueError(f"{name_or_path}: local datasets must be .jsonl, .json or .parquet files")
+    return datasets.load_dataset(name_or_path, split="train")
+
+
+def parse_mixer_list(items: list[str]) -> list[tuple[str, float]]:
+    """["a.jsonl", "0.5", "b", "100"] -> [("a.jsonl", 0.5), ("b", 100)] with clear errors."""
+    if len(items) % 2:
+        raise ValueError(f"--dataset_mixer_list takes NAME AMOUNT pairs, got {len(items)} values: {items}")
+    pairs = []
+    for name, amount in zip(items[::2], items[1::2]):
+        try:
+            value = int(amount) if amount.isdigit() else float(amount)
+        except ValueError:
+            raise ValueError(f"--dataset_mixer_list: amount {amount!r} for {name} is not a number") from None
+        if value <= 0:
+            raise ValueError(f"--dataset_mixer_list: amount for {name} must be positive, got {amount}")
+        pairs.append((name, value))
+    return pairs
+
+
+def take_rows(num_rows: int, amount: float, seed: int) -> list[int]:
+    """Row indices for one mixture entry: a seeded shuffle, whole repeats for amounts above 1.0."""
+    generator = torch.Generator().manual_seed(seed)
+    wanted = amount if isinstance(amount, int) else round(amount * num_rows)
+    indices = []
+    while len(indices) < wanted:  # each repeat is its own shuffle, so the remainder is a random subset
+        order = torch.randperm(num_rows, generator=generator).tolist()
+        indices.extend(order[: wanted - len(indices)])
+    return indices
+
+
+def mix_datasets(dataset_mixer_list: list[str], seed: int, validate=None, skip_invalid: bool = False):
+    """Load, validate, sample and concatenate a mixture.
+
+    `validate(row, where)` raises InvalidRecord for a malformed row; the error names the dataset and
+    row, or with `skip_invalid` the row is dropped and counted. Returns the mixed dataset (with a
+    `source` column) and a report {name: {"rows", "available", "skipped_invalid"}} to save with the run.
+    """
+    import datasets
+
+    parts, report = [], {}
+    for name, amount in parse_mixer_list(dataset_mixer_list):
+        rows = load_rows(name)
+        skipped = []
+        if validate is not None:
+            for index, row in enumerate(rows):
+                try:
+                    validate(row, f"dataset {name}, row {index}")
+                except InvalidRecord:
+                    if not skip_invalid:
+                        raise
+                    skipped.append(index)
+            if skipped:
+                bad = set(skipped)
+                rows = rows.select([i for i in range(len(rows)) if i not in bad])
+        available = len(rows)
+        if available == 0:
+            raise ValueError(f"dataset {name} has no usable rows")
+        if isinstance(amount, int) and amount > len(rows):
+            raise ValueError(f"dataset {name}: asked for {amount} rows but it has {len(rows)}")
+        rows = rows.select(take_rows(len(rows), amount, seed))
+        if "source" in rows.column_names:  # keep the dataset's own provenance column under another name
+            rows = rows.rename_column("source", "original_source")
+        parts.append(rows.add_column("source", [name] * len(rows)))
+        report[name] = {"rows": len(rows), "available": available, "skipped_invalid": len(skipped)}
+    columns = set.intersection(*(set(p.column_names) for p in parts))
+    parts = [p.select_columns(sorted(columns)) for p in parts]
+    return datasets.concatenate_datasets(parts), report
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+
+def validate_messages(messages, where: str) -> None:
+    """Raise InvalidRecord unless `messages` is a list of {role, content} turns with an assistant turn."""
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRecord(f"{where}: expected a non-empty list of messages, got {type(messages).__name__}")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise InvalidRecord(f"{where}, field messages[{i}]: expected a dict, got {type(message).__name__}")
+        if message.get("role") not in ROLES:
+            raise InvalidRecord(f"{where}, field messages[{i}].role: {message.get('role')!r} is not one of {ROLES}")
+        if not isinstance(message.get("content"), str):
+            raise InvalidRecord(f"{where}, field messages[{i}].content: expected a string, "
+                                f"got {type(message.get('content')).__name__}")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise InvalidRecord(f"{where}, field messages: no assistant turn to train on")
+
+
+def validate_sft_record(row: dict, where: str) -> None:
+    if "messages" not in row:
+        raise InvalidRecord(f"{where}: no 'messages' field (has {sorted(row)})")
+    validate_messages(row["messages"], f"{where}, field messages")
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering and tokenization
+
+def load_tokenizer(model_name_or_path: str, chat_template_name: str | None = None):
+    """The model's tokenizer with a pad token and a chat template (its own, or Tülu's if asked)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
+    if chat_template_name == "tulu":
+        tokenizer.chat_template = TULU_CHAT_TEMPLATE
+    elif chat_template_name is not None:
+        raise ValueError(f"unknown --chat_template_name {chat_template_name!r} (known: tulu)")
+    if tokenizer.chat_template is None:
+        raise ValueError(f"{model_name_or_path} has no chat template: pass --chat_template_name tulu")
+    if not tokenizer.is_fast:
+        raise ValueError(f"{model_name_or_path}: a fast tokenizer is needed (token offsets locate the assistant turns)")
+    if tokenizer.eos_token is None:
+        raise ValueError(f"{model_name_or_path}: the tokenizer has no EOS token")
+    if tokenizer.pad_token is None:  # padding is masked out of attention and labels, so any id will do
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def trained_spans(tokenizer, messages: list[dict], text: str, last_turn_only: bool) -> list[tuple[int, int]]:
+    """Character spans of `text` that carry loss: each assistant turn's content plus its EOS.
+
+    A turn starts where the conversation rendered up to it, plus the generation prompt, ends; it
+    ends after the last EOS inside the turn's rendering (the template's trailing newline is left out).
+    """
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if last_turn_only:
+        turns = turns[-1:]
+    spans = []
+    for i in turns:
+        head = render(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
+        if i and not text.startswith(head):
+            raise ValueError("the chat template renders a conversation prefix differently from the whole "
+                             "conversation, so assistant turns cannot be located; use --chat_template_name tulu")
+        turn_end = len(render(tokenizer, messages[: i + 1]))
+        eos_at = text.rfind(tokenizer.eos_token, len(head), turn_end)
+        spans.append((len(head), eos_at + len(tokenizer.eos_token) if eos_at >= 0 else turn_end))
+    return spans
+
+
+def tokenize_sft(tokenizer, messages: list[dict], max_seq_length: int, last_turn_only: bool = False) -> dict:
+    """input_ids and labels (-100 outside assistant content + EOS), right-truncated to max_seq_length."""
+    text = render(tokenizer, messages)
+    spans = trained_spans(tokenizer, messages, text, last_turn_only)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    input_ids = encoded["input_ids"][:max_seq_length]
+    labels = [token if any(start <= begin < end for start, end in spans) else IGNORE_INDEX
+              for token, (begin, _) in zip(input_ids, encoded["offset_mapping"])]
+    return {"input_ids": input_ids, "labels": labels}
+
+
+def tokenize_prompt(tokenizer, messages: list[dict]) -> list[int]:
+    """A conversation rendered up to and including the assistant header, ready for sampling."""
+    return tokenizer(render(tokenizer, messages, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+
+
+def tokenize_sft_dataset(dataset, tokenizer, max_seq_length: int, num_proc: int = 1, last_turn_only: bool = False):
+    """Tokenize every conversation; drop (and count) examples that have no trained token left."""
+    tokenized = dataset.map(
+        lambda row: tokenize_sft(tokenizer, row["messages"], max_seq_length, last_turn_only),
+        remove_columns=[c for c in dataset.column_names if c != "source"],
+        num_proc=num_proc if num_proc > 1 else None, desc="tokenizing")
+    trainable = tokenized.filter(lambda row: any(label != IGNORE_INDEX for label in row["labels"]),
+                                 num_proc=num_proc if num_proc > 1 else None, desc="dropping fully masked")
+    return trainable, len(tokenized) - len(trainable)
+
+
+# ---------------------------------------------------------------------------------------------
+# Batching
+
+def collate_padded(examples: list[dict], pad_token_id: int) -> dict:
+    """Right-pad to the longest example: input_ids, labels, attention_mask [B, T]."""
+    length = max(len(e["input_ids"]) for e in examples)
+    input_ids = torch.full((len(examples), length), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), length), dtype=torch.long)
+    for row, example in enumerate(examples):
+        n = len(example["input_ids"])
+        input_ids[row, :n] = torch.tensor(example["input_ids"])
+        labels[row, :n] = torch.tensor(example["labels"])
+        attention_mask[row, :n] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def collate_packed(examples: list[dict]) -> dict:
+    """Padding-free: concatenate examples into one row [1, sum T].
+
+    position_ids restart at 0 for each example; with no attention_mask, transformers reads the
+    restarts as sequence boundaries and builds a block-diagonal causal mask, so no token attends
+    across examples. The first label of each example is -100 so that no loss links two examples.
+    """
+    input_ids, labels, position_ids = [], [], []
+    for example in examples:
+        input_ids += example["input_ids"]
+        labels += [IGNORE_INDEX] + list(example["labels"][1:])
+        position_ids += range(len(example["input_ids"]))
+    as_row = lambda values: torch.tensor(values, dtype=torch.long).unsqueeze(0)  # noqa: E731
+    return {"input_ids": as_row(input_ids), "labels": as_row(labels), "position_ids": as_row(position_ids)}
+
+
+def save_json(path: str, obj) -> None:
+    """Write JSON atomically (a crash never leaves a half-written file)."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(path + ".tmp", path)
