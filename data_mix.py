@@ -270,3 +270,79 @@ def save_json(path: str, obj) -> None:
     with open(path + ".tmp", "w") as f:
         json.dump(obj, f, indent=2)
     os.replace(path + ".tmp", path)
+
+
+# --- Preference records ---
+# DPO trains on pairs of whole conversations that share the prompt turns and differ in the final
+# assistant turn. Two record shapes are accepted:
+#   {"chosen": [messages], "rejected": [messages]}         (Tülu 3's preference mixture; its
+#                                                           "prompt" string repeats the user turn)
+#   {"prompt": str | [messages], "chosen": str | [assistant messages], "rejected": ...}
+# A side that is a string, or a message list starting with an assistant turn, is a response to
+# `prompt`; a side that starts with a system or user turn is already a whole conversation.
+
+def preference_side(row: dict, side: str, where: str) -> list[dict]:
+    """One side of a preference record as a whole conversation ending in the assistant response."""
+    value = row.get(side)
+    if value is None:
+        raise InvalidRecord(f"{where}, field {side}: missing (a preference record needs chosen and rejected)")
+    if isinstance(value, str):
+        response = [{"role": "assistant", "content": value}]
+    elif isinstance(value, list):
+        response = value
+    else:
+        raise InvalidRecord(f"{where}, field {side}: expected a response string or a list of messages, "
+                            f"got {type(value).__name__}")
+    starts_with_response = not response or (isinstance(response[0], dict) and response[0].get("role") == "assistant")
+    if starts_with_response:
+        prompt = row.get("prompt")
+        if isinstance(prompt, str) and prompt.strip():
+            prompt = [{"role": "user", "content": prompt}]
+        if not isinstance(prompt, list) or not prompt:
+            raise InvalidRecord(f"{where}, field prompt: {side} is a response only, so a non-empty prompt "
+                                f"(string or list of messages) is needed, got {prompt!r}")
+        response = prompt + response
+    validate_messages(response, f"{where}, field {side}")
+    if response[-1]["role"] != "assistant":
+        raise InvalidRecord(f"{where}, field {side}: the last turn must be the assistant response, "
+                            f"got {response[-1]['role']!r}")
+    if not response[-1]["content"].strip():
+        raise InvalidRecord(f"{where}, field {side}: empty response")
+    return response
+
+
+def preference_messages(row: dict, where: str) -> tuple[list[dict], list[dict]]:
+    """(chosen_messages, rejected_messages) of a record; InvalidRecord names dataset, row and field."""
+    chosen = preference_side(row, "chosen", where)
+    rejected = preference_side(row, "rejected", where)
+    if chosen == rejected:  # no preference to learn: the DPO margin is 0 whatever the model does
+        raise InvalidRecord(f"{where}, field rejected: identical to chosen")
+    return chosen, rejected
+
+
+def validate_preference_record(row: dict, where: str) -> None:
+    preference_messages(row, where)
+
+
+def tokenize_preference(tokenizer, row: dict, max_seq_length: int, last_turn_only: bool = False) -> dict:
+    """Each side tokenized with the SFT masking: chosen_/rejected_ input_ids and labels."""
+    chosen, rejected = preference_messages(row, f"dataset {row.get('source')}")
+    tokenized = {}
+    for side, messages in (("chosen", chosen), ("rejected", rejected)):
+        example = tokenize_sft(tokenizer, messages, max_seq_length, last_turn_only)
+        tokenized[f"{side}_input_ids"], tokenized[f"{side}_labels"] = example["input_ids"], example["labels"]
+    return tokenized
+
+
+def tokenize_preference_dataset(dataset, tokenizer, max_seq_length: int, num_proc: int = 1,
+                                last_turn_only: bool = False):
+    """Tokenize every pair; drop (and count) pairs where truncation left a side with no trained token."""
+    tokenized = dataset.map(
+        lambda row: tokenize_preference(tokenizer, row, max_seq_length, last_turn_only),
+        remove_columns=[c for c in dataset.column_names if c != "source"],
+        num_proc=num_proc if num_proc > 1 else None, desc="tokenizing preferences")
+    trainable = tokenized.filter(
+        lambda row: all(any(label != IGNORE_INDEX for label in row[f"{side}_labels"])
+                        for side in ("chosen", "rejected")),
+        num_proc=num_proc if num_proc > 1 else None, desc="dropping fully masked pairs")
+    return trainable, len(tokenized) - len(trainable)
