@@ -346,3 +346,156 @@ def tokenize_preference_dataset(dataset, tokenizer, max_seq_length: int, num_pro
                         for side in ("chosen", "rejected")),
         num_proc=num_proc if num_proc > 1 else None, desc="dropping fully masked pairs")
     return trainable, len(tokenized) - len(trainable)
+
+
+# ---------------------------------------------------------------------------------------------
+# --- Benchmarks and decontamination ---
+# eval.py reads its test sets here, and decontamination reads the same prompts, so what we guard
+# the training data against is exactly what we evaluate on.
+import re  # noqa: E402  (only this section needs it)
+
+BENCHMARK_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".cache", "benchmarks")
+# benchmark -> (fields every example has, field holding the prompt a training row could leak)
+BENCHMARK_FIELDS = {
+    "gsm8k": (("question", "answer", "short_answer"), "question"),
+    "math": (("problem", "solution", "level", "type"), "problem"),
+    "math500": (("problem", "solution", "level", "type"), "problem"),
+    "ifeval": (("key", "prompt", "instruction_id_list", "kwargs"), "prompt"),
+    "humaneval": (("task_id", "prompt", "canonical_solution", "test", "entry_point"), "prompt"),
+    "mmlu": (("question", "subject", "choices", "answer"), "question"),
+}
+MATH_SUBJECTS = ("algebra", "counting_and_probability", "geometry", "intermediate_algebra",
+                 "number_theory", "prealgebra", "precalculus")
+
+
+def load_benchmark_from_hub(name: str) -> list[dict]:
+    """The test sets Tülu 3 evaluates on, from the Hugging Face hub, in the local cache's fields."""
+    import datasets
+
+    if name == "gsm8k":
+        rows = datasets.load_dataset("openai/gsm8k", "main", split="test")
+        return [dict(r, short_answer=r["answer"].split("####")[-1].strip()) for r in rows]
+    if name == "math500":
+        rows = datasets.load_dataset("HuggingFaceH4/MATH-500", split="test")
+        return [{"problem": r["problem"], "solution": r["solution"], "level": f"Level {r['level']}",
+                 "type": r["subject"]} for r in rows]
+    if name == "math":
+        return [{k: r[k] for k in ("problem", "solution", "level", "type")}
+                for subject in MATH_SUBJECTS
+                for r in datasets.load_dataset("EleutherAI/hendrycks_math", subject, split="test")]
+    if name == "ifeval":  # the hub copy pads every kwargs dict with all keys set to null: drop them
+        return [dict(r, kwargs=[{k: v for k, v in kw.items() if v is not None} for kw in r["kwargs"]])
+                for r in datasets.load_dataset("google/IFEval", split="train")]
+    if name == "humaneval":
+        return list(datasets.load_dataset("openai/openai_humaneval", split="test"))
+    if name == "mmlu":
+        return list(datasets.load_dataset("cais/mmlu", "all", split="test"))
+    raise ValueError(f"unknown benchmark {name!r} (known: {', '.join(BENCHMARK_FIELDS)})")
+
+
+def load_benchmark(name: str, path: str | None = None) -> list[dict]:
+    """A benchmark's test examples: from `path` (a .jsonl file, or a directory holding <name>.jsonl),
+    else from .cache/benchmarks/<name>.jsonl (made by data/fetch_offline.py) if present, else the hub."""
+    if name not in BENCHMARK_FIELDS:
+        raise ValueError(f"unknown benchmark {name!r} (known: {', '.join(BENCHMARK_FIELDS)})")
+    if path is not None and os.path.isdir(path):
+        path = os.path.join(path, f"{name}.jsonl")
+    if path is None and os.path.exists(os.path.join(BENCHMARK_DIR, f"{name}.jsonl")):
+        path = os.path.join(BENCHMARK_DIR, f"{name}.jsonl")
+    if path is None:
+        return load_benchmark_from_hub(name)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"benchmark {name}: {path} not found (run `python data/fetch_offline.py`)")
+    fields = BENCHMARK_FIELDS[name][0]
+    examples = []
+    with open(path) as f:
+        for line_number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                example = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise InvalidRecord(f"benchmark {name}, {path}, line {line_number}: not JSON ({error})") from None
+            missing = [k for k in fields if k not in example]
+            if missing:
+                raise InvalidRecord(f"benchmark {name}, {path}, line {line_number}: missing field(s) {missing}")
+            examples.append(example)
+    return examples
+
+
+WORD = re.compile(r"[a-z0-9]+")
+
+
+def ngram_hashes(text: str, n: int) -> list[int]:
+    """Hashes of the word n-grams of `text` (lowercased; words are runs of letters and digits)."""
+    words = WORD.findall(text.lower())
+    return list(map(hash, zip(*(words[i:] for i in range(n)))))  # tuple hashing runs in C: ~5x a join
+
+
+def prompt_text(row: dict, where: str) -> str:
+    """What a training row asks: its user turns (SFT/RLVR `messages`, preference `chosen` or `prompt`)."""
+    messages = row.get("messages") or row.get("chosen")
+    if messages is None:
+        if isinstance(row.get("prompt"), str):
+            return row["prompt"]
+        raise InvalidRecord(f"{where}: no 'messages', 'chosen' or 'prompt' field to decontaminate (has {sorted(row)})")
+    if not isinstance(messages, list):
+        raise InvalidRecord(f"{where}: expected a list of messages, got {type(messages).__name__}")
+    return "\n".join(m["content"] for m in messages if isinstance(m, dict) and m.get("role") == "user")
+
+
+def decontaminate(dataset, benchmarks: list[str], ngram_size: int = 8, threshold: float = 0.5,
+                  benchmark_dir: str | None = None):
+    """Drop training rows whose prompts overlap a benchmark prompt.
+
+    A row's overlap is the fraction of its prompt's word `ngram_size`-grams that occur in any prompt of
+    the benchmarks; the row is dropped when the overlap is above `threshold` (with threshold 0, on any
+    shared n-gram). Tülu 3 matched 8-grams with an overlap threshold; 0.5 means "most of this prompt is
+    benchmark text", which catches copied and lightly edited test questions while keeping rows that
+    merely quote a common phrase. Prompts shorter than `ngram_size` words have no n-gram and are kept.
+
+    `dataset` is a datasets.Dataset or a list of rows (a `source` column, if present, groups the report).
+    Returns the kept rows (same type) and a report: rows in/dropped, dropped per source and per
+    benchmark (each dropped row is charged to the benchmark it shares most n-grams with).
+    """
+    if not 0 <= threshold < 1:
+        raise ValueError(f"decontamination threshold must be in [0, 1), got {threshold}")
+    owner = {}  # n-gram hash -> index of the first benchmark containing it
+    for index, name in enumerate(benchmarks):
+        examples = load_benchmark(name, benchmark_dir)
+        for example in examples:
+            for h in ngram_hashes(example[BENCHMARK_FIELDS[name][1]], ngram_size):
+                owner.setdefault(h, index)
+    per_benchmark = dict.fromkeys(benchmarks, 0)
+    per_source, keep, dropped_examples = {}, [], []
+    rows = dataset if isinstance(dataset, list) else _iter_rows(dataset)
+    for index, row in enumerate(rows):
+        source = row.get("source", "dataset")
+        counts = per_source.setdefault(source, {"rows": 0, "dropped": 0})
+        counts["rows"] += 1
+        hashes = ngram_hashes(prompt_text(row, f"row {index} (source {source})"), ngram_size)
+        num_matched = sum(map(owner.__contains__, hashes))
+        if num_matched == 0 or num_matched <= threshold * len(hashes):
+            keep.append(index)
+            continue
+        counts["dropped"] += 1
+        matched = [owner[h] for h in hashes if h in owner]
+        culprit = benchmarks[max(set(matched), key=matched.count)]
+        per_benchmark[culprit] += 1
+        if len(dropped_examples) < 20:  # a sample, so users can see what was matched
+            dropped_examples.append({"row": index, "source": source, "benchmark": culprit,
+                                     "overlap": round(len(matched) / len(hashes), 3)})
+    kept = [dataset[i] for i in keep] if isinstance(dataset, list) else dataset.select(keep)
+    report = {"benchmarks": benchmarks, "ngram_size": ngram_size, "threshold": threshold,
+              "rows": len(dataset), "dropped": sum(per_benchmark.values()),
+              "dropped_per_source": per_source, "dropped_per_benchmark": per_benchmark,
+              "dropped_examples": dropped_examples}
+    return kept, report
+
+
+def _iter_rows(dataset, batch_size: int = 4096):
+    """Rows of a datasets.Dataset, read a column batch at a time (row-by-row access is ~10x slower)."""
+    columns = [c for c in ("messages", "chosen", "prompt", "source") if c in dataset.column_names]
+    for batch in dataset.select_columns(columns).iter(batch_size=batch_size):
+        for i in range(len(batch[columns[0]])):
+            yield {c: batch[c][i] for c in columns}
