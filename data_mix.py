@@ -499,3 +499,59 @@ def _iter_rows(dataset, batch_size: int = 4096):
     for batch in dataset.select_columns(columns).iter(batch_size=batch_size):
         for i in range(len(batch[columns[0]])):
             yield {c: batch[c][i] for c in columns}
+
+
+# ---------------------------------------------------------------------------------------------
+# --- RLVR records ---
+# RLVR trains on prompts whose answers a verifier can check (Tülu 3's RLVR-GSM-MATH-IF-Mixed-Constraints):
+#   {"messages": [prompt turns], "ground_truth": str, "dataset": "gsm8k" | "MATH" | "ifeval"}
+# ground_truth is the answer (GSM8K, MATH) or the IFEval constraints as JSON. A final assistant turn in
+# messages, if present, is a reference answer and is left out of the prompt.
+
+RLVR_DATASETS = ("gsm8k", "math", "ifeval")
+
+
+def rlvr_prompt_messages(row: dict, where: str) -> list[dict]:
+    """The prompt turns of an RLVR record (validated); InvalidRecord names dataset, row and field."""
+    messages = row.get("messages")
+    if isinstance(messages, list) and messages and isinstance(messages[-1], dict) \
+            and messages[-1].get("role") == "assistant":
+        messages = messages[:-1]
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRecord(f"{where}, field messages: expected a non-empty list of prompt turns, got {messages!r}")
+    # validate_messages checks every turn and wants an assistant turn: the response about to be sampled.
+    validate_messages(messages + [{"role": "assistant", "content": ""}], where)
+    return messages
+
+
+def validate_rlvr_record(row: dict, where: str) -> None:
+    rlvr_prompt_messages(row, where)
+    dataset = row.get("dataset")
+    if not isinstance(dataset, str) or dataset.lower() not in RLVR_DATASETS:
+        raise InvalidRecord(f"{where}, field dataset: {dataset!r} has no verifier (expected one of "
+                            f"{RLVR_DATASETS}, any case)")
+    ground_truth = row.get("ground_truth")
+    if ground_truth is None or (isinstance(ground_truth, str) and not ground_truth.strip()):
+        raise InvalidRecord(f"{where}, field ground_truth: missing or empty")
+    if dataset.lower() == "ifeval" and isinstance(ground_truth, str):
+        try:
+            json.loads(ground_truth)
+        except json.JSONDecodeError as error:
+            raise InvalidRecord(f"{where}, field ground_truth: IFEval constraints are not valid JSON ({error})") \
+                from None
+
+
+def tokenize_rlvr_dataset(dataset, tokenizer, max_prompt_token_length: int, num_proc: int = 1):
+    """Prompt token ids (rendered up to the assistant header) with ground_truth and lower-cased dataset.
+
+    Prompts longer than max_prompt_token_length are dropped and counted, not truncated: a cut prompt
+    would lose the question the verifier checks. Returns (dataset, number dropped).
+    """
+    tokenized = dataset.map(
+        lambda row: {"input_ids": tokenize_prompt(tokenizer, rlvr_prompt_messages(row, f"dataset {row.get('source')}")),
+                     "ground_truth": row["ground_truth"], "dataset": row["dataset"].lower()},
+        remove_columns=[c for c in dataset.column_names if c not in ("source", "ground_truth", "dataset")],
+        num_proc=num_proc if num_proc > 1 else None, desc="tokenizing prompts")
+    kept = tokenized.filter(lambda row: len(row["input_ids"]) <= max_prompt_token_length,
+                            num_proc=num_proc if num_proc > 1 else None, desc="dropping long prompts")
+    return kept, len(tokenized) - len(kept)
