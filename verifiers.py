@@ -26,6 +26,7 @@ Deviations from the references, all documented where they live:
 - IFEval capital words: `treebank_words` approximates NLTK's word_tokenize.
 - MATH: the whole output is tried as the last-resort candidate only when it is <= 1,000 chars.
 """
+import ast
 import atexit
 import json
 import os
@@ -176,11 +177,13 @@ def math_candidates(response: str) -> list[str]:
 _MINERVA_SUBSTITUTIONS = [("an ", ""), ("a ", ""), (".$", "$"), ("\\$", ""), ("\\ ", ""), (" ", ""),
                           ("mbox", "text"), (",\\text{and}", ","), ("\\text{and}", ","),
                           ("\\text{m}", "\\text{}")]
-_MINERVA_REMOVED = ["square", "ways", "integers", "dollars", "mph", "inches", "ft", "hours", "km", "units",
-                    "\\ldots", "sue", "points", "feet", "minutes", "digits", "cents", "degrees", "cm", "gm",
-                    "pounds", "meters", "meals", "edges", "students", "childrentickets", "multiples",
-                    "\\text{s}", "\\text{.}", "\\text{\ns}", "\\text{}^2", "\\text{}^3", "\\text{\n}",
+_MINERVA_REMOVED = ["\\ldots", "\\text{s}", "\\text{.}", "\\text{\ns}", "\\text{}^2", "\\text{}^3", "\\text{\n}",
                     "\\text{}", "\\mathrm{th}", "^\\circ", "^{\\circ}", "\\;", ",\\!", "{,}", '"', "\\dots"]
+# Minerva's unit words, removed only where no letter or backslash precedes them: plain replacement
+# turned \infty into \inty, \left into \le and \sigma into \sia.
+_MINERVA_UNITS = re.compile(r"(?<![A-Za-z\\])(?:square|ways|integers|dollars|mph|inches|ft|hours|km|units|sue|points|"
+                            r"feet|minutes|digits|cents|degrees|cm|gm|pounds|meters|meals|edges|students|"
+                            r"childrentickets|multiples)")
 # `[^{}]*` instead of the reference's `.*?`: the same on well-formed input, and linear.
 _UNWRAP = re.compile(r"\\(?:text|textbf|overline)\{([^{}]*)\}")
 
@@ -191,6 +194,7 @@ def _minerva_normalize(answer: str) -> str:
         answer = answer.replace(before, after)
     for removed in _MINERVA_REMOVED:
         answer = answer.replace(removed, "")
+    answer = _MINERVA_UNITS.sub("", answer)
     first_dollar = answer.find("$")  # keep what is inside the first $...$, if any
     second_dollar = answer.find("$", first_dollar + 1) if first_dollar >= 0 else -1
     if second_dollar >= 0:
@@ -414,6 +418,420 @@ def _symbolic_server():
         sys.stdout.write(f"{index}\n")
         sys.stdout.flush()
 
+
+
+# ------------------------------------------------------------------------------------------------
+# IFEval (Zhou et al. 2023): the 25 instruction checkers, with the official kwargs and semantics.
+# One deliberate difference: keyword-type arguments are matched as literal text (re.escape), where
+# the reference inserts them into regexes unescaped; the two agree on every keyword of the dataset.
+
+def _compare(count: int, relation: str, threshold: int) -> bool:
+    return count < threshold if relation == "less than" else count >= threshold
+
+
+_ABBREVIATIONS = {"mr", "mrs", "ms", "dr", "prof", "sr", "jr", "st", "mt", "vs", "etc", "e.g", "i.e", "cf",
+                  "al", "inc", "ltd", "co", "corp", "no", "vol", "fig", "approx", "dept", "est", "jan", "feb",
+                  "mar", "apr", "jun", "jul", "aug", "sep", "sept", "oct", "nov", "dec", "a.m", "p.m", "u.s"}
+_CLOSERS = "\"')]}\u2019\u201d*"
+
+
+def count_sentences(text: str) -> int:
+    """Sentences, approximating NLTK's English punkt (whose data is not available offline).
+
+    A sentence ends at a whitespace-separated token ending in `.`, `?` or `!` (closing quotes and
+    brackets allowed after it), except after a known abbreviation ("Dr.", "e.g.") or an initial
+    ("J.", "U.S."), which end a sentence only at the end of the text, and after an ellipsis followed
+    by a lowercase word. "3.14" and newlines never split; an unterminated last sentence counts.
+    Deviations from punkt: punkt learns abbreviations and sentence starters from its training corpus
+    and weighs orthographic evidence, so rare abbreviations ("Gov.") split here and not there, and
+    single-letter words ending a sentence ("... than I.") do not split here."""
+    tokens = text.split()
+    count, open_sentence = 0, False
+    for position, token in enumerate(tokens):
+        open_sentence = True
+        core = token.rstrip(_CLOSERS)
+        if not core.endswith((".", "?", "!")):
+            continue
+        following = tokens[position + 1] if position + 1 < len(tokens) else None
+        if core.endswith((".", "..", "\u2026")) and not core.endswith(("?", "!")):
+            word = core.rstrip(".").lstrip("\"'([{\u2018\u201c").lower()
+            is_abbreviation = word in _ABBREVIATIONS or re.fullmatch(r"(?:[^\W\d_]\.)*[^\W\d_]", word)
+            if is_abbreviation and following is not None:
+                continue
+            if core.endswith("..") and following is not None and following[:1].islower():
+                continue
+        count, open_sentence = count + 1, False
+    return count + open_sentence
+
+
+def treebank_words(text: str) -> list[str]:
+    """Words as NLTK's Treebank-style `word_tokenize` splits them, approximately: contractions split
+    ("DON'T" -> "DO", "N'T"), punctuation split off (a comma or colon not before a digit, ; @ # $ %
+    & ? ! brackets, quotes, "--", "..."), hyphens, slashes and inner periods kept ("U.S.", "A-B").
+    The full tokenizer has more rules; these are the ones that change which tokens are uppercase."""
+    text = re.sub(r"(\w)(n't|'ll|'re|'ve|'s|'m|'d)\b", r"\1 \2", text, flags=re.IGNORECASE)
+    text = re.sub(r"[;@#$%&?!()\[\]{}<>\"\u201c\u201d]|--|\.\.\.|[:,](?!\d)", r" \g<0> ", text)
+    return text.split()
+
+
+def _number_placeholders(text: str) -> int:
+    """Shortest [...] spans within one line (linear, unlike the reference's lazy regex on '[[[[')."""
+    count = 0
+    for line in text.split("\n"):
+        start = line.find("[")
+        while start >= 0:
+            end = line.find("]", start + 1)
+            if end < 0:
+                break  # no later "[" on this line can close either
+            count += 1
+            start = line.find("[", end + 1)
+    return count
+
+
+def _number_bullets(text: str) -> int:
+    """Lines starting (after whitespace) with `*` + a non-`*` character, or with `-`. As in the
+    reference's multiline regex, a lone `*` line swallows the next line into its match."""
+    lines = text.split("\n")
+    stars, dashes, swallowed = 0, 0, False
+    for position, line in enumerate(lines):
+        stripped = line.lstrip()
+        dashes += stripped.startswith("-")
+        if swallowed:
+            swallowed = False
+            continue
+        if stripped.startswith("*") and stripped[1:2] != "*":
+            if len(stripped) > 1:
+                stars += 1
+            elif position + 1 < len(lines):  # "*" then the newline: the match runs on to the next line
+                stars, swallowed = stars + 1, True
+    return stars + dashes
+
+
+def _has_title(text: str) -> bool:
+    """A `<<...>>` span within a line (greedy: first `<<` to last `>>`) with non-blank content."""
+    for line in text.split("\n"):
+        start, end = line.find("<<"), line.rfind(">>")
+        if start >= 0 and end >= start + 3 and line[start:end + 2].lstrip("<").rstrip(">").strip():
+            return True
+    return False
+
+
+def _number_paragraphs_ok(text: str, num_paragraphs: int) -> bool:
+    pieces = re.split(r"\s?\*\*\*\s?", text)
+    count = len(pieces)
+    for position, piece in enumerate(pieces):
+        if not piece.strip():
+            if 0 < position < len(pieces) - 1:
+                return False  # two dividers in a row
+            count -= 1
+    return count == num_paragraphs
+
+
+def _nth_paragraph_first_word_ok(text: str, num_paragraphs: int, nth_paragraph: int, first_word: str) -> bool:
+    pieces = text.split("\n\n")
+    count = sum(1 for piece in pieces if piece.strip())
+    if nth_paragraph > count:
+        return False
+    paragraph = pieces[nth_paragraph - 1].strip()  # the unfiltered list, as in the reference
+    if not paragraph:
+        return False
+    word = paragraph.split()[0].lstrip("'").lstrip('"')
+    word = re.match(r"[^.,?!'\"]*", word).group().lower()
+    return count == num_paragraphs and word == first_word.lower()
+
+
+def _postscript_ok(text: str, postscript_marker: str) -> bool:
+    marker = postscript_marker.strip()
+    pattern = {"P.P.S": r"p\.\s?p\.\s?s", "P.S.": r"p\.\s?s\."}.get(marker, re.escape(marker.lower()))
+    return re.search(pattern, text.lower()) is not None
+
+
+def _number_highlights(text: str) -> int:
+    single = re.findall(r"\*[^\n*]*\*", text)
+    double = re.findall(r"\*\*[^\n*]*\*\*", text)
+    return sum(1 for span in single + double if span.strip("*").strip())
+
+
+def _json_ok(text: str) -> bool:
+    text = text.strip()
+    for fence in ("```json", "```Json", "```JSON"):
+        if text.startswith(fence):
+            text = text[len(fence):]
+            break
+    text = text.removeprefix("```").removesuffix("```").strip()
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _two_responses_ok(text: str) -> bool:
+    pieces = text.split("******")
+    kept = []
+    for position, piece in enumerate(pieces):
+        if not piece.strip():
+            if 0 < position < len(pieces) - 1:
+                return False
+            continue
+        kept.append(piece.strip())
+    return len(kept) == 2 and kept[0] != kept[1]
+
+
+def _end_ok(text: str, end_phrase: str) -> bool:
+    return text.strip().strip('"').lower().endswith(end_phrase.strip().lower())
+
+
+def _detect_language(text: str) -> str | None:
+    """langdetect's language code, seeded for determinism; None if it cannot tell (no letters)."""
+    from langdetect import DetectorFactory, detect
+    from langdetect.lang_detect_exception import LangDetectException
+
+    DetectorFactory.seed = 0
+    try:
+        return detect(text[:100_000])  # it reads 10,000 chars at most; cap its cleanup regexes too
+    except LangDetectException:
+        return None
+
+
+def _case_ok(text: str, upper: bool) -> bool:
+    cased = text.isupper() if upper else text.islower()
+    return cased and _detect_language(text) in ("en", None)  # undetectable counts as followed
+
+
+# id -> (check(text, **kwargs), kwargs it requires)
+_IFEVAL = {
+    "keywords:existence": (lambda t, keywords: all(re.search(re.escape(k), t, re.I) for k in keywords),
+                           ("keywords",)),
+    "keywords:frequency": (lambda t, keyword, frequency, relation: _compare(
+        len(re.findall(re.escape(keyword.strip()), t, re.I)), relation, frequency), ("keyword", "frequency", "relation")),
+    "keywords:forbidden_words": (lambda t, forbidden_words: not any(
+        re.search(r"\b" + re.escape(w) + r"\b", t, re.I) for w in forbidden_words), ("forbidden_words",)),
+    "keywords:letter_frequency": (lambda t, letter, let_frequency, let_relation: _compare(
+        t.lower().count(letter.lower()), let_relation, let_frequency), ("letter", "let_frequency", "let_relation")),
+    "language:response_language": (lambda t, language: _detect_language(t) in (language, None), ("language",)),
+    "length_constraints:number_sentences": (lambda t, num_sentences, relation: _compare(
+        count_sentences(t), relation, num_sentences), ("num_sentences", "relation")),
+    "length_constraints:number_paragraphs": (_number_paragraphs_ok, ("num_paragraphs",)),
+    "length_constraints:number_words": (lambda t, num_words, relation: _compare(
+        len(re.findall(r"\w+", t)), relation, num_words), ("num_words", "relation")),
+    "length_constraints:nth_paragraph_first_word": (_nth_paragraph_first_word_ok,
+                                                    ("num_paragraphs", "nth_paragraph", "first_word")),
+    "detectable_content:number_placeholders": (lambda t, num_placeholders: _number_placeholders(t) >= num_placeholders,
+                                               ("num_placeholders",)),
+    "detectable_content:postscript": (_postscript_ok, ("postscript_marker",)),
+    "detectable_format:number_bullet_lists": (lambda t, num_bullets: _number_bullets(t) == num_bullets, ("num_bullets",)),
+    "detectable_format:constrained_response": (lambda t: any(
+        option in t.strip() for option in ("My answer is yes.", "My answer is no.", "My answer is maybe.")), ()),
+    "detectable_format:number_highlighted_sections": (lambda t, num_highlights: _number_highlights(t) >= num_highlights,
+                                                      ("num_highlights",)),
+    "detectable_format:multiple_sections": (lambda t, section_spliter, num_sections: len(re.findall(
+        r"\s?" + re.escape(section_spliter.strip()) + r"\s?\d+\s?", t)) >= num_sections, ("section_spliter", "num_sections")),
+    "detectable_format:json_format": (_json_ok, ()),
+    "detectable_format:title": (_has_title, ()),
+    "combination:two_responses": (_two_responses_ok, ()),
+    "combination:repeat_prompt": (lambda t, prompt_to_repeat: t.strip().lower().startswith(
+        prompt_to_repeat.strip().lower()), ("prompt_to_repeat",)),
+    "startend:end_checker": (_end_ok, ("end_phrase",)),
+    "change_case:capital_word_frequency": (lambda t, capital_frequency, capital_relation: _compare(
+        sum(w.isupper() for w in treebank_words(t)), capital_relation, capital_frequency),
+        ("capital_frequency", "capital_relation")),
+    "change_case:english_capital": (lambda t: _case_ok(t, upper=True), ()),
+    "change_case:english_lowercase": (lambda t: _case_ok(t, upper=False), ()),
+    "punctuation:no_comma": (lambda t: "," not in t, ()),
+    "startend:quotation": (lambda t: len(t.strip()) >= 2 and t.strip()[0] == t.strip()[-1] == '"', ()),
+}
+_INTEGER_ARGUMENTS = {"frequency", "let_frequency", "num_sentences", "num_paragraphs", "num_words", "nth_paragraph",
+                      "num_placeholders", "num_bullets", "num_highlights", "num_sections", "capital_frequency"}
+
+
+def _validated_arguments(where: str, kwargs: dict | None, required: tuple) -> dict:
+    """The non-null arguments, checked: all required present, none unknown, counts non-negative
+    integers, relations "less than" / "at least". Raises ValueError naming `where` and the argument."""
+    arguments = {name: value for name, value in (kwargs or {}).items() if value is not None}
+    missing = [name for name in required if name not in arguments]
+    unknown = [name for name in arguments if name not in required]
+    if missing or unknown:
+        raise ValueError(f"{where}: missing arguments {missing}, unexpected arguments {unknown}")
+    for name, value in arguments.items():
+        if name in _INTEGER_ARGUMENTS or name == "N" or name == "i":
+            try:
+                arguments[name] = int(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"{where}: argument {name}={value!r} is not an integer") from None
+            if arguments[name] < 0:
+                raise ValueError(f"{where}: argument {name}={value!r} is negative")
+        if name == "quantifier" and value not in ("at least", "at most", "around"):
+            raise ValueError(f"{where}: argument quantifier={value!r} must be 'at least', 'at most' or 'around'")
+        if name.endswith("relation") and value not in ("less than", "at least"):
+            raise ValueError(f"{where}: argument {name}={value!r} must be 'less than' or 'at least'")
+    if "letter" in arguments and len(arguments["letter"]) != 1:
+        raise ValueError(f"{where}: argument letter={arguments['letter']!r} must be a single character")
+    return arguments
+
+
+def _ifeval_checker(instruction_id: str, kwargs: dict | None):
+    if instruction_id not in _IFEVAL:
+        raise ValueError(f"unknown IFEval instruction id {instruction_id!r}")
+    check, required = _IFEVAL[instruction_id]
+    arguments = _validated_arguments(f"IFEval instruction {instruction_id!r}", kwargs, required)
+    return lambda text: check(text, **arguments)
+
+
+def loose_variants(response: str) -> list[str]:
+    """IFEval's 8 loose candidates: as is, `*` removed, first / last / both lines removed (stripped),
+    and those three with `*` removed."""
+    lines = response.split("\n")
+    trimmed = ["\n".join(lines[1:]).strip(), "\n".join(lines[:-1]).strip(), "\n".join(lines[1:-1]).strip()]
+    return [response, response.replace("*", "")] + trimmed + [text.replace("*", "") for text in trimmed]
+
+
+def _followed(check, response: str, loose: bool) -> bool:
+    """Strict: a non-blank response that passes. Loose: any non-blank candidate that passes."""
+    candidates = loose_variants(response) if loose else [response]
+    return any(candidate.strip() and check(candidate) for candidate in candidates)
+
+
+def ifeval_check(response: str, instruction_id_list: list[str], kwargs_list: list[dict], loose: bool = False) -> list[bool]:
+    """Whether `response` follows each instruction (IFEval strict, or loose if `loose`)."""
+    if len(instruction_id_list) != len(kwargs_list):
+        raise ValueError(f"IFEval: {len(instruction_id_list)} instruction ids but {len(kwargs_list)} kwargs dicts")
+    checks = [_ifeval_checker(i, kwargs) for i, kwargs in zip(instruction_id_list, kwargs_list)]
+    return [_followed(check, response, loose) for check in checks]
+
+
+# ------------------------------------------------------------------------------------------------
+# Tülu 3 RLVR ground truth: {"func_name": NAME, <arguments>} (null arguments dropped). Each check
+# has the meaning of Tülu 3's function (IFEVAL.md's table) with its known defects fixed: the
+# placeholder check really counts, the choice check looks for an option inside the response (not
+# the response inside an option), and the thinking section is stripped before checking (verify).
+
+def _quantified(count: int, quantifier: str, n: int, around_tolerance: int) -> bool:
+    if quantifier == "at least":
+        return count >= n
+    if quantifier == "at most":
+        return count <= n
+    return abs(count - n) <= around_tolerance  # "around"
+
+
+def _tulu_paragraph_count(text: str, N: int) -> bool:
+    """Exactly N non-blank paragraphs separated by the markdown divider `* * *` (or `***`)."""
+    pieces = re.split(r"\*[ \t]?\*[ \t]?\*", text.strip())
+    return all(piece.strip() for piece in pieces) and len(pieces) == N
+
+
+def _tulu_paragraphs(text: str, N: int, first_word: str, i: int) -> bool:
+    """Exactly N paragraphs split on blank lines; paragraph i (1-based) starts with first_word
+    (case-insensitive, leading markdown or quotes allowed, whole word)."""
+    paragraphs = [p for p in re.split(r"\n[ \t]*\n", text) if p.strip()]
+    if len(paragraphs) != N or not 1 <= i <= N:
+        return False
+    return re.match(r"[\W_]*" + re.escape(first_word.strip()) + r"\b", paragraphs[i - 1].strip(), re.I) is not None
+
+
+def _tulu_choice(text: str, options) -> bool:
+    """One of the options appears in the response. `options` is a list, or a string holding a
+    Python/JSON list or tuple literal, or a single option."""
+    if isinstance(options, str):
+        try:
+            parsed = ast.literal_eval(options)
+        except (ValueError, SyntaxError):
+            parsed = options
+        options = [parsed] if isinstance(parsed, str) else parsed
+    return any(str(option).strip() and str(option).strip() in text for option in options)
+
+
+def _tulu_sections(text: str, N: int, section_splitter: str) -> bool:
+    """Splitting on the splitter gives N sections (a blank preamble before the first is ignored)."""
+    sections = text.split(section_splitter.strip())
+    if not sections[0].strip():
+        sections = sections[1:]
+    return len(sections) == N
+
+
+def _tulu_two_responses(text: str) -> bool:
+    """Exactly one `******`, with two different non-blank responses around it."""
+    if text.count("******") != 1:
+        return False
+    first, second = (piece.strip() for piece in text.split("******"))
+    return bool(first and second) and first != second
+
+
+def _tulu_postscript(text: str, postscript_marker: str) -> bool:
+    start = text.find(postscript_marker)
+    return start >= 0 and bool(text[start + len(postscript_marker):].strip())
+
+
+_TULU = {
+    "verify_keywords": (lambda t, keyword_list: all(k.lower() in t.lower() for k in keyword_list), ("keyword_list",)),
+    "verify_keyword_frequency": (lambda t, word, N: len(re.findall(
+        r"\b" + re.escape(word.strip()) + r"\b", t, re.I)) == N, ("word", "N")),
+    "validate_forbidden_words": (lambda t, forbidden_words: not any(
+        w.lower() in t.lower() for w in forbidden_words), ("forbidden_words",)),
+    "verify_letter_frequency": (lambda t, letter, N: t.count(letter) == N, ("letter", "N")),
+    "validate_response_language": (lambda t, language: _detect_language(t) == language, ("language",)),
+    "verify_paragraph_count": (_tulu_paragraph_count, ("N",)),
+    "validate_word_constraint": (lambda t, N, quantifier: _quantified(
+        len(t.split()), quantifier, N, max(round(0.1 * N), 1)), ("N", "quantifier")),
+    "verify_sentence_constraint": (lambda t, N, quantifier: _quantified(
+        count_sentences(t), quantifier, N, 1), ("N", "quantifier")),
+    "validate_paragraphs": (_tulu_paragraphs, ("N", "first_word", "i")),
+    "verify_postscript": (_tulu_postscript, ("postscript_marker",)),
+    "validate_placeholders": (lambda t, N: _number_placeholders(t) >= N, ("N",)),
+    "verify_bullet_points": (lambda t, N: sum(
+        line.strip().startswith(("*", "-")) for line in t.split("\n")) == N, ("N",)),
+    "validate_title": (_has_title, ()),
+    "validate_choice": (_tulu_choice, ("options",)),
+    "validate_highlighted_sections": (lambda t, N: _number_highlights(t) >= N, ("N",)),
+    "validate_sections": (_tulu_sections, ("N", "section_splitter")),
+    "validate_json_format": (_json_ok, ()),
+    "validate_repeat_prompt": (lambda t, original_prompt: t.strip().lower().startswith(
+        original_prompt.strip().lower()), ("original_prompt",)),
+    "validate_two_responses": (_tulu_two_responses, ()),
+    "validate_uppercase": (lambda t: t == t.upper(), ()),
+    "validate_lowercase": (lambda t: t == t.lower(), ()),
+    "validate_frequency_capital_words": (lambda t, N, quantifier: _quantified(
+        len(re.findall(r"\b[A-Z]+\b", t)), quantifier, N, 0), ("N", "quantifier")),
+    "validate_end": (lambda t, end_phrase: t.strip().endswith(end_phrase.strip()), ("end_phrase",)),
+    "validate_quotation": (_IFEVAL["startend:quotation"][0], ()),
+    "validate_no_commas": (lambda t: "," not in t, ()),
+}
+
+
+def _tulu_checker(record: dict):
+    name = record["func_name"]
+    if name not in _TULU:
+        raise ValueError(f"unknown Tülu 3 IFEval func_name {name!r}")
+    check, required = _TULU[name]
+    arguments = {key: value for key, value in record.items() if key != "func_name"}
+    arguments = _validated_arguments(f"Tülu 3 IFEval constraint {name!r}", arguments, required)
+    return lambda text: check(text, **arguments)
+
+
+def _ifeval_ground_truth_checks(ground_truth) -> list:
+    """Strict checks from a ground truth in the IFEval format ({"instruction_id_list", "kwargs"})
+    or the Tülu 3 format ({"func_name", ...}), given as a dict, a JSON string, or a list of them."""
+    record = ground_truth
+    if isinstance(record, str):
+        try:
+            record = json.loads(record)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"IFEval ground truth is not valid JSON ({error}): {ground_truth[:200]!r}") from None
+    records = record if isinstance(record, list) else [record]
+    checks = []
+    for record in records:
+        if isinstance(record, dict) and "instruction_id_list" in record:
+            ids, kwargs_list = record["instruction_id_list"], record.get("kwargs") or [{}] * len(record["instruction_id_list"])
+            if len(ids) != len(kwargs_list):
+                raise ValueError(f"IFEval ground truth: {len(ids)} instruction ids but {len(kwargs_list)} kwargs dicts")
+            checks += [_ifeval_checker(i, kwargs) for i, kwargs in zip(ids, kwargs_list)]
+        elif isinstance(record, dict) and "func_name" in record:
+            checks.append(_tulu_checker(record))
+        else:
+            raise ValueError(f"IFEval ground truth needs 'instruction_id_list' + 'kwargs' or 'func_name': {str(record)[:200]!r}")
+    if not checks:
+        raise ValueError(f"IFEval ground truth holds no instruction: {str(ground_truth)[:200]!r}")
+    return [lambda text, check=check: _followed(check, text, loose=False) for check in checks]
 
 if __name__ == "__main__" and sys.argv[1:] == ["--symbolic-server"]:
     _symbolic_server()
