@@ -470,14 +470,27 @@ def treebank_words(text: str) -> list[str]:
     & ? ! brackets, quotes, "--", "..."), hyphens, slashes and inner periods kept ("U.S.", "A-B").
     The full tokenizer has more rules; these are the ones that change which tokens are uppercase."""
     text = re.sub(r"(\w)(n't|'ll|'re|'ve|'s|'m|'d)\b", r"\1 \2", text, flags=re.IGNORECASE)
-    text = re.sub(r"[;@#$%&?!()\[\]{}<>\"\u201c\u201d]|--|\.\.\.|[:,](?!\d)", r" \g<0> ", text)
+    text = re.sub(r"--|\.\.\.|[:,](?!\d)", r" \g<0> ", text.translate(_ALWAYS_SEPARATED))
     return text.split()
+
+
+_ALWAYS_SEPARATED = str.maketrans({char: f" {char} " for char in ";@#$%&?!()[]{}<>\"\u201c\u201d"})
+
+
+def _lines_with(text: str, token: str):
+    """The lines of `text` that contain `token`, found without visiting the others."""
+    position = text.find(token)
+    while position >= 0:
+        end = text.find("\n", position)
+        end = len(text) if end < 0 else end
+        yield text[text.rfind("\n", 0, position) + 1:end]
+        position = text.find(token, end)
 
 
 def _number_placeholders(text: str) -> int:
     """Shortest [...] spans within one line (linear, unlike the reference's lazy regex on '[[[[')."""
     count = 0
-    for line in text.split("\n"):
+    for line in _lines_with(text, "["):
         start = line.find("[")
         while start >= 0:
             end = line.find("]", start + 1)
@@ -491,27 +504,26 @@ def _number_placeholders(text: str) -> int:
 def _number_bullets(text: str) -> int:
     """Lines starting (after whitespace) with `*` + a non-`*` character, or with `-`. As in the
     reference's multiline regex, a lone `*` line swallows the next line into its match."""
-    lines = text.split("\n")
-    stars, dashes, swallowed = 0, 0, False
-    for position, line in enumerate(lines):
-        stripped = line.lstrip()
-        dashes += stripped.startswith("-")
-        if swallowed:
-            swallowed = False
-            continue
-        if stripped.startswith("*") and stripped[1:2] != "*":
-            if len(stripped) > 1:
-                stars += 1
-            elif position + 1 < len(lines):  # "*" then the newline: the match runs on to the next line
-                stars, swallowed = stars + 1, True
-    return stars + dashes
+    count, swallowed_until = 0, -1
+    for match in re.finditer(r"^[^\S\n]*([*-])([^\n]?)", text, re.MULTILINE):
+        marker, following = match.groups()
+        if marker == "-":
+            count += 1
+        elif match.start() > swallowed_until and following != "*":
+            if following:
+                count += 1
+            elif match.end() < len(text):  # "*" then the newline: the match runs on to the next line
+                count += 1
+                next_line_end = text.find("\n", match.end() + 1)
+                swallowed_until = len(text) if next_line_end < 0 else next_line_end
+    return count
 
 
 def _has_title(text: str) -> bool:
     """A `<<...>>` span within a line (greedy: first `<<` to last `>>`) with non-blank content."""
-    for line in text.split("\n"):
+    for line in _lines_with(text, "<<"):
         start, end = line.find("<<"), line.rfind(">>")
-        if start >= 0 and end >= start + 3 and line[start:end + 2].lstrip("<").rstrip(">").strip():
+        if end >= start + 3 and line[start:end + 2].lstrip("<").rstrip(">").strip():
             return True
     return False
 
@@ -561,7 +573,7 @@ def _json_ok(text: str) -> bool:
     text = text.removeprefix("```").removesuffix("```").strip()
     try:
         json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: thousands of nested brackets
         return False
     return True
 
@@ -589,7 +601,7 @@ def _detect_language(text: str) -> str | None:
 
     DetectorFactory.seed = 0
     try:
-        return detect(text[:100_000])  # it reads 10,000 chars at most; cap its cleanup regexes too
+        return detect(text[:20_000])  # it reads 10,000 chars at most; cap its cleanup regexes too
     except LangDetectException:
         return None
 
@@ -686,9 +698,8 @@ def loose_variants(response: str) -> list[str]:
     return [response, response.replace("*", "")] + trimmed + [text.replace("*", "") for text in trimmed]
 
 
-def _followed(check, response: str, loose: bool) -> bool:
-    """Strict: a non-blank response that passes. Loose: any non-blank candidate that passes."""
-    candidates = loose_variants(response) if loose else [response]
+def _followed(check, candidates: list[str]) -> bool:
+    """Any candidate that is not blank passes (strict: the response is the only candidate)."""
     return any(candidate.strip() and check(candidate) for candidate in candidates)
 
 
@@ -697,7 +708,8 @@ def ifeval_check(response: str, instruction_id_list: list[str], kwargs_list: lis
     if len(instruction_id_list) != len(kwargs_list):
         raise ValueError(f"IFEval: {len(instruction_id_list)} instruction ids but {len(kwargs_list)} kwargs dicts")
     checks = [_ifeval_checker(i, kwargs) for i, kwargs in zip(instruction_id_list, kwargs_list)]
-    return [_followed(check, response, loose) for check in checks]
+    candidates = loose_variants(response) if loose else [response]
+    return [_followed(check, candidates) for check in checks]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -831,7 +843,7 @@ def _ifeval_ground_truth_checks(ground_truth) -> list:
             raise ValueError(f"IFEval ground truth needs 'instruction_id_list' + 'kwargs' or 'func_name': {str(record)[:200]!r}")
     if not checks:
         raise ValueError(f"IFEval ground truth holds no instruction: {str(ground_truth)[:200]!r}")
-    return [lambda text, check=check: _followed(check, text, loose=False) for check in checks]
+    return [lambda text, check=check: _followed(check, [text]) for check in checks]
 
 if __name__ == "__main__" and sys.argv[1:] == ["--symbolic-server"]:
     _symbolic_server()
