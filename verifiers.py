@@ -15,10 +15,14 @@ Time bounds. Responses come from a model under training, so they can be hostile:
 text, thousands of nested braces, 9^{9^{9^9}}, LaTeX that sends sympy into a hang. All string work
 here is linear (no regex that can backtrack over its input, long inputs bounded before the
 quadratic-prone steps). The symbolic MATH comparison (math-verify + sympy) runs in a long-lived
-helper subprocess, one per calling process and shared by its threads under a lock; if an answer
-takes longer than `timeout_s` (1 s by default) the helper is killed, restarted in the background,
-and the string comparison's verdict stands. This works from the main thread, worker threads and
-worker processes alike, unlike math-verify's own SIGALRM timeouts.
+helper subprocess (`python verifiers.py --symbolic-server`), one per calling process, shared by its
+threads under a lock. The helper interrupts itself (SIGALRM, in its own main thread) after 80% of
+`timeout_s` (1 s by default); if it has not answered by `timeout_s` (stuck in C code, e.g. a huge
+integer power) it is killed and a warm spare takes over. Either way the string comparison's verdict
+stands. This holds from the main thread, worker threads and worker processes alike, unlike
+math-verify's own SIGALRM timeouts, which fail silently outside the main thread. The first symbolic
+comparison in a process waits for the helper to import sympy (1-5 s); that wait is not bounded by
+`timeout_s`.
 
 Deviations from the references, all documented where they live:
 - IFEval sentences: NLTK's punkt data is not available offline, so `count_sentences` is a small
@@ -36,7 +40,7 @@ import subprocess
 import sys
 import threading
 import time
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from functools import lru_cache
 
 SYMBOLIC_TIMEOUT_S = 1.0  # per verify() call; beyond it the string-comparison verdict stands
@@ -111,10 +115,7 @@ def _gsm8k_correct(response: str, ground_truth: str) -> bool:
     gold = gsm8k_last_number(ground_truth)
     if predicted is None or gold is None:
         return False
-    try:  # Decimal, not float: exact for long integers, and "5.0" == "5"
-        return Decimal(predicted) == Decimal(gold)
-    except InvalidOperation:
-        return predicted == gold
+    return Decimal(predicted) == Decimal(gold)  # not float: exact for long integers; "5.0" == "5"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -273,7 +274,7 @@ def _math_correct(response: str, ground_truth: str, timeout_s: float) -> bool:
 class _SymbolicHelper:
     """`python verifiers.py --symbolic-server` children speaking JSON lines over pipes.
 
-    After the first timeout a warm spare is kept, so that the call after a hostile answer does not
+    After the first kill a warm spare is kept, so that the call after a hostile answer does not
     wait for a new child to import sympy (seconds on a loaded machine)."""
 
     STARTUP_TIMEOUT_S = 120.0  # importing sympy on a loaded machine; not part of any answer's budget
@@ -281,7 +282,7 @@ class _SymbolicHelper:
     def __init__(self):
         self.lock = threading.Lock()
         self.process = None  # the child answering requests
-        self.spare = None  # a child started in the background after a kill
+        self.spare = None  # a ready-to-promote child, kept once a kill has happened
         self.wants_spare = False
 
     @staticmethod
@@ -450,16 +451,15 @@ def count_sentences(text: str) -> int:
     for position, token in enumerate(tokens):
         open_sentence = True
         core = token.rstrip(_CLOSERS)
-        if not core.endswith((".", "?", "!")):
+        if not core.endswith((".", "?", "!", "\u2026")):
             continue
         following = tokens[position + 1] if position + 1 < len(tokens) else None
-        if core.endswith((".", "..", "\u2026")) and not core.endswith(("?", "!")):
+        if core.endswith((".", "\u2026")) and following is not None:
             word = core.rstrip(".").lstrip("\"'([{\u2018\u201c").lower()
-            is_abbreviation = word in _ABBREVIATIONS or re.fullmatch(r"(?:[^\W\d_]\.)*[^\W\d_]", word)
-            if is_abbreviation and following is not None:
-                continue
-            if core.endswith("..") and following is not None and following[:1].islower():
-                continue
+            if word in _ABBREVIATIONS or re.fullmatch(r"(?:[^\W\d_]\.)*[^\W\d_]", word):
+                continue  # "Dr. Smith", "J. Smith", "the U.S. Army"
+            if core.endswith(("..", "\u2026")) and following[:1].islower():
+                continue  # "Wait... what?"
         count, open_sentence = count + 1, False
     return count + open_sentence
 
@@ -660,6 +660,8 @@ _INTEGER_ARGUMENTS = {"frequency", "let_frequency", "num_sentences", "num_paragr
 def _validated_arguments(where: str, kwargs: dict | None, required: tuple) -> dict:
     """The non-null arguments, checked: all required present, none unknown, counts non-negative
     integers, relations "less than" / "at least". Raises ValueError naming `where` and the argument."""
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise ValueError(f"{where}: arguments must be a dict, got {type(kwargs).__name__}")
     arguments = {name: value for name, value in (kwargs or {}).items() if value is not None}
     missing = [name for name in required if name not in arguments]
     unknown = [name for name in arguments if name not in required]
@@ -677,6 +679,8 @@ def _validated_arguments(where: str, kwargs: dict | None, required: tuple) -> di
             raise ValueError(f"{where}: argument quantifier={value!r} must be 'at least', 'at most' or 'around'")
         if name.endswith("relation") and value not in ("less than", "at least"):
             raise ValueError(f"{where}: argument {name}={value!r} must be 'less than' or 'at least'")
+    if "nth_paragraph" in arguments and not 1 <= arguments["nth_paragraph"] <= arguments["num_paragraphs"]:
+        raise ValueError(f"{where}: nth_paragraph={arguments['nth_paragraph']} is not in 1..num_paragraphs")
     if "letter" in arguments and len(arguments["letter"]) != 1:
         raise ValueError(f"{where}: argument letter={arguments['letter']!r} must be a single character")
     return arguments
