@@ -1,38 +1,141 @@
-"""DPO stage of the Tülu 3 recipe (draft: loss and log-prob functions; the training script follows sft.py)."""
+"""Direct preference optimization (DPO), the second stage of the Tülu 3 recipe.
+
+    python dpo.py --model_name_or_path output/sft \
+        --dataset_mixer_list data/demo/pref_train.jsonl 1.0 --output_dir output/dpo \
+        --per_device_train_batch_size 4 --gradient_accumulation_steps 1 --max_seq_length 512
+    torchrun --nproc_per_node 8 dpo.py --model_name_or_path output/sft-8b \
+        --dataset_mixer_list allenai/llama-3.1-tulu-3-8b-preference-mixture 1.0 --chat_template_name tulu \
+        --per_device_train_batch_size 1 --gradient_accumulation_steps 16 --output_dir output/dpo-8b
+
+The story is sft.py's (arguments, distributed init, data, FSDP2 model, loss, loop with resumable
+checkpoints, Hugging Face save); `diff sft.py dpo.py` shows what DPO adds:
+- Data: preference pairs (chosen and rejected conversations), each side tokenized with the SFT
+  masking. A micro-batch holds its chosen sequences then its rejected ones, so one forward scores
+  both (padded [2B, T] or packed [1, sum T]).
+- Loss (--dpo_loss_type): dpo, dpo_norm (Tülu 3: mean per-token log-probs, beta 5), simpo, ipo; see
+  dpo_loss. Reduction: the mean over the preference pairs of the optimizer batch, whatever the split
+  into micro-batches and ranks (each micro-batch's summed losses / pairs in the optimizer batch).
+- Reference: the log-probs of every pair under the initial model are computed once, before
+  training, with the same sharding, and cached on disk under a hash of the model files, the
+  tokenized data and the precision; a restarted run reads them back, and any change of model or
+  data misses the cache. No reference model is in memory while training. `--reference live` keeps a
+  frozen reference model instead (for comparison: same losses, more memory and time).
+- Metrics: loss, rewards/chosen, rewards/rejected, rewards/margin, rewards/accuracy, logps/chosen,
+  logps/rejected (the log-probs the loss compares: per-token means except for `dpo`). Chosen
+  log-probs often fall while the margin grows: DPO optimizes the margin, not the likelihood.
+
+Simplified relative to open-instruct: no LoRA, no DeepSpeed, no logging services; the last partial
+optimizer batch of an epoch is dropped; a resumed run needs the same number of ranks.
+"""
+import argparse
+import datetime
 import hashlib
 import json
+import math
 import os
+import shutil
+import time
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from safetensors.torch import load_file, save_file
+from torch.utils.checkpoint import checkpoint
+from tqdm import tqdm
 
-from data_mix import collate_packed, collate_padded
+import data_mix
 
+# Flags that may change when a run is resumed; every other flag must match the run in --output_dir.
+RESUMABLE_FLAGS = {"resume", "checkpointing_steps", "preprocessing_num_workers"}
 LOSS_TYPES = ("dpo", "dpo_norm", "simpo", "ipo")
 
 
-def uses_mean_logps(loss_type):
-    """dpo compares summed response log-probs; the other variants compare mean per-token log-probs."""
-    return loss_type != "dpo"
+# ---------------------------------------------------------------------------------------------
+# Arguments
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model_name_or_path", required=True, help="Hugging Face model directory or hub name")
+    data_mix.add_data_args(parser, max_seq_length=2048)
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--per_device_train_batch_size", type=int, default=1, help="sequences per micro-batch")
+    parser.add_argument("--gradient_accumulation_steps", type=int, default=16)
+    parser.add_argument("--learning_rate", type=float, default=5e-7)
+    parser.add_argument("--lr_scheduler_type", default="linear", choices=["linear", "constant"])
+    parser.add_argument("--warmup_ratio", type=float, default=0.1)
+    parser.add_argument("--weight_decay", type=float, default=0.0)
+    parser.add_argument("--max_grad_norm", type=float, default=1.0, help="clip the gradient norm; <= 0 disables")
+    parser.add_argument("--num_train_epochs", type=int, default=1)
+    parser.add_argument("--max_train_steps", type=int, default=None, help="overrides --num_train_epochs")
+    parser.add_argument("--dpo_loss_type", default="dpo_norm", choices=LOSS_TYPES)
+    parser.add_argument("--dpo_beta", type=float, default=5.0)
+    parser.add_argument("--dpo_label_smoothing", type=float, default=0.0)
+    parser.add_argument("--dpo_gamma_beta_ratio", type=float, default=0.3, help="simpo's margin gamma / beta")
+    parser.add_argument("--reference", default="cached", choices=["cached", "live"],
+                        help="cached: reference log-probs computed once before training; live: a frozen model")
+    parser.add_argument("--reference_cache_dir", default=None,
+                        help="where cached reference log-probs live (default: OUTPUT_DIR/reference_logps)")
+    parser.add_argument("--last_turn_only", action="store_true",
+                        help="score only the final assistant turn (Tülu 3 scores every assistant turn)")
+    parser.add_argument("--packing", action=argparse.BooleanOptionalAction, default=True,
+                        help="padding-free micro-batches (one row, position_ids restart per example)")
+    parser.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward")
+    parser.add_argument("--compile", action="store_true", help="torch.compile each decoder layer")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
+                        help="compute dtype; auto = bf16 on GPU, fp32 on CPU (master weights stay fp32)")
+    parser.add_argument("--attn_implementation", default="sdpa")
+    parser.add_argument("--checkpointing_steps", type=int, default=500, help="write a resumable checkpoint every N steps")
+    parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --output_dir")
+    parser.add_argument("--seed", type=int, default=123)
+    return parser.parse_args(argv)
 
 
-def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *, loss_type, beta,
-             label_smoothing=0.0, gamma_beta_ratio=0.3):
+# ---------------------------------------------------------------------------------------------
+# Loss
+
+def chunked_label_logprobs(hidden, weight, labels, chunk_tokens: int = 4096):
+    """log p(labels[:, t+1] | tokens <= t), shape [B, T-1], fp32, 0 where the label is -100.
+
+    Only the trained positions go through the output projection, a chunk of tokens at a time under
+    activation checkpointing, so the [tokens, vocab] logits never exist in full, in forward or in
+    backward (backward recomputes one chunk's logits at a time). log p = logit[label] - logsumexp,
+    in fp32.
+    """
+    batch, length, width = hidden.shape
+    targets = labels[:, 1:].reshape(-1)                      # [N] next-token labels
+    trained = (targets != data_mix.IGNORE_INDEX).nonzero().squeeze(-1)
+    states = hidden[:, :-1].reshape(-1, width)[trained]      # [n, H] only the positions that carry loss
+    pieces = [checkpoint(chunk_logprobs, states[i:i + chunk_tokens], weight, targets[trained[i:i + chunk_tokens]],
+                         use_reentrant=False) for i in range(0, len(trained), chunk_tokens)]
+    logprobs = torch.zeros(batch * (length - 1), dtype=torch.float32, device=hidden.device)
+    if pieces:
+        logprobs = logprobs.index_put((trained,), torch.cat(pieces))
+    return logprobs.view(batch, length - 1)
+
+
+def chunk_logprobs(states, weight, targets):
+    logits = (states @ weight.T).float()                     # [n, V] fp32 for the softmax
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+
+
+def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *, loss_type: str, beta: float,
+             label_smoothing: float = 0.0, gamma_beta_ratio: float = 0.3):
     """Per-pair preference losses and implicit rewards.
 
-    L_c, L_r: policy log-probs of the chosen/rejected responses; R_c, R_r: the reference's. All [N].
-    The caller passes sums over response tokens for `dpo` and per-token means for the others.
+    L_c, L_r: policy log-probs of the chosen / rejected responses; R_c, R_r: the reference's. All [N].
+    The caller passes sums over response tokens for `dpo`, per-token means for the others.
 
         dpo, dpo_norm: z = (L_c - L_r) - (R_c - R_r)
-                       loss = -(1 - ε) log σ(β z) - ε log σ(-β z)          (ε = label_smoothing)
-        simpo:         z = L_c - L_r                                         (no reference)
+                       loss = -(1 - ε) log σ(β z) - ε log σ(-β z)           (ε = label_smoothing)
+        simpo:         z = L_c - L_r                                          (no reference)
                        loss = -(1 - ε) log σ(β z - γ) - ε log σ(-(β z - γ)),  γ = gamma_beta_ratio · β
         ipo:           loss = (z - 1 / (2β))²,  z as for dpo
 
-    Rewards are the implicit rewards β (L - R) per side; simpo has no reference, so its rewards are
-    β L (the reference arguments are ignored and may be None). Rewards are detached: they are metrics.
+    Rewards are the implicit rewards β (L - R) per side. simpo has no reference: its rewards are β L
+    and the reference arguments are ignored (may be None). Rewards are detached: they are metrics.
     Returns (losses [N], chosen_rewards [N], rejected_rewards [N]).
     """
     if loss_type not in LOSS_TYPES:
@@ -40,87 +143,333 @@ def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
     if loss_type == "ipo" and label_smoothing:
         raise ValueError("label_smoothing applies to the logistic losses (dpo, dpo_norm, simpo), not to ipo")
     if loss_type == "simpo":
-        z = chosen_logps - rejected_logps  # [N]
-        logits = beta * z - gamma_beta_ratio * beta  # [N]
+        z = chosen_logps - rejected_logps                                 # [N]
+        logits = beta * z - gamma_beta_ratio * beta                       # [N]
         chosen_rewards, rejected_rewards = beta * chosen_logps, beta * rejected_logps
     else:
         z = (chosen_logps - rejected_logps) - (ref_chosen_logps - ref_rejected_logps)  # [N]
-        logits = beta * z  # [N]
+        logits = beta * z                                                 # [N]
         chosen_rewards = beta * (chosen_logps - ref_chosen_logps)
         rejected_rewards = beta * (rejected_logps - ref_rejected_logps)
     if loss_type == "ipo":
-        losses = (z - 1 / (2 * beta)) ** 2  # [N]
+        losses = (z - 1 / (2 * beta)) ** 2                                # [N]
     else:
         losses = -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)  # [N]
     return losses, chosen_rewards.detach(), rejected_rewards.detach()
 
 
-def sequence_logps(logits, labels, position_ids):
-    """Summed log-probs of the label tokens of every sequence, and their counts.
+def uses_mean_logps(loss_type: str) -> bool:
+    """dpo compares summed response log-probs; dpo_norm, simpo and ipo compare per-token means."""
+    return loss_type != "dpo"
 
-    A row of logits/labels/position_ids [R, T(, V)] holds one right-padded sequence (position_ids
-    0..T-1), or several packed sequences (R = 1, position_ids restart at 0 at each sequence).
-    Label -100 marks tokens that are not scored. Returns, for the N sequences in order of
-    appearance, sum log p(label) [N] (fp32) and the number of scored tokens [N]; the mean per-token
-    log-prob is sum / count.
+
+def sequence_logps(label_logprobs, labels, position_ids):
+    """Summed label log-probs of every sequence in a batch, and its number of scored tokens.
+
+    label_logprobs: [R, T-1] log p(labels[:, t+1]) from CausalLMLogProbs; labels, position_ids: [R, T].
+    A row holds one right-padded sequence (position_ids 0..T-1) or several packed ones (position_ids
+    restart at 0 at each sequence). Returns sums [N] (fp32) and counts [N] for the N sequences in order
+    of appearance; the mean per-token log-prob is sums / counts.
     """
     rows, length = labels.shape
-    starts = position_ids == 0  # [R, T] first token of each sequence
-    sequence_index = starts.flatten().cumsum(0).view(rows, length) - 1  # [R, T] which sequence a token is in
+    starts = position_ids == 0                                           # [R, T] first token of a sequence
+    sequence_index = (starts.flatten().cumsum(0) - 1).view(rows, length)[:, 1:]  # [R, T-1] of each label
+    # A sequence's first token is predicted from the previous sequence in a packed row: never score it.
+    scored = (labels[:, 1:] != data_mix.IGNORE_INDEX) & ~starts[:, 1:]   # [R, T-1]
     num_sequences = int(starts.sum())
-    # Token t is predicted by the logits at t - 1. A sequence's first token has no prediction inside its
-    # own sequence (in a packed row the logits before it belong to the previous sequence): never score it.
-    targets = labels[:, 1:].masked_fill(starts[:, 1:], -100)  # [R, T-1]
-    scored = targets != -100  # [R, T-1]
-    # log-softmax in fp32: bf16 logits lose the small differences DPO's margins are made of.
-    log_probs = logits[:, :-1].float().log_softmax(-1)  # [R, T-1, V]
-    token_logps = log_probs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # [R, T-1]
-    token_logps = token_logps.masked_fill(~scored, 0.0)
-    index = sequence_index[:, 1:].flatten()  # [R * (T-1)]
-    sums = token_logps.new_zeros(num_sequences).index_add(0, index, token_logps.flatten())  # [N]
+    sums = torch.zeros(num_sequences, dtype=torch.float32, device=labels.device).index_add(
+        0, sequence_index.flatten(), (label_logprobs * scored).flatten())  # [N]
     counts = torch.zeros(num_sequences, dtype=torch.long, device=labels.device).index_add(
-        0, index, scored.flatten().long())  # [N]
+        0, sequence_index.flatten(), scored.flatten().long())             # [N]
     return sums, counts
 
 
-def collate_pairs(examples, pad_token_id, packing):
-    """Chosen sequences then rejected sequences of a micro-batch in one batch, so one forward scores both.
+class CausalLMLogProbs(torch.nn.Module):
+    """The model as FSDP sees it: token ids in, the log-prob of each label out.
 
-    Padded: input_ids/labels/attention_mask/position_ids [2B, T]; packed: [1, sum T] with position_ids
-    restarting per sequence. `index` [B] names each pair's row in the reference log-prob cache.
+    Wrapping the Hugging Face model puts the decoder and the chunked output projection in one
+    forward, so FSDP gathers the output-embedding weight for the loss like any other parameter.
     """
-    sequences = [{"input_ids": example[f"{side}_input_ids"], "labels": example[f"{side}_labels"]}
-                 for side in ("chosen", "rejected") for example in examples]
-    if packing:
-        batch = collate_packed(sequences)
-    else:
-        batch = collate_padded(sequences, pad_token_id)
-        batch["position_ids"] = torch.arange(batch["input_ids"].shape[1]).expand_as(batch["input_ids"])
-    batch["index"] = torch.tensor([example["index"] for example in examples])
-    return batch
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, labels, position_ids=None, attention_mask=None):
+        hidden = self.model.get_decoder()(input_ids=input_ids, position_ids=position_ids,
+                                          attention_mask=attention_mask, use_cache=False).last_hidden_state
+        return chunked_label_logprobs(hidden, self.model.get_output_embeddings().weight, labels)
 
 
 def concatenated_logps(model, batch):
-    """Summed label log-probs and label counts of chosen [B] and rejected [B], from one forward."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                   position_ids=batch["position_ids"], use_cache=False).logits  # [R, T, V]
-    sums, counts = sequence_logps(logits, batch["labels"], batch["position_ids"])  # [2B]
-    del logits  # the largest activation: free it before the backward needs memory
+    """Chosen [B] and rejected [B] summed log-probs and scored-token counts, from one forward of both."""
+    label_logprobs = model(input_ids=batch["input_ids"], labels=batch["labels"], position_ids=batch["position_ids"],
+                           attention_mask=batch.get("attention_mask"))  # [R, T-1]
+    sums, counts = sequence_logps(label_logprobs, batch["labels"], batch["position_ids"])  # [2B]
     chosen_sums, rejected_sums = sums.chunk(2)
     chosen_counts, rejected_counts = counts.chunk(2)
     return chosen_sums, rejected_sums, chosen_counts, rejected_counts
 
 
 # ---------------------------------------------------------------------------------------------
+# Distributed setup, model loading and saving (kept identical in dpo.py and rlvr.py)
+
+def init_distributed():
+    """One process group for torchrun and for plain `python`: NCCL on GPU, gloo on CPU."""
+    if "RANK" not in os.environ:  # plain python: a group of one
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 10000))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device, timeout=datetime.timedelta(minutes=30))
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=30))
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def check_model_path(path: str) -> None:
+    looks_local = os.path.isabs(path) or path.startswith(".") or path.count("/") != 1
+    if not os.path.isdir(path) and looks_local:
+        raise SystemExit(f"--model_name_or_path {path}: no such directory (and not an org/name hub id)")
+
+
+def load_model(path: str, args, device, rank: int):
+    """An FSDP2-sharded model: built empty on the meta device everywhere, weights read on rank 0 only.
+
+    Memory: rank 0 holds one full fp32 copy of the weights in CPU RAM while loading; every rank
+    holds only its 1/world shard on the device. Each decoder layer is its own FSDP unit (gathered
+    just before use, freed after), the root unit holds the embeddings, final norm and head.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path)
+    config.use_cache = False
+    full_state = {}
+    if rank == 0:
+        loaded = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch.float32)
+        full_state = {f"model.{k}": v for k, v in loaded.state_dict().items()}
+    with torch.device("meta"):
+        model = CausalLMLogProbs(AutoModelForCausalLM.from_config(
+            config, dtype=torch.float32, attn_implementation=args.attn_implementation))
+    if args.gradient_checkpointing:
+        model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    compute_dtype = torch.bfloat16 if resolve_dtype(args.dtype, device) == "bf16" else torch.float32
+    policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    for layer in model.model.get_decoder().layers:
+        if args.compile:  # fuses each layer's elementwise ops; compiled once, reused by every layer
+            layer.compile()
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    model.to_empty(device=device)
+    set_model_state_dict(model, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    init_rotary_buffers(model.model, device)
+    return model
+
+
+def init_rotary_buffers(model, device) -> None:
+    """Rotary inverse frequencies are buffers outside the state dict: to_empty left them garbage."""
+    for module in model.modules():
+        if hasattr(module, "inv_freq") and hasattr(module, "config"):
+            fresh = type(module)(module.config)
+            module.inv_freq = fresh.inv_freq.to(device)
+            if hasattr(module, "original_inv_freq"):
+                module.original_inv_freq = fresh.original_inv_freq.to(device)
+
+
+def resolve_dtype(dtype: str, device) -> str:
+    return ("bf16" if device.type == "cuda" else "fp32") if dtype == "auto" else dtype
+
+
+def save_hf_model(model, tokenizer, source: str, output_dir: str, rank: int) -> None:
+    """Gather the full weights to rank 0 and write a plain Hugging Face directory (safetensors).
+
+    Files are written to a temporary directory and moved in with config.json last, so a crash never
+    leaves a loadable but incomplete model.
+    """
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    full_state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        state = {k.removeprefix("model."): v for k, v in full_state.items()}
+        with torch.device("meta"):  # a plain (non-FSDP) model object to drive save_pretrained
+            plain = AutoModelForCausalLM.from_config(model.model.config)
+        plain.config.use_cache = True
+        try:  # keep the source's sampling defaults (eos ids, temperature) when it has them
+            plain.generation_config = GenerationConfig.from_pretrained(source)
+        except OSError:
+            pass
+        tmp = os.path.join(output_dir, "model.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        plain.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        names = sorted(os.listdir(tmp), key=lambda name: name == "config.json")
+        for name in names:
+            os.replace(os.path.join(tmp, name), os.path.join(output_dir, name))
+        os.rmdir(tmp)
+    dist.barrier()
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: each rank saves its own shards as plain tensors (loaded with weights_only=True)
+
+def save_checkpoint(model, optimizer, scheduler, step: int, output_dir: str, rank: int, world_size: int) -> None:
+    """Write output_dir/checkpoint atomically: a new one fully replaces the old, or the old stays."""
+    final, tmp = os.path.join(output_dir, "checkpoint"), os.path.join(output_dir, "checkpoint.tmp")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    dist.barrier()
+    shards, moments = {}, {}
+    for name, param in model.named_parameters():
+        shards[name] = param.detach().to_local().cpu()
+        state = optimizer.state.get(param, {})
+        if state:
+            moments[name] = {k: (v.to_local() if isinstance(v, DTensor) else v).cpu() for k, v in state.items()}
+    torch.save({"model": shards, "optimizer": moments, "rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
+               os.path.join(tmp, f"rank{rank}.pt"))
+    dist.barrier()
+    if rank == 0:
+        torch.save({"step": step, "world_size": world_size, "scheduler": scheduler.state_dict()},
+                   os.path.join(tmp, "trainer_state.pt"))
+        shutil.rmtree(final + ".old", ignore_errors=True)
+        if os.path.exists(final):
+            os.replace(final, final + ".old")
+        os.replace(tmp, final)
+        shutil.rmtree(final + ".old", ignore_errors=True)
+    dist.barrier()
+
+
+def load_checkpoint(model, optimizer, scheduler, output_dir: str, rank: int, world_size: int) -> int:
+    """Restore weights, optimizer moments, scheduler and RNG; return the step to continue from."""
+    path = os.path.join(output_dir, "checkpoint")
+    trainer_state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=True)
+    if trainer_state["world_size"] != world_size:
+        raise SystemExit(f"{path} was written by {trainer_state['world_size']} ranks; resume with the same number")
+    saved = torch.load(os.path.join(path, f"rank{rank}.pt"), weights_only=True)
+    for name, param in model.named_parameters():
+        param.detach().to_local().copy_(saved["model"][name])
+        if name in saved["optimizer"]:
+            optimizer.state[param] = {
+                k: (DTensor.from_local(v.to(param.device), param.device_mesh, param.placements,
+                                       shape=param.shape, stride=param.stride()) if v.dim()
+                    else v.to(param.device) if optimizer.defaults.get("fused") else v)  # fused keeps `step` on device
+                for k, v in saved["optimizer"][name].items()}
+    scheduler.load_state_dict(trainer_state["scheduler"])
+    torch.set_rng_state(saved["rng"])
+    if saved["cuda_rng"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(saved["cuda_rng"])
+    return trainer_state["step"]
+
+
+def prepare_output_dir(args, rank: int) -> None:
+    """Refuse to mix two runs in one directory; remember this run's flags for --resume.
+
+    Every rank checks (so every rank stops on the same error); rank 0 writes after a barrier.
+    """
+    run_config = {k: v for k, v in vars(args).items() if k not in RESUMABLE_FLAGS}
+    path = os.path.join(args.output_dir, "run_config.json")
+    if os.path.abspath(args.output_dir) == os.path.abspath(args.model_name_or_path):
+        raise SystemExit("--output_dir must differ from --model_name_or_path")
+    if os.path.exists(path):
+        with open(path) as f:
+            previous = json.load(f)
+        changed = sorted(k for k in run_config.keys() | previous.keys() if run_config.get(k) != previous.get(k))
+        if changed:
+            raise SystemExit(f"{args.output_dir} holds a different run (flags differ: {', '.join(changed)}); "
+                             "choose another --output_dir")
+        if not args.resume:
+            raise SystemExit(f"{args.output_dir} already holds this run; pass --resume to continue it")
+    elif args.resume:
+        raise SystemExit(f"--resume: {args.output_dir} holds no run to resume")
+    elif os.path.isdir(args.output_dir) and os.listdir(args.output_dir):
+        raise SystemExit(f"{args.output_dir} is not empty and holds no run of this script; choose another --output_dir")
+    dist.barrier()
+    if rank == 0:
+        os.makedirs(args.output_dir, exist_ok=True)
+        data_mix.save_json(path, run_config)
+    dist.barrier()
+
+
+def append_metrics(path: str, metrics: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(metrics) + "\n")
+
+
+def truncate_metrics(path: str, step: int) -> None:
+    """On resume, forget steps logged after the checkpoint so the curve has no duplicates."""
+    if os.path.exists(path):
+        with open(path) as f:
+            kept = [line for line in f if json.loads(line)["step"] <= step]
+        with open(path, "w") as f:
+            f.writelines(kept)
+
+
+def make_scheduler(optimizer, kind: str, warmup_steps: int, total_steps: int):
+    """Linear warmup, then linear decay to 0 (or constant)."""
+    def factor(step):
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if kind == "constant":
+            return 1.0
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+def load_preference_data(args, tokenizer, rank: int):
+    """Mixed, validated, tokenized preference pairs; rank 0 prepares first so the others reuse its cache."""
+    if rank != 0:
+        dist.barrier()
+    rows, mixture = data_mix.mix_datasets(args.dataset_mixer_list, args.seed, data_mix.validate_preference_record,
+                                          args.skip_invalid_rows)
+    examples, fully_masked = data_mix.tokenize_preference_dataset(rows, tokenizer, args.max_seq_length,
+                                                                  args.preprocessing_num_workers, args.last_turn_only)
+    if rank == 0:
+        dist.barrier()
+    if len(examples) == 0:
+        raise SystemExit(f"no trainable pairs: all {fully_masked} pairs lost a side's assistant tokens "
+                         f"(truncated at --max_seq_length {args.max_seq_length}?)")
+    report = {"datasets": mixture, "fully_masked_dropped": fully_masked, "examples": len(examples)}
+    return examples, report
+
+
+def collate_pairs(examples, indices: list[int], pad_token_id: int, packing: bool) -> dict:
+    """One batch holding the chosen sequences, then the rejected ones, of these pairs.
+
+    Padded: [2B, T] (position_ids added: they mark where each sequence starts); packed: [1, sum T].
+    `index` [B] is each pair's row in the reference log-prob table.
+    """
+    sequences = [{"input_ids": examples[i][f"{side}_input_ids"], "labels": examples[i][f"{side}_labels"]}
+                 for side in ("chosen", "rejected") for i in indices]
+    if packing:
+        batch = data_mix.collate_packed(sequences)
+    else:
+        batch = data_mix.collate_padded(sequences, pad_token_id)
+        batch["position_ids"] = torch.arange(batch["input_ids"].shape[1]).expand_as(batch["input_ids"])
+    batch["index"] = torch.tensor(indices)
+    return batch
+
+
+def micro_batches(examples, order: list[int], args, rank: int, world_size: int, pad_token_id: int):
+    """This rank's share of one optimizer batch, split into collated micro-batches."""
+    mine = order[rank::world_size]
+    size = args.per_device_train_batch_size
+    for start in range(0, len(mine), size):
+        yield collate_pairs(examples, mine[start:start + size], pad_token_id, args.packing)
+
+
+# ---------------------------------------------------------------------------------------------
 # Reference log-probs: computed once with the initial model, cached on disk
 
-TOKEN_COLUMNS = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
-
-
-def model_fingerprint(model_name_or_path):
-    """sha256 of the config and weight files: a different model, or the same one retrained, changes it."""
+def model_fingerprint(model_name_or_path: str) -> str:
+    """sha256 of the config and weight files: another model, or the same one retrained, changes it."""
     directory = model_name_or_path
-    if not os.path.isdir(directory):  # a hub name: the files are in the local hub cache by now
+    if not os.path.isdir(directory):  # a hub name: from_pretrained has put its files in the local cache
         from transformers.utils import cached_file
         directory = os.path.dirname(cached_file(model_name_or_path, "config.json"))
     digest = hashlib.sha256()
@@ -131,61 +480,192 @@ def model_fingerprint(model_name_or_path):
     return digest.hexdigest()
 
 
-def data_fingerprint(dataset):
-    """sha256 of the tokenized pairs in training order: covers the data, mixing, template and truncation."""
+def data_fingerprint(examples) -> str:
+    """sha256 of the tokenized pairs in order: covers the datasets, mixing, template and truncation."""
     import pyarrow.compute as pc
 
     digest = hashlib.sha256()
-    table = dataset.with_format("arrow")[:]
-    for column in TOKEN_COLUMNS:
+    table = examples.with_format("arrow")[:]
+    for column in ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"):
         values = table.column(column).combine_chunks()
         digest.update(pc.list_value_length(values).to_numpy().tobytes())
         digest.update(pc.list_flatten(values).to_numpy().tobytes())
     return digest.hexdigest()
 
 
-def reference_cache_path(cache_dir, model_name_or_path, dataset, dtype):
-    """The cache file for this model, data and precision (the key is a hash, so any change misses)."""
-    key = hashlib.sha256(json.dumps({"model": model_fingerprint(model_name_or_path), "data": data_fingerprint(dataset),
-                                     "dtype": str(dtype)}).encode()).hexdigest()
-    return os.path.join(cache_dir, f"reference_logps_{key[:20]}.safetensors")
+def reference_cache_path(args, examples, device, rank: int) -> str:
+    """The cache file for this model, data and precision; rank 0 hashes, every rank gets the name."""
+    path = [None]
+    if rank == 0:
+        key = {"model": model_fingerprint(args.model_name_or_path), "data": data_fingerprint(examples),
+               "dtype": resolve_dtype(args.dtype, device)}
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+        cache_dir = args.reference_cache_dir or os.path.join(args.output_dir, "reference_logps")
+        path = [os.path.join(cache_dir, f"reference_logps_{digest[:20]}.safetensors")]
+    dist.broadcast_object_list(path, src=0)
+    return path[0]
 
 
 @torch.no_grad()
-def compute_reference_logps(model, dataset, batch_size, pad_token_id, packing, device):
+def compute_reference_logps(model, examples, args, rank: int, world_size: int, device, pad_token_id: int):
     """Summed log-probs of every pair's chosen and rejected response under `model`: [N], [N].
 
-    Every rank scores its own slice of each group of world_size * batch_size pairs; FSDP needs all
-    ranks in every forward, so a rank with nothing left scores a stand-in pair and drops the result.
-    Each row is written by exactly one rank, so summing the tables across ranks assembles them exactly.
+    Rank r scores the r-th slice of each group of world_size micro-batches. FSDP needs every rank in
+    every forward, so a rank with nothing left in the last group scores a stand-in pair and drops it.
+    Each row is written by one rank only, so summing the tables over ranks assembles them exactly.
     """
-    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    was_training = model.training
     model.eval()
-    chosen = torch.zeros(len(dataset), dtype=torch.float32, device=device)
-    rejected = torch.zeros(len(dataset), dtype=torch.float32, device=device)
-    for start in range(0, len(dataset), world_size * batch_size):
-        mine = list(range(start + rank * batch_size, min(start + (rank + 1) * batch_size, len(dataset))))
-        examples = [dict(dataset[i], index=i) for i in (mine or [0])]
-        batch = {k: v.to(device) for k, v in collate_pairs(examples, pad_token_id, packing).items()}
-        chosen_sums, rejected_sums, _, _ = concatenated_logps(model, batch)
+    chosen = torch.zeros(len(examples), dtype=torch.float32, device=device)
+    rejected = torch.zeros(len(examples), dtype=torch.float32, device=device)
+    size = args.per_device_train_batch_size
+    for start in range(0, len(examples), size * world_size):
+        mine = list(range(start + rank * size, min(start + (rank + 1) * size, len(examples))))
+        batch = collate_pairs(examples, mine or [0], pad_token_id, args.packing)
+        chosen_sums, rejected_sums, _, _ = concatenated_logps(model, {k: v.to(device) for k, v in batch.items()})
         if mine:
             chosen[mine], rejected[mine] = chosen_sums, rejected_sums
-    if world_size > 1:
-        dist.all_reduce(chosen)
-        dist.all_reduce(rejected)
-    model.train(was_training)
+    dist.all_reduce(chosen)
+    dist.all_reduce(rejected)
+    model.train()
     return chosen, rejected
 
 
-def load_or_compute_reference(path, model, dataset, batch_size, pad_token_id, packing, device):
-    """Reference log-probs from the cache file, or computed with the (initial) model and cached."""
-    if os.path.exists(path):
+def cached_reference_logps(model, examples, args, rank: int, world_size: int, device, pad_token_id: int):
+    """Reference log-probs read from the cache, or computed with the model as loaded and cached."""
+    path = reference_cache_path(args, examples, device, rank)
+    if os.path.exists(path):  # checked by every rank before any rank can write (computing is collective)
         cached = load_file(path, device=str(device))
-        return cached["chosen_logps"], cached["rejected_logps"], True
-    chosen, rejected = compute_reference_logps(model, dataset, batch_size, pad_token_id, packing, device)
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        if rank == 0:
+            print(f"reference log-probs: read from {path}")
+        return cached["chosen_logps"], cached["rejected_logps"]
+    chosen, rejected = compute_reference_logps(model, examples, args, rank, world_size, device, pad_token_id)
+    if rank == 0:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         save_file({"chosen_logps": chosen.cpu(), "rejected_logps": rejected.cpu()}, path + ".tmp")
         os.replace(path + ".tmp", path)  # atomic: a crash never leaves a truncated cache behind
-    return chosen, rejected, False
+        print(f"reference log-probs: computed for {len(examples)} pairs, cached in {path}")
+    dist.barrier()
+    return chosen, rejected
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world_size, device = init_distributed()
+    try:
+        train(args, rank, world_size, device)
+    finally:
+        dist.destroy_process_group()
+
+
+def train(args, rank: int, world_size: int, device) -> None:
+    torch.manual_seed(args.seed)
+    check_model_path(args.model_name_or_path)
+    prepare_output_dir(args, rank)
+    tokenizer = data_mix.load_tokenizer(args.model_name_or_path, args.chat_template_name)
+    examples, data_report = load_preference_data(args, tokenizer, rank)
+
+    batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size
+    steps_per_epoch = len(examples) // batch_size
+    if steps_per_epoch == 0:
+        raise SystemExit(f"{len(examples)} pairs are fewer than one optimizer batch of {batch_size} "
+                         "(per_device_train_batch_size x gradient_accumulation_steps x ranks)")
+    total_steps = args.max_train_steps or steps_per_epoch * args.num_train_epochs
+    if rank == 0:
+        data_mix.save_json(os.path.join(args.output_dir, "mixture.json"), data_report)
+
+    model = load_model(args.model_name_or_path, args, device, rank)
+    # The reference is the initial model: score the pairs before any update (and before a resume
+    # loads trained weights). simpo needs no reference.
+    reference_model, reference_logps = None, None
+    if args.dpo_loss_type != "simpo" and args.reference == "live":
+        reference_model = load_model(args.model_name_or_path, args, device, rank).eval().requires_grad_(False)
+    elif args.dpo_loss_type != "simpo":
+        reference_logps = cached_reference_logps(model, examples, args, rank, world_size, device,
+                                                 tokenizer.pad_token_id)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay,
+                                  fused=device.type == "cuda")
+    scheduler = make_scheduler(optimizer, args.lr_scheduler_type, math.ceil(args.warmup_ratio * total_steps),
+                               total_steps)
+    metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
+    start_step = 0
+    if args.resume and os.path.exists(os.path.join(args.output_dir, "checkpoint")):
+        start_step = load_checkpoint(model, optimizer, scheduler, args.output_dir, rank, world_size)
+        if rank == 0:
+            truncate_metrics(metrics_path, start_step)
+    elif args.resume and rank == 0:  # interrupted before its first checkpoint: start over cleanly
+        truncate_metrics(metrics_path, 0)
+
+    model.train()
+    progress = tqdm(total=total_steps, initial=start_step, desc="dpo", disable=rank != 0)
+    for step in range(start_step, total_steps):
+        epoch, index = divmod(step, steps_per_epoch)
+        # The data order is a function of (seed, epoch): a resumed run sees the same batches.
+        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(args.seed + epoch)).tolist()
+        batch = order[index * batch_size:(index + 1) * batch_size]
+        started = time.perf_counter()
+
+        # Sums over this rank's pairs of: loss, chosen/rejected rewards, correct orderings, chosen/rejected logps.
+        totals = torch.zeros(6, device=device)
+        input_tokens = torch.zeros((), device=device)
+        for micro in micro_batches(examples, batch, args, rank, world_size, tokenizer.pad_token_id):
+            micro = {k: v.to(device) for k, v in micro.items()}
+            chosen_logps, rejected_logps, chosen_counts, rejected_counts = concatenated_logps(model, micro)
+            ref_chosen_logps, ref_rejected_logps = None, None
+            if reference_model is not None:
+                with torch.no_grad():
+                    ref_chosen_logps, ref_rejected_logps, _, _ = concatenated_logps(reference_model, micro)
+            elif reference_logps is not None:
+                ref_chosen_logps, ref_rejected_logps = (table[micro["index"]] for table in reference_logps)
+            if uses_mean_logps(args.dpo_loss_type):  # length-normalized: mean log-prob per scored token
+                chosen_logps, rejected_logps = chosen_logps / chosen_counts, rejected_logps / rejected_counts
+                if ref_chosen_logps is not None:
+                    ref_chosen_logps, ref_rejected_logps = (ref_chosen_logps / chosen_counts,
+                                                            ref_rejected_logps / rejected_counts)
+            losses, chosen_rewards, rejected_rewards = dpo_loss(
+                chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, loss_type=args.dpo_loss_type,
+                beta=args.dpo_beta, label_smoothing=args.dpo_label_smoothing,
+                gamma_beta_ratio=args.dpo_gamma_beta_ratio)
+            # Mean over the optimizer batch's pairs: a constant divisor, whatever the micro-batch split.
+            # FSDP averages gradients over ranks; multiplying by world_size turns that average into a sum.
+            loss = losses.sum() / batch_size * world_size
+            loss.backward()
+            totals += torch.stack([losses.sum(), chosen_rewards.sum(), rejected_rewards.sum(),
+                                   (chosen_rewards > rejected_rewards).sum(), chosen_logps.sum(),
+                                   rejected_logps.sum()]).detach()
+            input_tokens += micro["attention_mask"].sum() if "attention_mask" in micro else micro["input_ids"].numel()
+        dist.all_reduce(totals)
+        dist.all_reduce(input_tokens)
+
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm if args.max_grad_norm > 0
+                                                   else float("inf"))
+        grad_norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm
+        mean_loss, chosen_reward, rejected_reward, accuracy, chosen_logp, rejected_logp = (totals / batch_size).tolist()
+        if not math.isfinite(mean_loss) or not math.isfinite(grad_norm.item()):
+            raise FloatingPointError(f"step {step + 1}: loss {mean_loss}, grad norm {grad_norm.item()}; stopped "
+                                     "before the update, the last checkpoint in --output_dir is intact")
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        elapsed = time.perf_counter() - started
+        metrics = {"step": step + 1, "epoch": epoch, "loss": mean_loss, "lr": lr, "grad_norm": grad_norm.item(),
+                   "rewards/chosen": chosen_reward, "rewards/rejected": rejected_reward,
+                   "rewards/margin": chosen_reward - rejected_reward, "rewards/accuracy": accuracy,
+                   "logps/chosen": chosen_logp, "logps/rejected": rejected_logp,
+                   "input_tokens": int(input_tokens.item()), "tokens_per_s": input_tokens.item() / elapsed}
+        if rank == 0:
+            append_metrics(metrics_path, metrics)
+            progress.set_postfix(loss=f"{mean_loss:.4f}", margin=f"{chosen_reward - rejected_reward:.3f}")
+            progress.update()
+        if (step + 1) % args.checkpointing_steps == 0 and step + 1 < total_steps:
+            save_checkpoint(model, optimizer, scheduler, step + 1, args.output_dir, rank, world_size)
+    progress.close()
+    save_hf_model(model, tokenizer, args.model_name_or_path, args.output_dir, rank)
+
+
+if __name__ == "__main__":
+    main()

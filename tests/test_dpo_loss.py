@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from dpo import dpo_loss, sequence_logps
+from dpo import CausalLMLogProbs, collate_pairs, concatenated_logps, dpo_loss, sequence_logps
 from tests.conftest import build_tiny_model
 
 
@@ -76,48 +76,30 @@ def test_unknown_loss_type_and_smoothed_ipo_are_rejected():
         dpo_loss(t(0.0), t(0.0), t(0.0), t(0.0), loss_type="ipo", beta=0.1, label_smoothing=0.1)
 
 
-def test_sequence_logps_sums_scored_tokens_and_never_scores_a_sequence_first_token():
-    # uniform logits over 4 tokens: every scored token has log-prob log(1/4)
+def test_sequence_logps_sums_scored_tokens_per_sequence_and_never_scores_a_sequence_first_token():
     labels = torch.tensor([[5, 1, 2, -100, 3, 0, 1]])  # two packed sequences: [5 1 2 -100] and [3 0 1]
     position_ids = torch.tensor([[0, 1, 2, 3, 0, 1, 2]])
-    logits = torch.zeros(1, 7, 4)
-    sums, counts = sequence_logps(logits, labels, position_ids)
-    # first sequence scores 1, 2 (5 is its first token); second scores 0, 1 (3 starts it)
+    label_logprobs = torch.tensor([[-1.0, -2.0, 0.0, -8.0, -4.0, -16.0]])  # log p(labels[:, t + 1])
+    sums, counts = sequence_logps(label_logprobs, labels, position_ids)
+    # first sequence scores 1 and 2; the label 3 starting the second sequence is not scored (-8 dropped)
     assert counts.tolist() == [2, 2]
-    assert sums.tolist() == pytest.approx([2 * math.log(0.25)] * 2)
+    assert sums.tolist() == [-3.0, -20.0]
 
 
-def padded_and_packed(sequences, pad_token_id):
-    """Right-padded [N, T] and packed [1, sum T] batches of (input_ids, labels) pairs."""
-    length = max(len(ids) for ids, _ in sequences)
-    padded = {
-        "input_ids": torch.tensor([ids + [pad_token_id] * (length - len(ids)) for ids, _ in sequences]),
-        "labels": torch.tensor([labels + [-100] * (length - len(labels)) for _, labels in sequences]),
-        "attention_mask": torch.tensor([[1] * len(ids) + [0] * (length - len(ids)) for ids, _ in sequences]),
-    }
-    padded["position_ids"] = torch.arange(length).expand(len(sequences), length)
-    packed = {
-        "input_ids": torch.tensor([[i for ids, _ in sequences for i in ids]]),
-        "labels": torch.tensor([[i for _, labels in sequences for i in labels]]),
-        "position_ids": torch.tensor([[p for ids, _ in sequences for p in range(len(ids))]]),
-    }
-    return padded, packed
-
-
-def test_packed_and_padded_batches_give_the_same_sequence_logps(tiny_tokenizer):
-    model = build_tiny_model(tiny_tokenizer).eval()
+def test_packed_and_padded_pairs_give_the_same_sequence_logps(tiny_tokenizer):
+    model = CausalLMLogProbs(build_tiny_model(tiny_tokenizer)).eval()
     generator = torch.Generator().manual_seed(0)
-    sequences = []
-    for length in (9, 4, 13, 6):
-        ids = torch.randint(4, len(tiny_tokenizer), (length,), generator=generator).tolist()
-        sequences.append((ids, [-100] * 2 + ids[2:]))
-    padded, packed = padded_and_packed(sequences, tiny_tokenizer.pad_token_id)
+    examples = []
+    for chosen_length, rejected_length in ((9, 4), (13, 6)):
+        pair = {}
+        for side, length in (("chosen", chosen_length), ("rejected", rejected_length)):
+            ids = torch.randint(4, len(tiny_tokenizer), (length,), generator=generator).tolist()
+            pair[f"{side}_input_ids"], pair[f"{side}_labels"] = ids, [-100] * 2 + ids[2:]
+        examples.append(pair)
     with torch.no_grad():
-        padded_logits = model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"],
-                              use_cache=False).logits
-        packed_logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"],
-                              use_cache=False).logits
-    padded_sums, padded_counts = sequence_logps(padded_logits, padded["labels"], padded["position_ids"])
-    packed_sums, packed_counts = sequence_logps(packed_logits, packed["labels"], packed["position_ids"])
-    assert padded_counts.tolist() == packed_counts.tolist() == [7, 2, 11, 4]
-    torch.testing.assert_close(packed_sums, padded_sums, atol=1e-5, rtol=1e-5)
+        padded = concatenated_logps(model, collate_pairs(examples, [0, 1], tiny_tokenizer.pad_token_id, packing=False))
+        packed = concatenated_logps(model, collate_pairs(examples, [0, 1], tiny_tokenizer.pad_token_id, packing=True))
+    chosen_sums, rejected_sums, chosen_counts, rejected_counts = padded
+    assert chosen_counts.tolist() == [7, 11] and rejected_counts.tolist() == [2, 4]
+    for padded_value, packed_value in zip(padded, packed):
+        torch.testing.assert_close(packed_value, padded_value, atol=1e-5, rtol=1e-5)
