@@ -1,0 +1,372 @@
+"""The whole Tülu 3 recipe in one command: SFT -> DPO -> RLVR on the bundled model, evaluated after each stage.
+
+    python demo.py                                  # make demo; about 15 minutes on 2 CPU cores
+    python demo.py --scale 0.5                      # fewer rows and steps everywhere
+    python demo.py --model_name_or_path my/model    # any HF causal LM directory with a chat template
+
+The model is SmolLM2-135M-Instruct (run data/fetch_offline.py once, or let this script do it); the
+data is data/demo/ (written by data/make_demo_data.py): easy arithmetic word problems and one-line
+answers under IFEval constraints, in the three Tülu 3 formats, with held-out prompts.
+
+Each stage runs as a subprocess with its real command line (printed before it runs), reading the
+previous stage's output directory and writing its own, exactly as a user would chain them:
+
+    base -> sft.py -> output/demo/sft -> dpo.py -> output/demo/dpo -> rlvr.py --algo grpo -> output/demo/rlvr
+
+Before the first stage and after each one, this script measures the checkpoint on the held-out
+splits (greedy decoding, so the numbers are reproducible):
+- verifiable accuracy: mean `verifiers.verify` score on rlvr_heldout (GSM8K-style answers, IFEval
+  constraints), the quantity RLVR optimizes;
+- SFT loss: token-mean cross-entropy on the assistant turns of sft_heldout;
+- preference accuracy: the share of pref_heldout pairs whose chosen answer the model finds more
+  likely than the rejected one (mean log-prob per token, so answer length does not decide).
+It then writes output/demo/report.md: one table of these figures per checkpoint, the first-vs-last
+figures of each training run (read from each stage's metrics.jsonl), and PNG plots of the curves.
+
+Demo scale is not a recipe: the hyperparameters below were chosen once to fit the time budget (a
+135M model, a few dozen optimizer steps per stage) and were not tuned on the results. The full-scale
+command sequence with Tülu 3 8B settings is in docs/pipeline.md.
+"""
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, ROOT)
+from data_mix import IGNORE_INDEX, collate_padded, load_tokenizer, tokenize_prompt, tokenize_sft  # noqa: E402
+from verifiers import verify  # noqa: E402
+
+DATA_DIR = os.path.join(ROOT, "data", "demo")
+BUNDLED_MODEL = os.path.join(ROOT, ".cache", "models", "SmolLM2-135M-Instruct")
+
+# ----------------------------------------------------------------------------------------------
+# Arguments
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model_name_or_path", default=BUNDLED_MODEL,
+                        help="starting checkpoint (default: the bundled SmolLM2-135M-Instruct)")
+    parser.add_argument("--output_dir", default=os.path.join(ROOT, "output", "demo"),
+                        help="one subdirectory per stage, plus report.md and the plots")
+    parser.add_argument("--scale", type=float, default=1.0,
+                        help="multiplies every row count and step count (the test runs 0.05)")
+    parser.add_argument("--eval_examples", type=int, default=24,
+                        help="held-out rows per measurement, before --scale (each split, balanced by task)")
+    parser.add_argument("--max_new_tokens", type=int, default=48,
+                        help="greedy decoding budget for held-out accuracy (the reference answers take < 30)")
+    parser.add_argument("--seed", type=int, default=123)
+    return parser.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------------
+# The three stages, as a user would type them. Sizes are at scale 1.0.
+
+SFT_ROWS, DPO_ROWS, RLVR_STEPS = 96, 64, 6
+
+
+def scaled(count: int, scale: float, minimum: int = 1) -> int:
+    """A count at --scale, never below `minimum` (the training stages need one full batch of 8)."""
+    return max(minimum, round(count * scale))
+
+
+def sft_command(args, model: str, output_dir: str) -> list[str]:
+    return [sys.executable, os.path.join(ROOT, "sft.py"),
+            "--model_name_or_path", model,
+            "--dataset_mixer_list", os.path.join(DATA_DIR, "sft_train.jsonl"), str(scaled(SFT_ROWS, args.scale, 8)),
+            "--max_seq_length", "256",
+            "--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "1",
+            "--learning_rate", "2e-5", "--lr_scheduler_type", "linear", "--warmup_ratio", "0.03",
+            "--num_train_epochs", "1", "--seed", str(args.seed),
+            "--output_dir", output_dir]
+
+
+def dpo_command(args, model: str, output_dir: str) -> list[str]:
+    return [sys.executable, os.path.join(ROOT, "dpo.py"),
+            "--model_name_or_path", model,
+            "--dataset_mixer_list", os.path.join(DATA_DIR, "pref_train.jsonl"), str(scaled(DPO_ROWS, args.scale, 8)),
+            "--max_seq_length", "256",
+            "--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "1",
+            "--dpo_loss_type", "dpo_norm", "--dpo_beta", "5",
+            "--learning_rate", "5e-6", "--lr_scheduler_type", "linear", "--warmup_ratio", "0.1",
+            "--num_train_epochs", "1", "--seed", str(args.seed),
+            "--output_dir", output_dir]
+
+
+def rlvr_command(args, model: str, output_dir: str) -> list[str]:
+    steps = scaled(RLVR_STEPS, args.scale)
+    prompts, samples = 4, 4  # per step: 4 prompts x G = 4 sampled answers, advantages within each group
+    return [sys.executable, os.path.join(ROOT, "rlvr.py"), "--algo", "grpo",
+            "--model_name_or_path", model,
+            "--dataset_mixer_list", os.path.join(DATA_DIR, "rlvr_train.jsonl"), "1.0",
+            "--total_episodes", str(steps * prompts * samples),
+            "--num_unique_prompts_rollout", str(prompts), "--num_samples_per_prompt", str(samples),
+            "--response_length", str(args.max_new_tokens), "--temperature", "1.0",
+            "--beta", "0.01", "--learning_rate", "3e-6", "--per_device_train_batch_size", "8",
+            "--seed", str(args.seed), "--output_dir", output_dir]
+
+
+def run_stage(name: str, command: list[str], stage_dir: str) -> float:
+    """Run one stage with its output streaming through (its own progress bars); return seconds.
+
+    The stages refuse an output directory that holds another run, so a previous demo run of this
+    stage (recognized by the run_config.json the stages write) is removed first.
+    """
+    if os.path.exists(os.path.join(stage_dir, "run_config.json")):
+        print(f"replacing the previous demo run in {stage_dir}")
+        shutil.rmtree(stage_dir)
+    print(f"\n=== {name}\n$ {' '.join(command)}\n", flush=True)
+    start = time.time()
+    completed = subprocess.run(command, cwd=ROOT)
+    if completed.returncode != 0:
+        raise SystemExit(f"{name} failed with exit code {completed.returncode}; the command is printed above")
+    return time.time() - start
+
+
+# ----------------------------------------------------------------------------------------------
+# Held-out measurements of one checkpoint
+
+
+def load_jsonl(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def balanced_head(rows: list[dict], count: int, key) -> list[dict]:
+    """The first `count` rows, taking the task families in turn so both are represented."""
+    families = {}
+    for row in rows:
+        families.setdefault(key(row), []).append(row)
+    picked = []
+    while len(picked) < min(count, len(rows)):
+        for family in families.values():
+            if family and len(picked) < count:
+                picked.append(family.pop(0))
+    return picked
+
+
+def family_of(row: dict) -> str:
+    """gsm8k or ifeval, for any demo record (RLVR rows carry it; the others are told by their answer)."""
+    if "dataset" in row:
+        return row["dataset"]
+    answer = (row.get("messages") or row["chosen"])[-1]["content"]
+    return "gsm8k" if answer.endswith(".") and "The answer is" in answer else "ifeval"
+
+
+@torch.no_grad()
+def verifiable_accuracy(model, tokenizer, rows: list[dict], max_new_tokens: int, device, desc: str) -> dict:
+    """Greedy answers to the held-out RLVR prompts, scored by verifiers.verify (mean, per family)."""
+    eos_id = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
+    scores, predictions = [], []
+    for start in tqdm(range(0, len(rows), 16), desc=desc, unit="batch"):
+        batch = rows[start:start + 16]
+        prompts = [tokenize_prompt(tokenizer, row["messages"]) for row in batch]
+        width = max(len(p) for p in prompts)  # left padding: every prompt ends where generation starts
+        input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in prompts], device=device)
+        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+        output = model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False,
+                                max_new_tokens=max_new_tokens, eos_token_id=eos_id, pad_token_id=tokenizer.pad_token_id)
+        for row, tokens in zip(batch, output[:, width:].tolist()):
+            response = tokenizer.decode(tokens, skip_special_tokens=True)
+            score = verify(response, row["ground_truth"], row["dataset"])
+            scores.append((row["dataset"], score))
+            predictions.append({"prompt": row["messages"][-1]["content"], "response": response,
+                                "ground_truth": row["ground_truth"], "dataset": row["dataset"], "score": score})
+    result = {"accuracy": sum(s for _, s in scores) / len(scores)}
+    for family in sorted({f for f, _ in scores}):
+        family_scores = [s for f, s in scores if f == family]
+        result[f"accuracy/{family}"] = sum(family_scores) / len(family_scores)
+    return result | {"predictions": predictions}
+
+
+def response_logps(model, tokenizer, conversations: list[list[dict]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-prob and token count of the final assistant turn of each conversation."""
+    examples = [tokenize_sft(tokenizer, messages, 512, last_turn_only=True) for messages in conversations]
+    batch = {k: v.to(device) for k, v in collate_padded(examples, tokenizer.pad_token_id).items()}
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+    labels = batch["labels"][:, 1:]  # token t is predicted by position t - 1
+    mask = labels != IGNORE_INDEX
+    logps = torch.log_softmax(logits, dim=-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # [B, T-1]
+    return (logps * mask).sum(dim=1), mask.sum(dim=1)
+
+
+@torch.no_grad()
+def heldout_sft_loss(model, tokenizer, rows: list[dict], device) -> float:
+    """Token-mean cross-entropy over every assistant token of the held-out conversations."""
+    total_logp, total_tokens = 0.0, 0
+    for start in range(0, len(rows), 8):
+        logps, counts = response_logps(model, tokenizer, [r["messages"] for r in rows[start:start + 8]], device)
+        total_logp, total_tokens = total_logp + logps.sum().item(), total_tokens + counts.sum().item()
+    return -total_logp / total_tokens
+
+
+@torch.no_grad()
+def heldout_preference_accuracy(model, tokenizer, rows: list[dict], device) -> float:
+    """Share of pairs where mean log-prob per token of chosen > rejected (no reference model needed)."""
+    wins = 0
+    for start in range(0, len(rows), 8):
+        batch = rows[start:start + 8]
+        chosen, chosen_n = response_logps(model, tokenizer, [r["chosen"] for r in batch], device)
+        rejected, rejected_n = response_logps(model, tokenizer, [r["rejected"] for r in batch], device)
+        wins += (chosen / chosen_n > rejected / rejected_n).sum().item()
+    return wins / len(rows)
+
+
+def measure(checkpoint: str, heldout: dict, args, device, name: str) -> dict:
+    """All held-out figures for one checkpoint; the greedy answers go to <output_dir>/predictions_<name>.jsonl."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(checkpoint)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).to(device).eval()
+    figures = verifiable_accuracy(model, tokenizer, heldout["rlvr"], args.max_new_tokens, device, f"eval {name}")
+    with open(os.path.join(args.output_dir, f"predictions_{name}.jsonl"), "w") as out:
+        for prediction in figures.pop("predictions"):
+            out.write(json.dumps(prediction) + "\n")
+    figures["sft_loss"] = heldout_sft_loss(model, tokenizer, heldout["sft"], device)
+    figures["preference_accuracy"] = heldout_preference_accuracy(model, tokenizer, heldout["pref"], device)
+    print(f"[{name}] " + "  ".join(f"{k} {v:.3f}" for k, v in figures.items()), flush=True)
+    return figures
+
+
+# ----------------------------------------------------------------------------------------------
+# Report: the training curves each stage logged, and the held-out table
+
+
+def read_metrics(output_dir: str) -> list[dict]:
+    path = os.path.join(output_dir, "metrics.jsonl")
+    return load_jsonl(path) if os.path.exists(path) else []
+
+
+def first_last(records: list[dict], key: str) -> tuple | None:
+    """Mean of `key` over the first and over the last fifth of the logged steps (at least one step
+    each): single steps of a tiny batch are too noisy to compare."""
+    values = [r[key] for r in records if isinstance(r.get(key), (int, float))]
+    if not values:
+        return None
+    window = max(1, len(values) // 5)
+    return sum(values[:window]) / window, sum(values[-window:]) / window
+
+
+def plot_curves(records: list[dict], keys: list[str], title: str, path: str) -> bool:
+    """One panel per logged key against the step; False if none of the keys was logged."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in keys if any(isinstance(r.get(k), (int, float)) for r in records)]
+    if not keys:
+        return False
+    figure, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
+    for axis, key in zip(axes[0], keys):
+        points = [(r.get("step", i), r[key]) for i, r in enumerate(records) if isinstance(r.get(key), (int, float))]
+        axis.plot([p[0] for p in points], [p[1] for p in points], marker=".")
+        axis.set_title(key)
+        axis.set_xlabel("step")
+        axis.grid(alpha=0.3)
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return True
+
+
+# (stage, metric keys to summarize as first -> last, keys to plot)
+CURVES = [
+    ("sft", ["loss"], ["loss", "lr", "grad_norm"]),
+    ("dpo", ["loss", "rewards/accuracy", "rewards/margin", "logps/chosen", "logps/rejected"],
+     ["loss", "rewards/accuracy", "rewards/margin", "logps/chosen", "logps/rejected"]),
+    ("rlvr", ["reward_mean", "accuracy/gsm8k", "accuracy/ifeval", "kl", "response_length"],
+     ["reward_mean", "accuracy/gsm8k", "accuracy/ifeval", "kl", "response_length"]),
+]
+HELDOUT_COLUMNS = [("accuracy", "verifiable accuracy"), ("accuracy/gsm8k", "arithmetic"),
+                   ("accuracy/ifeval", "IFEval constraints"), ("sft_loss", "SFT loss"),
+                   ("preference_accuracy", "preference accuracy")]
+
+
+def write_report(args, heldout_figures: dict, timings: dict, heldout_sizes: dict) -> str:
+    lines = ["# Tülu 3 recipe demo: SFT -> DPO -> RLVR", "",
+             f"Model `{shown_path(args.model_name_or_path)}`, scale {args.scale}, seed {args.seed}, "
+             f"device {device_name()}. Wall time: "
+             + ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items()) + ".", "",
+             "## Held-out figures after each stage", "",
+             f"Greedy decoding, {heldout_sizes['rlvr']} RLVR prompts (verifiable accuracy), "
+             f"{heldout_sizes['sft']} SFT conversations (loss), {heldout_sizes['pref']} preference pairs "
+             "(chosen more likely than rejected, per-token log-prob).", "",
+             "| checkpoint | " + " | ".join(label for _, label in HELDOUT_COLUMNS) + " |",
+             "|---" * (len(HELDOUT_COLUMNS) + 1) + "|"]
+    for name, figures in heldout_figures.items():
+        lines.append(f"| {name} | " + " | ".join(f"{figures[k]:.3f}" if k in figures else "-"
+                                                  for k, _ in HELDOUT_COLUMNS) + " |")
+    lines += ["", "## Training curves (first -> last fifth of the logged steps)", "",
+              "| stage | metric | first | last |", "|---|---|---|---|"]
+    plots = []
+    for stage, summary_keys, plot_keys in CURVES:
+        records = read_metrics(os.path.join(args.output_dir, stage))
+        for key in summary_keys:
+            values = first_last(records, key)
+            if values:
+                lines.append(f"| {stage} | {key} | {values[0]:.4f} | {values[1]:.4f} |")
+        if plot_curves(records, plot_keys, f"{stage} ({len(records)} logged steps)",
+                       os.path.join(args.output_dir, f"{stage}_curves.png")):
+            plots.append(f"![{stage} curves]({stage}_curves.png)")
+    lines += [""] + plots
+    report = "\n".join(lines) + "\n"
+    with open(os.path.join(args.output_dir, "report.md"), "w") as out:
+        out.write(report)
+    return report
+
+
+def shown_path(path: str) -> str:
+    """Paths inside the repository relative to it, so reports read the same on every machine."""
+    inside = os.path.abspath(path).startswith(ROOT + os.sep)
+    return os.path.relpath(path, ROOT) if inside else path
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.model_name_or_path == BUNDLED_MODEL and not os.path.exists(os.path.join(BUNDLED_MODEL, "model.safetensors")):
+        subprocess.run([sys.executable, os.path.join(ROOT, "data", "fetch_offline.py")], check=True)
+    os.makedirs(args.output_dir, exist_ok=True)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    eval_rows = scaled(args.eval_examples, args.scale, 2)
+    heldout = {"rlvr": balanced_head(load_jsonl(os.path.join(DATA_DIR, "rlvr_heldout.jsonl")), eval_rows, family_of),
+               "sft": balanced_head(load_jsonl(os.path.join(DATA_DIR, "sft_heldout.jsonl")), eval_rows, family_of),
+               "pref": balanced_head(load_jsonl(os.path.join(DATA_DIR, "pref_heldout.jsonl")), eval_rows, family_of)}
+    stages = [("sft", sft_command), ("dpo", dpo_command), ("rlvr", rlvr_command)]
+    start = time.time()
+    timings = {}
+    figures = {"base": measure(args.model_name_or_path, heldout, args, device, "base")}
+    timings["base eval"] = time.time() - start
+    checkpoint = args.model_name_or_path
+    for number, (stage, command) in enumerate(stages, start=1):
+        stage_dir = os.path.join(args.output_dir, stage)
+        timings[stage] = run_stage(f"[{number}/{len(stages)}] {stage.upper()}: {shown_path(checkpoint)} -> "
+                                   f"{shown_path(stage_dir)}",
+                                   command(args, checkpoint, stage_dir), stage_dir)
+        checkpoint = stage_dir
+        eval_start = time.time()
+        figures[f"after {stage.upper()}"] = measure(checkpoint, heldout, args, device, stage)
+        timings[f"{stage} eval"] = time.time() - eval_start
+    timings["total"] = time.time() - start
+    print("\n" + write_report(args, figures, timings, {k: len(v) for k, v in heldout.items()}))
+    print(f"report: {os.path.join(args.output_dir, 'report.md')}")
+
+
+if __name__ == "__main__":
+    main()
