@@ -469,9 +469,10 @@ def treebank_words(text: str) -> list[str]:
     ("DON'T" -> "DO", "N'T"), punctuation split off (a comma or colon not before a digit, ; @ # $ %
     & ? ! brackets, quotes, "--", "..."), hyphens, slashes and inner periods kept ("U.S.", "A-B").
     The full tokenizer has more rules; these are the ones that change which tokens are uppercase."""
-    text = re.sub(r"(\w)(n't|'ll|'re|'ve|'s|'m|'d)\b", r"\1 \2", text, flags=re.IGNORECASE)
-    text = re.sub(r"--|\.\.\.|[:,](?!\d)", r" \g<0> ", text.translate(_ALWAYS_SEPARATED))
-    return text.split()
+    # re.split + join, not re.sub with a template: 10x faster on a megabyte of "A,A,A,".
+    text = " ".join(re.split(r"(?<=\w)(n't|'ll|'re|'ve|'s|'m|'d)\b", text, flags=re.IGNORECASE))
+    text = text.translate(_ALWAYS_SEPARATED).replace("...", " ... ").replace("--", " -- ")
+    return " ".join(re.split(r"([:,](?!\d))", text)).split()
 
 
 _ALWAYS_SEPARATED = str.maketrans({char: f" {char} " for char in ";@#$%&?!()[]{}<>\"\u201c\u201d"})
@@ -708,11 +709,12 @@ def _followed(check, candidates: list[str]) -> bool:
 
 
 def ifeval_check(response: str, instruction_id_list: list[str], kwargs_list: list[dict], loose: bool = False) -> list[bool]:
-    """Whether `response` follows each instruction (IFEval strict, or loose if `loose`)."""
+    """Whether `response`, as given (no thinking section stripped), follows each instruction:
+    IFEval strict, or loose if `loose`."""
     if len(instruction_id_list) != len(kwargs_list):
         raise ValueError(f"IFEval: {len(instruction_id_list)} instruction ids but {len(kwargs_list)} kwargs dicts")
     checks = [_ifeval_checker(i, kwargs) for i, kwargs in zip(instruction_id_list, kwargs_list)]
-    candidates = loose_variants(response) if loose else [response]
+    candidates = list(dict.fromkeys(loose_variants(response))) if loose else [response]  # each distinct one once
     return [_followed(check, candidates) for check in checks]
 
 
@@ -721,6 +723,8 @@ def ifeval_check(response: str, instruction_id_list: list[str], kwargs_list: lis
 # has the meaning of Tülu 3's function (IFEVAL.md's table) with its known defects fixed: the
 # placeholder check really counts, the choice check looks for an option inside the response (not
 # the response inside an option), and the thinking section is stripped before checking (verify).
+# Where the table leaves a choice open, the Tülu 3 function decides: forbidden words and keywords
+# are case-insensitive substrings, the letter count is case-sensitive, words are whitespace-split.
 
 def _quantified(count: int, quantifier: str, n: int, around_tolerance: int) -> bool:
     if quantifier == "at least":
