@@ -8,8 +8,10 @@ RLVR's reward and eval.py's metrics both come from here:
     extract_answer(response, dataset)              -> the answer string that was compared (logs)
     last_boxed(text)                               -> contents of the last \\boxed{...} / \\fbox{...}
 
-Every dataset first drops a leading thinking section (everything up to the last `</think>`) and
-`<answer>` tags, so a reasoning model is judged on its answer only.
+verify() first drops a leading thinking section (everything up to the last `</think>`) and
+`<answer>` tags, so a reasoning model is judged on its answer only. IFEval ground truth is a dict or
+JSON string in the IFEval format ({"instruction_id_list", "kwargs"}) or Tülu 3's RLVR format
+({"func_name", <arguments>}).
 
 Time bounds. Responses come from a model under training, so they can be hostile: megabytes of
 text, thousands of nested braces, 9^{9^{9^9}}, LaTeX that sends sympy into a hang. All string work
@@ -18,8 +20,8 @@ quadratic-prone steps). The symbolic MATH comparison (math-verify + sympy) runs 
 helper subprocess (`python verifiers.py --symbolic-server`), one per calling process, shared by its
 threads under a lock. The helper interrupts itself (SIGALRM, in its own main thread) after 80% of
 `timeout_s` (1 s by default); if it has not answered by `timeout_s` (stuck in C code, e.g. a huge
-integer power) it is killed and a warm spare takes over. Either way the string comparison's verdict
-stands. This holds from the main thread, worker threads and worker processes alike, unlike
+integer power) it is killed and replaced, and from then on a warm spare is kept ready. Either way
+the string comparison's verdict stands. This holds from the main thread, worker threads and worker processes alike, unlike
 math-verify's own SIGALRM timeouts, which fail silently outside the main thread. The first symbolic
 comparison in a process waits for the helper to import sympy (1-5 s); that wait is not bounded by
 `timeout_s`.
@@ -28,7 +30,12 @@ Deviations from the references, all documented where they live:
 - IFEval sentences: NLTK's punkt data is not available offline, so `count_sentences` is a small
   rule-based splitter (abbreviations, initials, decimals, ellipses), close to but not punkt.
 - IFEval capital words: `treebank_words` approximates NLTK's word_tokenize.
-- MATH: the whole output is tried as the last-resort candidate only when it is <= 1,000 chars.
+- IFEval keyword arguments are matched as literal text (the reference builds unescaped regexes);
+  a non-letter `letter` ("#", "!" occur in the data) is counted as is, like 2025 upstream, where
+  the original release substituted a random letter.
+- MATH: Minerva's unit words are removed only when no letter precedes them (so \\infty survives);
+  the whole output is a candidate only when <= 1,000 chars; candidates over 500 chars are
+  compared as strings only.
 """
 import ast
 import atexit

@@ -246,6 +246,13 @@ def test_math500_solutions_verify_against_their_own_boxed_answers(benchmarks_dir
     assert sum(verify(r["solution"], last_boxed(r["solution"]), "math") for r in rows) >= 0.98 * 500
 
 
+@pytest.mark.parametrize("template", ["Final Answer: The final answer is ${}$. I hope it is correct.",
+                                      "So the answer is ${}$.", "{}"], ids=["minerva", "dollars", "whole_output"])
+def test_math500_answers_verify_in_every_flex_candidate_form(benchmarks_dir, template):
+    golds = [last_boxed(r["solution"]) for r in _rows(benchmarks_dir, "math500.jsonl")]
+    assert sum(verify(template.format(gold), gold, "math", timeout_s=GENEROUS_S) for gold in golds) >= 0.98 * 500
+
+
 def test_math500_solutions_do_not_verify_against_other_problems_answers(warm_helper, benchmarks_dir):
     rows = _rows(benchmarks_dir, "math500.jsonl")[:100]
     golds = [last_boxed(r["solution"]) for r in rows]
