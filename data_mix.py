@@ -152,8 +152,8 @@ def validate_messages(messages, where: str) -> None:
 
 
 def validate_sft_record(row: dict, where: str) -> None:
-    if "messages" not in row:
-        raise InvalidRecord(f"{where}: no 'messages' field (has {sorted(row)})")
+    if row.get("messages") is None:  # a JSON file whose other rows have the field loads it as None
+        raise InvalidRecord(f"{where}: no 'messages' field (has {sorted(k for k, v in row.items() if v is not None)})")
     validate_messages(row["messages"], f"{where}, field messages")
 
 
@@ -555,3 +555,14 @@ def tokenize_rlvr_dataset(dataset, tokenizer, max_prompt_token_length: int, num_
     kept = tokenized.filter(lambda row: len(row["input_ids"]) <= max_prompt_token_length,
                             num_proc=num_proc if num_proc > 1 else None, desc="dropping long prompts")
     return kept, len(tokenized) - len(kept)
+
+
+def collate_prompts(prompts: list[list[int]], pad_token_id: int) -> tuple:
+    """Left-pad prompts for sampling: input_ids and attention_mask [B, P], every row ending at column P."""
+    width = max(len(prompt) for prompt in prompts)
+    input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+        attention_mask[row, width - len(prompt):] = 1
+    return input_ids, attention_mask

@@ -7,6 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import data_mix
 import rlvr
 from conftest import build_tiny_model, build_tiny_tokenizer
 
@@ -23,7 +24,7 @@ def prompts_of(tokenizer, texts=TEXTS):
 
 
 def hf_greedy(model, tokenizer, prompts, max_new_tokens, eos_token_id):
-    ids, mask = rlvr.left_pad(prompts, tokenizer.pad_token_id, "cpu")
+    ids, mask = data_mix.collate_prompts(prompts, tokenizer.pad_token_id)
     out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                          eos_token_id=eos_token_id, pad_token_id=tokenizer.pad_token_id)
     return out[:, ids.shape[1]:]
@@ -59,9 +60,9 @@ def test_sampled_logprobs_equal_the_training_forward(tiny):
     rollout = rlvr.Sampler(model, 32, 24).generate(prompts_of(tokenizer), temperature=0.7, top_p=0.9,
                                                    eos_token_id=tokenizer.eos_token_id,
                                                    pad_token_id=tokenizer.pad_token_id, generator=generator)
-    logits = rlvr.forward_response(model, rollout.query_responses, rollout.attention_mask,
-                                   rollout.response_mask.shape[1])
-    logps = rlvr.token_logprobs(logits, rollout.responses, temperature=0.7) * rollout.response_mask
+    logps, _ = rlvr.response_logprobs(model, rollout.query_responses, rollout.attention_mask,
+                                      rollout.response_mask.shape[1], temperature=0.7)
+    logps = logps * rollout.response_mask
     torch.testing.assert_close(logps, rollout.logprobs, atol=1e-4, rtol=0)
 
 
