@@ -92,10 +92,10 @@ def chunked_label_logprobs(hidden, weight, labels, chunk_tokens: int = 4096):
     states = hidden[:, :-1].reshape(-1, width)[trained]      # [n, H] only the positions that carry loss
     pieces = [checkpoint(chunk_logprobs, states[i:i + chunk_tokens], weight, targets[trained[i:i + chunk_tokens]],
                          use_reentrant=False) for i in range(0, len(trained), chunk_tokens)]
-    logprobs = torch.zeros(batch * (length - 1), dtype=torch.float32, device=hidden.device)
-    if pieces:
-        logprobs = logprobs.index_put((trained,), torch.cat(pieces))
-    return logprobs.view(batch, length - 1)
+    logprobs = torch.zeros(batch, length - 1, dtype=torch.float32, device=hidden.device)
+    if pieces:  # scatter back to [B, T-1] (a new tensor, not a view: FSDP hooks the forward's output)
+        logprobs = logprobs.index_put((trained // (length - 1), trained % (length - 1)), torch.cat(pieces))
+    return logprobs
 
 
 def chunk_logprobs(states, weight, targets):
@@ -276,6 +276,8 @@ def load_checkpoint(model, optimizer, scheduler, output_dir: str, rank: int, wor
                     else v.to(param.device) if optimizer.defaults.get("fused") else v)  # fused keeps `step` on device
                 for k, v in saved["optimizer"][name].items()}
     scheduler.load_state_dict(trainer_state["scheduler"])
+    for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):  # the scheduler state alone
+        group["lr"] = lr                                                    # does not reach the optimizer
     torch.set_rng_state(saved["rng"])
     if saved["cuda_rng"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(saved["cuda_rng"])
@@ -450,7 +452,7 @@ def train(args, rank: int, world_size: int, device) -> None:
         if not math.isfinite(mean_loss) or not math.isfinite(grad_norm.item()):
             raise FloatingPointError(f"step {step + 1}: loss {mean_loss}, grad norm {grad_norm.item()}; stopped "
                                      "before the update, the last checkpoint in --output_dir is intact")
-        lr = scheduler.get_last_lr()[0]
+        lr = optimizer.param_groups[0]["lr"]  # the rate this update really uses
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
