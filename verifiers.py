@@ -385,6 +385,7 @@ def _symbolic_server():
     """The helper's loop: read {"gold", "candidates", "budget_s"} lines, answer the index of the
     first equivalent candidate, -1 if none, -2 if the budget ran out."""
     import logging
+    import resource
     import signal
 
     from math_verify import parse
@@ -411,12 +412,21 @@ def _symbolic_server():
         raise OutOfTime
 
     signal.signal(signal.SIGALRM, out_of_time)
+    # A CPU-time limit per request ends this process even when it is stuck in C code and its parent
+    # died before it could kill it (no orphan spinning forever); no core file is written.
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    _, cpu_hard_limit = resource.getrlimit(resource.RLIMIT_CPU)
     for gold, candidate in [("\\frac{1}{2}", "0.5"), ("(1, \\pi)", "[1, 2)"), ("x^2", "\\sqrt{x}")]:
         equal(gold, candidate)  # warm math-verify's lazy initialization before the first timed answer
     sys.stdout.write("ready\n")
     sys.stdout.flush()
     for line in sys.stdin:
         request = json.loads(line)
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        cpu_limit = int(usage.ru_utime + usage.ru_stime + request["budget_s"]) + 3
+        if cpu_hard_limit != resource.RLIM_INFINITY:
+            cpu_limit = min(cpu_limit, cpu_hard_limit)
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu_limit, cpu_hard_limit))
         signal.setitimer(signal.ITIMER_REAL, request["budget_s"])
         try:
             index = next((i for i, c in enumerate(request["candidates"]) if equal(request["gold"], c)), -1)
@@ -424,8 +434,11 @@ def _symbolic_server():
             index = -2
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
-        sys.stdout.write(f"{index}\n")
-        sys.stdout.flush()
+        try:
+            sys.stdout.write(f"{index}\n")
+            sys.stdout.flush()
+        except BrokenPipeError:
+            os._exit(0)  # the parent is gone
 
 
 

@@ -301,6 +301,11 @@ def test_tulu_unknown_func_name_and_missing_argument_are_named():
         verify("x", '{"func_name": "validate_word_constraint", "N": 3, "quantifier": null}', "ifeval")
 
 
+def test_a_list_of_constraints_scores_the_fraction_followed():
+    ground_truth = json.dumps([{"func_name": "validate_no_commas"}, {"func_name": "validate_lowercase"}])
+    assert verify("no commas But Not Lower", ground_truth, "ifeval") == 0.5
+
+
 def test_invalid_ground_truth_is_a_clear_error():
     with pytest.raises(ValueError, match="not valid JSON"):
         verify("x", "{oops", "ifeval")

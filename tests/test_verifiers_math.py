@@ -74,6 +74,11 @@ def test_gsm8k_verify(response, gold, score):
     assert verify(response, gold, "gsm8k") == score
 
 
+def test_gsm8k_extract_answer_is_the_compared_number():
+    assert extract_answer("She has 1,200 then -35 apples.", "gsm8k") == "-35"
+    assert extract_answer("no number", "GSM8K") is None
+
+
 def test_gsm8k_number_regex_is_linear_on_a_long_run_of_commas():
     start = time.monotonic()
     assert verify("1" + "," * 200_000 + "x 2", "2", "gsm8k") == 1.0
@@ -203,6 +208,14 @@ def test_hostile_answer_is_bounded_in_a_worker_thread(warm_helper):
     thread.start()
     thread.join(timeout=30)
     assert scores == [0.0] and elapsed[0] < HOSTILE_BOUND_S
+
+
+def test_concurrent_threads_share_the_helper_and_all_get_correct_verdicts(warm_helper):
+    cases = [(r"\boxed{\sqrt{%d}}" % (4 * n * n * 2), r"%d\sqrt{2}" % (2 * n), 1.0) for n in range(1, 5)]
+    cases += [(r"\boxed{\sqrt{%d}}" % (4 * n * n * 2 + 1), r"%d\sqrt{2}" % (2 * n), 0.0) for n in range(1, 5)]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+        scores = list(pool.map(lambda case: verify(case[0], case[1], "math", timeout_s=GENEROUS_S), cases))
+    assert scores == [expected for _, _, expected in cases]
 
 
 def _timed_hostile_verification_in_worker():
