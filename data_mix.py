@@ -46,6 +46,11 @@ def add_data_args(parser, max_seq_length: int) -> None:
     parser.add_argument("--skip_invalid_rows", action="store_true",
                         help="drop malformed records (counted and reported) instead of stopping")
     parser.add_argument("--preprocessing_num_workers", type=int, default=1, help="processes for tokenization")
+    parser.add_argument("--decontaminate_against", default=None, metavar="gsm8k,math,ifeval,humaneval,mmlu",
+                        help="drop training rows whose prompts share n-grams with these benchmarks' prompts")
+    parser.add_argument("--decontaminate_ngram_size", type=int, default=8)
+    parser.add_argument("--decontaminate_threshold", type=float, default=0.5,
+                        help="drop a row when more than this fraction of its prompt n-grams are benchmark n-grams")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,6 +135,22 @@ def mix_datasets(dataset_mixer_list: list[str], seed: int, validate=None, skip_i
     columns = set.intersection(*(set(p.column_names) for p in parts))
     parts = [p.select_columns(sorted(columns)) for p in parts]
     return datasets.concatenate_datasets(parts), report
+
+
+def load_mixture(args, validate):
+    """The stages' entry point: mix `--dataset_mixer_list`, then decontaminate if asked.
+
+    Returns the rows and a report for <output_dir>/mixture.json.
+    """
+    rows, report = mix_datasets(args.dataset_mixer_list, args.seed, validate, args.skip_invalid_rows)
+    report = {"datasets": report}
+    if args.decontaminate_against:
+        benchmarks = [name.strip() for name in args.decontaminate_against.split(",") if name.strip()]
+        rows, report["decontamination"] = decontaminate(rows, benchmarks, args.decontaminate_ngram_size,
+                                                        args.decontaminate_threshold)
+        if len(rows) == 0:
+            raise ValueError(f"decontamination against {benchmarks} dropped every training row")
+    return rows, report
 
 
 # ---------------------------------------------------------------------------------------------

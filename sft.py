@@ -345,8 +345,7 @@ def load_sft_data(args, tokenizer, rank: int):
     """Mixed, validated, tokenized conversations; rank 0 prepares first so the others reuse its cache."""
     if rank != 0:
         dist.barrier()
-    rows, mixture = data_mix.mix_datasets(args.dataset_mixer_list, args.seed, data_mix.validate_sft_record,
-                                          args.skip_invalid_rows)
+    rows, report = data_mix.load_mixture(args, data_mix.validate_sft_record)
     examples, fully_masked = data_mix.tokenize_sft_dataset(rows, tokenizer, args.max_seq_length,
                                                            args.preprocessing_num_workers)
     if rank == 0:
@@ -354,7 +353,7 @@ def load_sft_data(args, tokenizer, rank: int):
     if len(examples) == 0:
         raise SystemExit(f"no trainable tokens: all {fully_masked} examples lost their assistant tokens "
                          f"(truncated at --max_seq_length {args.max_seq_length}?)")
-    report = {"datasets": mixture, "fully_masked_dropped": fully_masked, "examples": len(examples)}
+    report.update(fully_masked_dropped=fully_masked, examples=len(examples))
     return examples, report
 
 

@@ -165,3 +165,19 @@ def test_padded_batch_masks_padding(tokenizer):
     batch = data_mix.collate_padded(examples, tokenizer.pad_token_id)
     short = len(examples[0]["input_ids"])
     assert batch["attention_mask"][0].sum() == short and (batch["labels"][0, short:] == IGNORE).all()
+
+
+def test_load_mixture_decontaminates_when_asked(tmp_path, benchmarks_dir):
+    import argparse
+
+    question = json.loads(open(f"{benchmarks_dir}/gsm8k.jsonl").readline())["question"]
+    planted = {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": "18"}]}
+    path = write_jsonl(tmp_path / "mix.jsonl", sft_rows(5) + [planted])
+    parser = argparse.ArgumentParser()
+    data_mix.add_data_args(parser, max_seq_length=128)
+    args = parser.parse_args(["--dataset_mixer_list", path, "1.0", "--decontaminate_against", "gsm8k"])
+    args.seed = 0
+    rows, report = data_mix.load_mixture(args, data_mix.validate_sft_record)
+    assert len(rows) == 5 and question not in [m[0]["content"] for m in rows["messages"]]
+    assert report["decontamination"]["dropped_per_benchmark"] == {"gsm8k": 1}
+    assert report["datasets"][path]["rows"] == 6
