@@ -369,6 +369,16 @@ def tokenize_preference_dataset(dataset, tokenizer, max_seq_length: int, num_pro
     return trainable, len(tokenized) - len(trainable)
 
 
+def collate_preference_pairs(examples, indices: list[int], pad_token_id: int, packing: bool) -> dict:
+    """These pairs' chosen then rejected sequences in one batch, so one forward scores both: [2B, T]
+    padded or [1, sum T] packed, with position_ids (they mark where each sequence starts) and `index` [B]."""
+    sequences = [{"input_ids": examples[i][f"{side}_input_ids"], "labels": examples[i][f"{side}_labels"]}
+                 for side in ("chosen", "rejected") for i in indices]
+    batch = collate_packed(sequences) if packing else collate_padded(sequences, pad_token_id)
+    batch.setdefault("position_ids", torch.arange(batch["input_ids"].shape[1]).expand_as(batch["input_ids"]))
+    return {**batch, "index": torch.tensor(indices)}
+
+
 # ---------------------------------------------------------------------------------------------
 # --- Benchmarks and decontamination ---
 # eval.py reads its test sets here, and decontamination reads the same prompts, so what we guard

@@ -7,22 +7,14 @@
         --dataset_mixer_list allenai/llama-3.1-tulu-3-8b-preference-mixture 1.0 --chat_template_name tulu \
         --per_device_train_batch_size 1 --gradient_accumulation_steps 16 --output_dir output/dpo-8b
 
-The story is sft.py's (arguments, distributed init, data, FSDP2 model, loss, loop with resumable
-checkpoints, Hugging Face save); `diff sft.py dpo.py` shows what DPO adds:
-- Data: preference pairs (chosen and rejected conversations), each side tokenized with the SFT
-  masking. A micro-batch holds its chosen sequences then its rejected ones, so one forward scores
-  both (padded [2B, T] or packed [1, sum T]).
-- Loss (--dpo_loss_type): dpo, dpo_norm (Tülu 3: mean per-token log-probs, beta 5), simpo, ipo; see
-  dpo_loss. Reduction: the mean over the preference pairs of the optimizer batch, whatever the split
-  into micro-batches and ranks (each micro-batch's summed losses / pairs in the optimizer batch).
-- Reference: the log-probs of every pair under the initial model are computed once, before
-  training, with the same sharding, and cached on disk under a hash of the model files, the
-  tokenized data and the precision; a restarted run reads them back, and any change of model or
-  data misses the cache. No reference model is in memory while training. `--reference live` keeps a
-  frozen reference model instead (for comparison: same losses, more memory and time).
-- Metrics: loss, rewards/chosen, rewards/rejected, rewards/margin, rewards/accuracy, logps/chosen,
-  logps/rejected (the log-probs the loss compares: per-token means except for `dpo`). Chosen
-  log-probs often fall while the margin grows: DPO optimizes the margin, not the likelihood.
+sft.py's story and boilerplate; `diff sft.py dpo.py` shows what DPO adds: preference pairs (one
+forward scores a micro-batch's chosen and rejected sequences); dpo_loss (dpo, dpo_norm as in Tülu 3,
+simpo, ipo) averaged over the optimizer batch's pairs, whatever its split into micro-batches and
+ranks; reference log-probs scored once by the initial model before training, with the same sharding,
+and cached on disk under a hash of model files, tokenized data and precision (a restart reads them
+back; no reference model in memory while training; `--reference live` keeps a frozen one instead);
+reward and log-prob metrics (chosen log-probs often fall while the margin grows: DPO optimizes the
+margin, not the likelihood).
 
 Simplified relative to open-instruct: no LoRA, no DeepSpeed, no logging services; the last partial
 optimizer batch of an epoch is dropped; a resumed run needs the same number of ranks.
@@ -36,6 +28,7 @@ import os
 import shutil
 import time
 
+import pyarrow.compute as pc
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -45,6 +38,7 @@ from torch.distributed.tensor import DTensor
 from safetensors.torch import load_file, save_file
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
+from transformers.utils import cached_file
 
 import data_mix
 
@@ -74,12 +68,9 @@ def parse_args(argv=None):
     parser.add_argument("--dpo_beta", type=float, default=5.0)
     parser.add_argument("--dpo_label_smoothing", type=float, default=0.0)
     parser.add_argument("--dpo_gamma_beta_ratio", type=float, default=0.3, help="simpo's margin gamma / beta")
-    parser.add_argument("--reference", default="cached", choices=["cached", "live"],
-                        help="cached: reference log-probs computed once before training; live: a frozen model")
-    parser.add_argument("--reference_cache_dir", default=None,
-                        help="where cached reference log-probs live (default: OUTPUT_DIR/reference_logps)")
-    parser.add_argument("--last_turn_only", action="store_true",
-                        help="score only the final assistant turn (Tülu 3 scores every assistant turn)")
+    parser.add_argument("--reference", default="cached", choices=["cached", "live"], help="log-probs or a frozen model")
+    parser.add_argument("--reference_cache_dir", default=None, help="default: OUTPUT_DIR/reference_logps")
+    parser.add_argument("--last_turn_only", action="store_true", help="score only each side's final assistant turn")
     parser.add_argument("--packing", action=argparse.BooleanOptionalAction, default=True,
                         help="padding-free micro-batches (one row, position_ids restart per example)")
     parser.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward")
@@ -110,10 +101,10 @@ def chunked_label_logprobs(hidden, weight, labels, chunk_tokens: int = 4096):
     states = hidden[:, :-1].reshape(-1, width)[trained]      # [n, H] only the positions that carry loss
     pieces = [checkpoint(chunk_logprobs, states[i:i + chunk_tokens], weight, targets[trained[i:i + chunk_tokens]],
                          use_reentrant=False) for i in range(0, len(trained), chunk_tokens)]
-    logprobs = torch.zeros(batch * (length - 1), dtype=torch.float32, device=hidden.device)
-    if pieces:
-        logprobs = logprobs.index_put((trained,), torch.cat(pieces))
-    return logprobs.view(batch, length - 1)
+    logprobs = torch.zeros(batch, length - 1, dtype=torch.float32, device=hidden.device)
+    if pieces:  # scatter back to [B, T-1] (a new tensor, not a view: FSDP hooks the forward's output)
+        logprobs = logprobs.index_put((trained // (length - 1), trained % (length - 1)), torch.cat(pieces))
+    return logprobs
 
 
 def chunk_logprobs(states, weight, targets):
@@ -125,32 +116,22 @@ def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
              label_smoothing: float = 0.0, gamma_beta_ratio: float = 0.3):
     """Per-pair preference losses and implicit rewards.
 
-    L_c, L_r: policy log-probs of the chosen / rejected responses; R_c, R_r: the reference's. All [N].
-    The caller passes sums over response tokens for `dpo`, per-token means for the others.
-
-        dpo, dpo_norm: z = (L_c - L_r) - (R_c - R_r)
-                       loss = -(1 - ε) log σ(β z) - ε log σ(-β z)           (ε = label_smoothing)
-        simpo:         z = L_c - L_r                                          (no reference)
-                       loss = -(1 - ε) log σ(β z - γ) - ε log σ(-(β z - γ)),  γ = gamma_beta_ratio · β
-        ipo:           loss = (z - 1 / (2β))²,  z as for dpo
-
-    Rewards are the implicit rewards β (L - R) per side. simpo has no reference: its rewards are β L
-    and the reference arguments are ignored (may be None). Rewards are detached: they are metrics.
-    Returns (losses [N], chosen_rewards [N], rejected_rewards [N]).
+    L_c, L_r: policy log-probs of the chosen / rejected responses, R_c, R_r: the reference's, all [N];
+    sums over response tokens for `dpo`, per-token means for the others (the caller's job).
+        dpo, dpo_norm: z = (L_c - L_r) - (R_c - R_r);  loss = -(1-ε) log σ(βz) - ε log σ(-βz)   ε: smoothing
+        simpo:         z = L_c - L_r (no reference);    loss = the same with βz - γ for βz,  γ = ratio·β
+        ipo:           z as for dpo;                    loss = (z - 1/(2β))²
+    Returns (losses [N], chosen_rewards [N], rejected_rewards [N]); rewards (detached metrics) are β (L - R),
+    or β L for simpo, which has no reference (its reference arguments may be None).
     """
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
-    if loss_type == "ipo" and label_smoothing:
-        raise ValueError("label_smoothing applies to the logistic losses (dpo, dpo_norm, simpo), not to ipo")
+    if loss_type not in LOSS_TYPES or (loss_type == "ipo" and label_smoothing):
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES} (ipo without label_smoothing), got {loss_type!r}")
     if loss_type == "simpo":
-        z = chosen_logps - rejected_logps                                 # [N]
-        logits = beta * z - gamma_beta_ratio * beta                       # [N]
-        chosen_rewards, rejected_rewards = beta * chosen_logps, beta * rejected_logps
-    else:
-        z = (chosen_logps - rejected_logps) - (ref_chosen_logps - ref_rejected_logps)  # [N]
-        logits = beta * z                                                 # [N]
-        chosen_rewards = beta * (chosen_logps - ref_chosen_logps)
-        rejected_rewards = beta * (rejected_logps - ref_rejected_logps)
+        ref_chosen_logps, ref_rejected_logps = torch.zeros_like(chosen_logps), torch.zeros_like(rejected_logps)
+    z = (chosen_logps - rejected_logps) - (ref_chosen_logps - ref_rejected_logps)  # [N]
+    logits = beta * z - (gamma_beta_ratio * beta if loss_type == "simpo" else 0.0)  # [N]
+    chosen_rewards = beta * (chosen_logps - ref_chosen_logps)                      # [N]
+    rejected_rewards = beta * (rejected_logps - ref_rejected_logps)                # [N]
     if loss_type == "ipo":
         losses = (z - 1 / (2 * beta)) ** 2                                # [N]
     else:
@@ -158,29 +139,17 @@ def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
     return losses, chosen_rewards.detach(), rejected_rewards.detach()
 
 
-def uses_mean_logps(loss_type: str) -> bool:
-    """dpo compares summed response log-probs; dpo_norm, simpo and ipo compare per-token means."""
-    return loss_type != "dpo"
-
-
 def sequence_logps(label_logprobs, labels, position_ids):
-    """Summed label log-probs of every sequence in a batch, and its number of scored tokens.
-
-    label_logprobs: [R, T-1] log p(labels[:, t+1]) from CausalLMLogProbs; labels, position_ids: [R, T].
-    A row holds one right-padded sequence (position_ids 0..T-1) or several packed ones (position_ids
-    restart at 0 at each sequence). Returns sums [N] (fp32) and counts [N] for the N sequences in order
-    of appearance; the mean per-token log-prob is sums / counts.
-    """
-    rows, length = labels.shape
+    """Summed label log-probs [N] (fp32) and scored-token counts [N] of the N sequences in a batch, from
+    label_logprobs [R, T-1] (CausalLMLogProbs) and labels, position_ids [R, T]: a row holds one padded
+    sequence or several packed ones (position_ids restart at 0)."""
     starts = position_ids == 0                                           # [R, T] first token of a sequence
-    sequence_index = (starts.flatten().cumsum(0) - 1).view(rows, length)[:, 1:]  # [R, T-1] of each label
+    sequence_index = (starts.flatten().cumsum(0) - 1).view(starts.shape)[:, 1:].flatten()  # [R*(T-1)]
     # A sequence's first token is predicted from the previous sequence in a packed row: never score it.
-    scored = (labels[:, 1:] != data_mix.IGNORE_INDEX) & ~starts[:, 1:]   # [R, T-1]
-    num_sequences = int(starts.sum())
-    sums = torch.zeros(num_sequences, dtype=torch.float32, device=labels.device).index_add(
-        0, sequence_index.flatten(), (label_logprobs * scored).flatten())  # [N]
-    counts = torch.zeros(num_sequences, dtype=torch.long, device=labels.device).index_add(
-        0, sequence_index.flatten(), scored.flatten().long())             # [N]
+    scored = ((labels[:, 1:] != data_mix.IGNORE_INDEX) & ~starts[:, 1:]).flatten()        # [R*(T-1)]
+    sums = torch.zeros(int(starts.sum()), device=labels.device).index_add(0, sequence_index,
+                                                                           label_logprobs.flatten() * scored)
+    counts = torch.zeros_like(sums).index_add(0, sequence_index, scored.float())
     return sums, counts
 
 
@@ -201,14 +170,12 @@ class CausalLMLogProbs(torch.nn.Module):
         return chunked_label_logprobs(hidden, self.model.get_output_embeddings().weight, labels)
 
 
-def concatenated_logps(model, batch):
-    """Chosen [B] and rejected [B] summed log-probs and scored-token counts, from one forward of both."""
+def concatenated_logps(model, batch, mean: bool):
+    """Chosen [B] and rejected [B] log-probs, summed or per-token means, from one forward of both."""
     label_logprobs = model(input_ids=batch["input_ids"], labels=batch["labels"], position_ids=batch["position_ids"],
-                           attention_mask=batch.get("attention_mask"))  # [R, T-1]
+                           attention_mask=batch.get("attention_mask"))    # [2B or 1, T-1]
     sums, counts = sequence_logps(label_logprobs, batch["labels"], batch["position_ids"])  # [2B]
-    chosen_sums, rejected_sums = sums.chunk(2)
-    chosen_counts, rejected_counts = counts.chunk(2)
-    return chosen_sums, rejected_sums, chosen_counts, rejected_counts
+    return (sums / counts if mean else sums).chunk(2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -358,6 +325,8 @@ def load_checkpoint(model, optimizer, scheduler, output_dir: str, rank: int, wor
                     else v.to(param.device) if optimizer.defaults.get("fused") else v)  # fused keeps `step` on device
                 for k, v in saved["optimizer"][name].items()}
     scheduler.load_state_dict(trainer_state["scheduler"])
+    for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):  # the scheduler state alone
+        group["lr"] = lr                                                    # does not reach the optimizer
     torch.set_rng_state(saved["rng"])
     if saved["cuda_rng"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(saved["cuda_rng"])
@@ -438,110 +407,67 @@ def load_preference_data(args, tokenizer, rank: int):
     return examples, report
 
 
-def collate_pairs(examples, indices: list[int], pad_token_id: int, packing: bool) -> dict:
-    """One batch holding the chosen sequences, then the rejected ones, of these pairs.
-
-    Padded: [2B, T] (position_ids added: they mark where each sequence starts); packed: [1, sum T].
-    `index` [B] is each pair's row in the reference log-prob table.
-    """
-    sequences = [{"input_ids": examples[i][f"{side}_input_ids"], "labels": examples[i][f"{side}_labels"]}
-                 for side in ("chosen", "rejected") for i in indices]
-    if packing:
-        batch = data_mix.collate_packed(sequences)
-    else:
-        batch = data_mix.collate_padded(sequences, pad_token_id)
-        batch["position_ids"] = torch.arange(batch["input_ids"].shape[1]).expand_as(batch["input_ids"])
-    batch["index"] = torch.tensor(indices)
-    return batch
-
-
 def micro_batches(examples, order: list[int], args, rank: int, world_size: int, pad_token_id: int):
     """This rank's share of one optimizer batch, split into collated micro-batches."""
     mine = order[rank::world_size]
     size = args.per_device_train_batch_size
     for start in range(0, len(mine), size):
-        yield collate_pairs(examples, mine[start:start + size], pad_token_id, args.packing)
+        yield data_mix.collate_preference_pairs(examples, mine[start:start + size], pad_token_id, args.packing)
 
 
 # ---------------------------------------------------------------------------------------------
 # Reference log-probs: computed once with the initial model, cached on disk
 
-def model_fingerprint(model_name_or_path: str) -> str:
-    """sha256 of the config and weight files: another model, or the same one retrained, changes it."""
-    directory = model_name_or_path
-    if not os.path.isdir(directory):  # a hub name: from_pretrained has put its files in the local cache
-        from transformers.utils import cached_file
-        directory = os.path.dirname(cached_file(model_name_or_path, "config.json"))
-    digest = hashlib.sha256()
-    for name in sorted(os.listdir(directory)):
-        if name == "config.json" or name.endswith((".safetensors", ".bin")):
-            with open(os.path.join(directory, name), "rb") as f:
-                digest.update(name.encode() + hashlib.file_digest(f, "sha256").digest())
-    return digest.hexdigest()
-
-
-def data_fingerprint(examples) -> str:
-    """sha256 of the tokenized pairs in order: covers the datasets, mixing, template and truncation."""
-    import pyarrow.compute as pc
-
-    digest = hashlib.sha256()
-    table = examples.with_format("arrow")[:]
-    for column in ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"):
-        values = table.column(column).combine_chunks()
-        digest.update(pc.list_value_length(values).to_numpy().tobytes())
-        digest.update(pc.list_flatten(values).to_numpy().tobytes())
-    return digest.hexdigest()
-
-
 def reference_cache_path(args, examples, device, rank: int) -> str:
-    """The cache file for this model, data and precision; rank 0 hashes, every rank gets the name."""
+    """A file named by a sha256 of model files, tokenized pairs (data, mixing, template, truncation),
+    precision and log-prob kind, so that any change misses. Rank 0 hashes; every rank gets the name."""
     path = [None]
     if rank == 0:
-        key = {"model": model_fingerprint(args.model_name_or_path), "data": data_fingerprint(examples),
-               "dtype": resolve_dtype(args.dtype, device)}
-        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+        digest = hashlib.sha256(json.dumps([resolve_dtype(args.dtype, device), args.dpo_loss_type != "dpo"]).encode())
+        model_dir = args.model_name_or_path if os.path.isdir(args.model_name_or_path) else os.path.dirname(
+            cached_file(args.model_name_or_path, "config.json"))  # a hub name: the files are in the hub cache
+        for name in sorted(os.listdir(model_dir)):
+            if name == "config.json" or name.endswith((".safetensors", ".bin")):
+                with open(os.path.join(model_dir, name), "rb") as f:
+                    digest.update(name.encode() + hashlib.file_digest(f, "sha256").digest())
+        table = examples.with_format("arrow")[:]
+        for column in ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"):
+            values = table.column(column).combine_chunks()
+            digest.update(pc.list_value_length(values).to_numpy().tobytes())
+            digest.update(pc.list_flatten(values).to_numpy().tobytes())
         cache_dir = args.reference_cache_dir or os.path.join(args.output_dir, "reference_logps")
-        path = [os.path.join(cache_dir, f"reference_logps_{digest[:20]}.safetensors")]
+        path = [os.path.join(cache_dir, f"reference_logps_{digest.hexdigest()[:20]}.safetensors")]
     dist.broadcast_object_list(path, src=0)
     return path[0]
 
 
 @torch.no_grad()
-def compute_reference_logps(model, examples, args, rank: int, world_size: int, device, pad_token_id: int):
-    """Summed log-probs of every pair's chosen and rejected response under `model`: [N], [N].
-
-    Rank r scores the r-th slice of each group of world_size micro-batches. FSDP needs every rank in
-    every forward, so a rank with nothing left in the last group scores a stand-in pair and drops it.
-    Each row is written by one rank only, so summing the tables over ranks assembles them exactly.
-    """
-    model.eval()
-    chosen = torch.zeros(len(examples), dtype=torch.float32, device=device)
-    rejected = torch.zeros(len(examples), dtype=torch.float32, device=device)
-    size = args.per_device_train_batch_size
-    for start in range(0, len(examples), size * world_size):
-        mine = list(range(start + rank * size, min(start + (rank + 1) * size, len(examples))))
-        batch = collate_pairs(examples, mine or [0], pad_token_id, args.packing)
-        chosen_sums, rejected_sums, _, _ = concatenated_logps(model, {k: v.to(device) for k, v in batch.items()})
-        if mine:
-            chosen[mine], rejected[mine] = chosen_sums, rejected_sums
-    dist.all_reduce(chosen)
-    dist.all_reduce(rejected)
-    model.train()
-    return chosen, rejected
-
-
 def cached_reference_logps(model, examples, args, rank: int, world_size: int, device, pad_token_id: int):
-    """Reference log-probs read from the cache, or computed with the model as loaded and cached."""
+    """Chosen [N] and rejected [N] log-probs of all pairs under the model as loaded, cached or scored and
+    cached. Rank r scores the r-th micro-batch of each group of world_size (FSDP needs all ranks in each
+    forward: one with nothing left scores a stand-in); one rank writes each row, so a sum assembles them."""
     path = reference_cache_path(args, examples, device, rank)
-    if os.path.exists(path):  # checked by every rank before any rank can write (computing is collective)
+    if os.path.exists(path):  # checked by every rank before any rank can write (scoring is collective)
         cached = load_file(path, device=str(device))
         if rank == 0:
             print(f"reference log-probs: read from {path}")
-        return cached["chosen_logps"], cached["rejected_logps"]
-    chosen, rejected = compute_reference_logps(model, examples, args, rank, world_size, device, pad_token_id)
+        return cached["chosen"], cached["rejected"]
+    model.eval()
+    chosen, rejected = torch.zeros(len(examples), device=device), torch.zeros(len(examples), device=device)
+    size = args.per_device_train_batch_size
+    for start in range(0, len(examples), size * world_size):
+        mine = list(range(start + rank * size, min(start + (rank + 1) * size, len(examples))))
+        batch = data_mix.collate_preference_pairs(examples, mine or [0], pad_token_id, args.packing)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        chosen_logps, rejected_logps = concatenated_logps(model, batch, mean=args.dpo_loss_type != "dpo")
+        if mine:
+            chosen[mine], rejected[mine] = chosen_logps, rejected_logps
+    dist.all_reduce(chosen)
+    dist.all_reduce(rejected)
+    model.train()
     if rank == 0:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        save_file({"chosen_logps": chosen.cpu(), "rejected_logps": rejected.cpu()}, path + ".tmp")
+        save_file({"chosen": chosen.cpu(), "rejected": rejected.cpu()}, path + ".tmp")
         os.replace(path + ".tmp", path)  # atomic: a crash never leaves a truncated cache behind
         print(f"reference log-probs: computed for {len(examples)} pairs, cached in {path}")
     dist.barrier()
@@ -550,6 +476,39 @@ def cached_reference_logps(model, examples, args, rank: int, world_size: int, de
 
 # ---------------------------------------------------------------------------------------------
 # Training
+
+def accumulate_gradients(model, reference, examples, batch: list[int], args, rank: int, world_size: int, device,
+                         pad_token_id: int):
+    """Forward and backward over this rank's micro-batches of one optimizer batch. `reference`: a frozen model,
+    the cached (chosen, rejected) tables, or None (simpo). Returns sums over all ranks' pairs of (loss, rewards
+    chosen, rejected, correct orderings, logps chosen, rejected) [6], and input tokens over all ranks."""
+    mean = args.dpo_loss_type != "dpo"  # dpo_norm, simpo and ipo compare mean per-token log-probs
+    totals = torch.zeros(6, device=device)
+    input_tokens = torch.zeros((), device=device)
+    for micro in micro_batches(examples, batch, args, rank, world_size, pad_token_id):
+        micro = {k: v.to(device) for k, v in micro.items()}
+        chosen_logps, rejected_logps = concatenated_logps(model, micro, mean)
+        ref_chosen_logps, ref_rejected_logps = None, None
+        if isinstance(reference, torch.nn.Module):
+            with torch.no_grad():
+                ref_chosen_logps, ref_rejected_logps = concatenated_logps(reference, micro, mean)
+        elif reference is not None:
+            ref_chosen_logps, ref_rejected_logps = (table[micro["index"]] for table in reference)
+        losses, chosen_rewards, rejected_rewards = dpo_loss(
+            chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, loss_type=args.dpo_loss_type,
+            beta=args.dpo_beta, label_smoothing=args.dpo_label_smoothing, gamma_beta_ratio=args.dpo_gamma_beta_ratio)
+        # The mean over the optimizer batch's pairs: a divisor known before any forward.
+        # FSDP averages gradients over ranks; multiplying by world_size turns that average into a sum.
+        loss = losses.sum() / len(batch) * world_size
+        loss.backward()
+        totals += torch.stack([losses.sum(), chosen_rewards.sum(), rejected_rewards.sum(),
+                               (chosen_rewards > rejected_rewards).sum(), chosen_logps.sum(), rejected_logps.sum()]
+                              ).detach()
+        input_tokens += micro["attention_mask"].sum() if "attention_mask" in micro else micro["input_ids"].numel()
+    dist.all_reduce(totals)
+    dist.all_reduce(input_tokens)
+    return totals, input_tokens
+
 
 def main(argv=None):
     args = parse_args(argv)
@@ -577,14 +536,12 @@ def train(args, rank: int, world_size: int, device) -> None:
         data_mix.save_json(os.path.join(args.output_dir, "mixture.json"), data_report)
 
     model = load_model(args.model_name_or_path, args, device, rank)
-    # The reference is the initial model: score the pairs before any update (and before a resume
-    # loads trained weights). simpo needs no reference.
-    reference_model, reference_logps = None, None
+    # The reference is the initial model: scored before any update (and before a resume loads trained weights).
+    reference = None  # simpo has none
     if args.dpo_loss_type != "simpo" and args.reference == "live":
-        reference_model = load_model(args.model_name_or_path, args, device, rank).eval().requires_grad_(False)
+        reference = load_model(args.model_name_or_path, args, device, rank).eval().requires_grad_(False)
     elif args.dpo_loss_type != "simpo":
-        reference_logps = cached_reference_logps(model, examples, args, rank, world_size, device,
-                                                 tokenizer.pad_token_id)
+        reference = cached_reference_logps(model, examples, args, rank, world_size, device, tokenizer.pad_token_id)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay,
                                   fused=device.type == "cuda")
     scheduler = make_scheduler(optimizer, args.lr_scheduler_type, math.ceil(args.warmup_ratio * total_steps),
@@ -607,37 +564,8 @@ def train(args, rank: int, world_size: int, device) -> None:
         batch = order[index * batch_size:(index + 1) * batch_size]
         started = time.perf_counter()
 
-        # Sums over this rank's pairs of: loss, chosen/rejected rewards, correct orderings, chosen/rejected logps.
-        totals = torch.zeros(6, device=device)
-        input_tokens = torch.zeros((), device=device)
-        for micro in micro_batches(examples, batch, args, rank, world_size, tokenizer.pad_token_id):
-            micro = {k: v.to(device) for k, v in micro.items()}
-            chosen_logps, rejected_logps, chosen_counts, rejected_counts = concatenated_logps(model, micro)
-            ref_chosen_logps, ref_rejected_logps = None, None
-            if reference_model is not None:
-                with torch.no_grad():
-                    ref_chosen_logps, ref_rejected_logps, _, _ = concatenated_logps(reference_model, micro)
-            elif reference_logps is not None:
-                ref_chosen_logps, ref_rejected_logps = (table[micro["index"]] for table in reference_logps)
-            if uses_mean_logps(args.dpo_loss_type):  # length-normalized: mean log-prob per scored token
-                chosen_logps, rejected_logps = chosen_logps / chosen_counts, rejected_logps / rejected_counts
-                if ref_chosen_logps is not None:
-                    ref_chosen_logps, ref_rejected_logps = (ref_chosen_logps / chosen_counts,
-                                                            ref_rejected_logps / rejected_counts)
-            losses, chosen_rewards, rejected_rewards = dpo_loss(
-                chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, loss_type=args.dpo_loss_type,
-                beta=args.dpo_beta, label_smoothing=args.dpo_label_smoothing,
-                gamma_beta_ratio=args.dpo_gamma_beta_ratio)
-            # Mean over the optimizer batch's pairs: a constant divisor, whatever the micro-batch split.
-            # FSDP averages gradients over ranks; multiplying by world_size turns that average into a sum.
-            loss = losses.sum() / batch_size * world_size
-            loss.backward()
-            totals += torch.stack([losses.sum(), chosen_rewards.sum(), rejected_rewards.sum(),
-                                   (chosen_rewards > rejected_rewards).sum(), chosen_logps.sum(),
-                                   rejected_logps.sum()]).detach()
-            input_tokens += micro["attention_mask"].sum() if "attention_mask" in micro else micro["input_ids"].numel()
-        dist.all_reduce(totals)
-        dist.all_reduce(input_tokens)
+        totals, input_tokens = accumulate_gradients(
+            model, reference, examples, batch, args, rank, world_size, device, tokenizer.pad_token_id)
 
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm if args.max_grad_norm > 0
                                                    else float("inf"))
@@ -646,7 +574,7 @@ def train(args, rank: int, world_size: int, device) -> None:
         if not math.isfinite(mean_loss) or not math.isfinite(grad_norm.item()):
             raise FloatingPointError(f"step {step + 1}: loss {mean_loss}, grad norm {grad_norm.item()}; stopped "
                                      "before the update, the last checkpoint in --output_dir is intact")
-        lr = scheduler.get_last_lr()[0]
+        lr = optimizer.param_groups[0]["lr"]  # the rate this update really uses
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)

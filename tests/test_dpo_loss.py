@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from dpo import CausalLMLogProbs, collate_pairs, concatenated_logps, dpo_loss, sequence_logps
+from data_mix import collate_preference_pairs
+from dpo import CausalLMLogProbs, concatenated_logps, dpo_loss, sequence_logps
 from tests.conftest import build_tiny_model
 
 
@@ -96,10 +97,19 @@ def test_packed_and_padded_pairs_give_the_same_sequence_logps(tiny_tokenizer):
             ids = torch.randint(4, len(tiny_tokenizer), (length,), generator=generator).tolist()
             pair[f"{side}_input_ids"], pair[f"{side}_labels"] = ids, [-100] * 2 + ids[2:]
         examples.append(pair)
+    padded = collate_preference_pairs(examples, [0, 1], tiny_tokenizer.pad_token_id, packing=False)
+    packed = collate_preference_pairs(examples, [0, 1], tiny_tokenizer.pad_token_id, packing=True)
+    assert padded["input_ids"].shape == (4, 13) and packed["input_ids"].shape == (1, 9 + 13 + 4 + 6)
+
+    # the padded sums checked against a plain log-softmax of the Hugging Face model's logits
     with torch.no_grad():
-        padded = concatenated_logps(model, collate_pairs(examples, [0, 1], tiny_tokenizer.pad_token_id, packing=False))
-        packed = concatenated_logps(model, collate_pairs(examples, [0, 1], tiny_tokenizer.pad_token_id, packing=True))
-    chosen_sums, rejected_sums, chosen_counts, rejected_counts = padded
-    assert chosen_counts.tolist() == [7, 11] and rejected_counts.tolist() == [2, 4]
-    for padded_value, packed_value in zip(padded, packed):
-        torch.testing.assert_close(packed_value, padded_value, atol=1e-5, rtol=1e-5)
+        logits = model.model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits
+    plain = logits[:, :-1].log_softmax(-1).gather(-1, padded["labels"][:, 1:].clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    plain_sums = (plain * (padded["labels"][:, 1:] != -100)).sum(-1)  # rows: chosen 0, chosen 1, rejected 0, 1
+    for mean in (False, True):
+        with torch.no_grad():
+            padded_logps = concatenated_logps(model, padded, mean)
+            packed_logps = concatenated_logps(model, packed, mean)
+        counts = torch.tensor([7.0, 11.0, 2.0, 4.0])  # scored tokens: length - 2 for each sequence
+        torch.testing.assert_close(torch.cat(padded_logps), plain_sums / counts if mean else plain_sums)
+        torch.testing.assert_close(torch.cat(packed_logps), torch.cat(padded_logps), atol=1e-5, rtol=1e-5)
