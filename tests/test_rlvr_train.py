@@ -1,0 +1,148 @@
+"""rlvr.py end to end on a tiny model: GRPO and PPO on one process and on 2 gloo ranks, resume, saves, errors."""
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+import rlvr
+
+# An IFEval constraint a random tiny model meets about half the time, so rewards (and advantages) vary.
+AT_LEAST_TWO_E = json.dumps({"instruction_id_list": ["keywords:letter_frequency"],
+                             "kwargs": [{"letter": "e", "let_frequency": 2, "let_relation": "at least"}]})
+
+
+def write_rlvr_data(path):
+    rows = [{"messages": [{"role": "user", "content": f"What is {a} plus {b}?"}], "ground_truth": str(a + b),
+             "dataset": "gsm8k"} for a, b in [(3, 4), (12, 30), (7, 8), (2, 1)]]
+    rows += [{"messages": [{"role": "user", "content": f"Write about the sea {i}."}], "ground_truth": AT_LEAST_TWO_E,
+              "dataset": "IFEval"} for i in range(4)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def run_rlvr(argv):
+    """rlvr.main in this process, as `python rlvr.py ...` runs it (a process group of one)."""
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        os.environ.pop(key, None)
+    os.environ["MASTER_PORT"] = free_port()
+    rlvr.main(argv)
+
+
+def read_metrics(output_dir):
+    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def base_args(model_dir, data, output_dir, *extra):
+    # 4 prompts x 2 samples per step, 2 steps; responses of at most 6 tokens
+    return ["--model_name_or_path", model_dir, "--dataset_mixer_list", data, "1.0", "--output_dir", str(output_dir),
+            "--num_unique_prompts_rollout", "4", "--num_samples_per_prompt", "2", "--total_episodes", "16",
+            "--response_length", "6", "--max_seq_length", "64", "--per_device_train_batch_size", "2",
+            "--num_mini_batches", "2", "--learning_rate", "1e-3", *extra]
+
+
+@pytest.mark.parametrize("algo", ["grpo", "ppo"])
+def test_a_run_logs_every_metric_and_saves_a_trained_model(algo, tiny_model_dir, tmp_path):
+    data = write_rlvr_data(tmp_path / "rlvr.jsonl")
+    run_rlvr(base_args(tiny_model_dir, data, tmp_path / "out", "--algo", algo, "--ppo_epochs", "2"))
+    metrics = read_metrics(tmp_path / "out")
+    assert [m["step"] for m in metrics] == [1, 2] and metrics[-1]["episodes"] == 16
+    for name in ["reward_mean", "reward_std", "kl", "entropy", "response_length", "length_limit_fraction",
+                 "clip_fraction", "loss", "grad_norm", "sampling_tokens_per_s", "training_tokens_per_s",
+                 "time/sampling", "time/scoring", "time/training"]:
+        assert all(name in m and m[name] == m[name] for m in metrics), name  # present and not NaN
+    # accuracy per dataset, for the datasets a step sampled
+    assert {k for m in metrics for k in m if k.startswith("accuracy/")} == {"accuracy/gsm8k", "accuracy/ifeval"}
+    assert any(m["reward_std"] > 0 for m in metrics)  # the constraint splits the samples, so there is signal
+    assert all(m["sampling_logprob_diff"] < 1e-4 for m in metrics)  # sampler and training forward agree
+    assert metrics[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # the policy starts as the reference
+    assert all(0 < m["response_length"] <= 6 for m in metrics)
+    if algo == "ppo":
+        assert all(m["value_loss"] > 0 for m in metrics)
+    trained, initial = (load_file(os.path.join(d, "model.safetensors")) for d in (tmp_path / "out", tiny_model_dir))
+    assert set(trained) == set(initial)
+    assert any(not torch.equal(trained[name], initial[name]) for name in initial)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_interrupted_then_resumed_run_repeats_the_same_steps(tiny_model_dir, tmp_path, monkeypatch):
+    data = write_rlvr_data(tmp_path / "rlvr.jsonl")
+    extra = ["--total_episodes", "24", "--checkpointing_steps", "1"]
+    run_rlvr(base_args(tiny_model_dir, data, tmp_path / "straight", *extra))
+    real_update, calls = rlvr.update, {"n": 0}
+
+    def update(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:  # killed during step 3's updates
+            raise Interrupt
+        return real_update(*args, **kwargs)
+    with monkeypatch.context() as patch:
+        patch.setattr(rlvr, "update", update)
+        with pytest.raises(Interrupt):
+            run_rlvr(base_args(tiny_model_dir, data, tmp_path / "resumed", *extra))
+    assert [m["step"] for m in read_metrics(tmp_path / "resumed")] == [1, 2]
+    run_rlvr(base_args(tiny_model_dir, data, tmp_path / "resumed", *extra, "--resume"))
+    straight, resumed = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "resumed")
+    assert [m["step"] for m in resumed] == [1, 2, 3]
+    for a, b in zip(straight, resumed):
+        for name in ("reward_mean", "loss", "grad_norm", "kl", "response_length"):
+            assert a[name] == pytest.approx(b[name], rel=1e-5, abs=1e-7), (a["step"], name)
+    a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("straight", "resumed"))
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-7)
+
+
+def _two_rank_worker(rank, port, runs):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=port)
+    torch.set_num_threads(1)
+    for argv in runs:
+        rlvr.main(argv)
+
+
+def test_two_gloo_ranks_split_the_prompts_and_finish_grpo_and_ppo(tiny_model_dir, tmp_path):
+    data = write_rlvr_data(tmp_path / "rlvr.jsonl")
+    # stop strings end rows at different steps on each rank: the lock-step decode must not hang
+    runs = [base_args(tiny_model_dir, data, tmp_path / algo, "--algo", algo, "--stop_strings", "e")
+            for algo in ("grpo", "ppo")]
+    mp.spawn(_two_rank_worker, args=(free_port(), runs), nprocs=2, join=True)
+    for algo in ("grpo", "ppo"):
+        metrics = read_metrics(tmp_path / algo)
+        assert [m["step"] for m in metrics] == [1, 2] and metrics[-1]["episodes"] == 16
+        assert all(m["response_tokens"] <= 8 * 6 and m["sampling_logprob_diff"] < 1e-4 for m in metrics)
+        assert os.path.exists(tmp_path / algo / "model.safetensors")
+
+
+def test_prompts_that_do_not_fill_one_step_are_a_clear_error(tiny_model_dir, tmp_path):
+    data = write_rlvr_data(tmp_path / "rlvr.jsonl")
+    with pytest.raises(SystemExit, match="not one step"):
+        run_rlvr(base_args(tiny_model_dir, data, tmp_path / "out", "--num_unique_prompts_rollout", "16"))
+
+
+def test_response_length_must_leave_room_for_a_prompt(tiny_model_dir, tmp_path):
+    with pytest.raises(SystemExit):
+        rlvr.parse_args(base_args(tiny_model_dir, "x.jsonl", tmp_path, "--response_length", "64"))
+
+
+def test_algorithm_defaults_follow_tulu():
+    grpo = rlvr.parse_args(["--model_name_or_path", "m", "--dataset_mixer_list", "d", "1", "--output_dir", "o"])
+    ppo = rlvr.parse_args(["--model_name_or_path", "m", "--dataset_mixer_list", "d", "1", "--output_dir", "o",
+                           "--algo", "ppo"])
+    assert (grpo.beta, grpo.learning_rate, grpo.num_samples_per_prompt, grpo.lr_scheduler_type) == \
+        (0.01, 5e-7, 16, "constant")
+    assert (ppo.beta, ppo.learning_rate, ppo.ppo_epochs, ppo.lr_scheduler_type, ppo.gamma, ppo.lam, ppo.vf_coef) == \
+        (0.05, 3e-7, 4, "linear", 1.0, 0.95, 0.1)
+    assert grpo.verification_reward == 10.0 and grpo.cliprange == 0.2 and grpo.temperature == 1.0
