@@ -268,8 +268,11 @@ def _math_correct(response: str, ground_truth: str, timeout_s: float) -> bool:
     gold = last_boxed(ground_truth) or ground_truth  # accept a full solution as ground truth too
     candidates = math_candidates(response)
     normalized_gold = normalize_math_answer(gold)
-    if any(normalize_math_answer(c) == normalized_gold for c in candidates):
+    normalized = [normalize_math_answer(c) for c in candidates]
+    if normalized_gold in normalized:
         return True
+    if all(re.fullmatch(r"-?\d+", answer) for answer in normalized + [normalized_gold]):
+        return Decimal(normalized_gold) in map(Decimal, normalized)  # integers: no need for sympy
     symbolic = tuple(c for c in candidates if len(c) <= MAX_SYMBOLIC_CHARS)
     if not symbolic or len(gold) > MAX_SYMBOLIC_CHARS:
         return False
@@ -368,17 +371,20 @@ atexit.register(lambda: _helper.close())
 os.register_at_fork(after_in_child=lambda: globals().update(_helper=_SymbolicHelper()))
 
 
-@lru_cache(maxsize=65536)
-def _cached_equivalence(gold: str, candidates: tuple, timeout_s: float) -> int | None:
-    return _helper.first_equivalent(gold, candidates, timeout_s)
+_equivalence_cache = {}  # (gold, candidates) -> first equivalent index; finished comparisons only
+MAX_CACHED_COMPARISONS = 100_000
 
 
 def _symbolically_equal(gold: str, candidates: tuple, timeout_s: float) -> bool:
-    index = _cached_equivalence(gold, candidates, timeout_s)
-    if index is None:
-        _cached_equivalence.cache_clear()  # a timeout under load must not stick as the answer
-        return False
-    return index >= 0
+    key = (gold, candidates)
+    if key not in _equivalence_cache:
+        index = _helper.first_equivalent(gold, candidates, timeout_s)
+        if index is None:
+            return False  # timed out: not cached, so that a timeout under load does not stick
+        if len(_equivalence_cache) >= MAX_CACHED_COMPARISONS:
+            _equivalence_cache.clear()
+        _equivalence_cache[key] = index
+    return _equivalence_cache[key] >= 0
 
 
 def _symbolic_server():

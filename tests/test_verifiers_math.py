@@ -137,6 +137,7 @@ def test_math_normalization(raw, normalized):
     (r"\boxed{\begin{pmatrix} 1 \\ 2 \end{pmatrix}}", r"\begin{pmatrix}1\\2\end{pmatrix}"),
     (r"\boxed{90^\circ}", "90"),
     (r"\boxed{5 \text{ cm}}", "5"),
+    (r"\boxed{007}", "7"),
     ("Final Answer: The final answer is $x^2+2x+1$. I hope it is correct.", "(x+1)^2"),
     ("The probability is $\\frac{2}{4}$", r"\frac{1}{2}"),
 ])
@@ -231,11 +232,17 @@ def test_hostile_answer_is_bounded_in_a_worker_process():
     assert score == 0.0 and elapsed < HOSTILE_BOUND_S and later_score == 1.0
 
 
-def test_identical_symbolic_comparisons_are_cached(warm_helper):
-    verify(r"\boxed{\sqrt{50}}", r"5\sqrt{2}", "math", timeout_s=GENEROUS_S)
-    hits = verifiers._cached_equivalence.cache_info().hits
+def test_identical_symbolic_comparisons_are_cached(warm_helper, monkeypatch):
     assert verify(r"\boxed{\sqrt{50}}", r"5\sqrt{2}", "math", timeout_s=GENEROUS_S) == 1.0
-    assert verifiers._cached_equivalence.cache_info().hits == hits + 1
+    monkeypatch.setattr(verifiers._helper, "first_equivalent", lambda *args: pytest.fail("not cached"))
+    assert verify(r"\boxed{\sqrt{50}}", r"5\sqrt{2}", "math", timeout_s=GENEROUS_S) == 1.0
+
+
+def test_timeouts_are_not_cached(warm_helper, monkeypatch):
+    with monkeypatch.context() as patch:
+        patch.setattr(verifiers._helper, "first_equivalent", lambda *args: None)  # as on a timeout
+        assert verify(r"\boxed{\sqrt{72}}", r"6\sqrt{2}", "math") == 0.0
+    assert verify(r"\boxed{\sqrt{72}}", r"6\sqrt{2}", "math", timeout_s=GENEROUS_S) == 1.0
 
 
 # ------------------------------------------------------------------- gold self-consistency, real data
