@@ -220,6 +220,7 @@ def test_concurrent_threads_share_the_helper_and_all_get_correct_verdicts(warm_h
 
 
 def _timed_hostile_verification_in_worker():
+    verifiers._equivalence_cache.clear()  # forked: drop the parent's cached verdicts, so that
     verify(r"\boxed{\sqrt{12}}", r"2\sqrt{3}", "math")  # this process's own helper starts here, untimed
     start = time.monotonic()
     score = verify(HOSTILE["huge_polynomial"], "1", "math")
@@ -241,8 +242,8 @@ def test_identical_symbolic_comparisons_are_cached(warm_helper, monkeypatch):
 def test_timeouts_are_not_cached(warm_helper, monkeypatch):
     with monkeypatch.context() as patch:
         patch.setattr(verifiers._helper, "first_equivalent", lambda *args: None)  # as on a timeout
-        assert verify(r"\boxed{\sqrt{72}}", r"6\sqrt{2}", "math") == 0.0
-    assert verify(r"\boxed{\sqrt{72}}", r"6\sqrt{2}", "math", timeout_s=GENEROUS_S) == 1.0
+        assert verify(r"\boxed{\sqrt{98}}", r"7\sqrt{2}", "math") == 0.0
+    assert verify(r"\boxed{\sqrt{98}}", r"7\sqrt{2}", "math", timeout_s=GENEROUS_S) == 1.0
 
 
 # ------------------------------------------------------------------- gold self-consistency, real data
