@@ -240,6 +240,7 @@ def test_identical_symbolic_comparisons_are_cached(warm_helper, monkeypatch):
 
 
 def test_timeouts_are_not_cached(warm_helper, monkeypatch):
+    verifiers._equivalence_cache.clear()
     with monkeypatch.context() as patch:
         patch.setattr(verifiers._helper, "first_equivalent", lambda *args: None)  # as on a timeout
         assert verify(r"\boxed{\sqrt{98}}", r"7\sqrt{2}", "math") == 0.0
