@@ -713,6 +713,9 @@ def _validated_arguments(where: str, kwargs: dict | None, required: tuple) -> di
             raise ValueError(f"{where}: argument {name}={value!r} must be 'less than' or 'at least'")
     if "nth_paragraph" in arguments and not 1 <= arguments["nth_paragraph"] <= arguments["num_paragraphs"]:
         raise ValueError(f"{where}: nth_paragraph={arguments['nth_paragraph']} is not in 1..num_paragraphs")
+    for name in ("section_splitter", "word", "postscript_marker", "end_phrase"):
+        if name in arguments and not str(arguments[name]).strip():
+            raise ValueError(f"{where}: argument {name} is empty")
     if "letter" in arguments and len(arguments["letter"]) != 1:
         raise ValueError(f"{where}: argument letter={arguments['letter']!r} must be a single character")
     return arguments
