@@ -394,8 +394,7 @@ def load_preference_data(args, tokenizer, rank: int):
     """Mixed, validated, tokenized preference pairs; rank 0 prepares first so the others reuse its cache."""
     if rank != 0:
         dist.barrier()
-    rows, mixture = data_mix.mix_datasets(args.dataset_mixer_list, args.seed, data_mix.validate_preference_record,
-                                          args.skip_invalid_rows)
+    rows, report = data_mix.load_mixture(args, data_mix.validate_preference_record)
     examples, fully_masked = data_mix.tokenize_preference_dataset(rows, tokenizer, args.max_seq_length,
                                                                   args.preprocessing_num_workers, args.last_turn_only)
     if rank == 0:
@@ -403,7 +402,7 @@ def load_preference_data(args, tokenizer, rank: int):
     if len(examples) == 0:
         raise SystemExit(f"no trainable pairs: all {fully_masked} pairs lost a side's assistant tokens "
                          f"(truncated at --max_seq_length {args.max_seq_length}?)")
-    report = {"datasets": mixture, "fully_masked_dropped": fully_masked, "examples": len(examples)}
+    report.update(fully_masked_dropped=fully_masked, examples=len(examples))
     return examples, report
 
 
@@ -464,6 +463,8 @@ def cached_reference_logps(model, examples, args, rank: int, world_size: int, de
             chosen[mine], rejected[mine] = chosen_logps, rejected_logps
     dist.all_reduce(chosen)
     dist.all_reduce(rejected)
+    # FSDP keeps the root's weights gathered after a forward without backward: the optimizer needs the shards.
+    model.reshard()
     model.train()
     if rank == 0:
         os.makedirs(os.path.dirname(path), exist_ok=True)
