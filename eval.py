@@ -274,7 +274,7 @@ def generate_batch(model, tokenizer, prompts, max_new_tokens: int, stop_strings:
     generated, cache = [], None
     for _ in range(max_new_tokens):
         out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                    use_cache=True, **{cache_name: cache})
+                    use_cache=True, logits_to_keep=1, **{cache_name: cache})  # logits of the last position only
         cache = getattr(out, cache_name)
         token = sample_next(out.logits[:, -1].float(), args.temperature, args.top_p, generator)  # [B]
         token = token.masked_fill(done, tokenizer.pad_token_id)  # finished rows only carry padding
@@ -333,7 +333,8 @@ def choose_letters(model, tokenizer, prompts, args) -> list[int]:
         input_ids, attention_mask = left_pad(prompts[start:start + args.per_device_eval_batch_size],
                                              tokenizer.pad_token_id, device)
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                       logits_to_keep=1).logits
         choices += logits[:, -1].float().log_softmax(-1)[:, letter_ids.to(device)].argmax(-1).tolist()  # [B]
     return choices
 

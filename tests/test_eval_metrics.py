@@ -1,0 +1,107 @@
+"""eval.py's scoring on canned predictions, and its generation / letter choice on a tiny model."""
+import pytest
+import torch
+
+import eval as evaluation
+from conftest import build_tiny_model
+
+
+def test_pass_at_k_is_the_unbiased_estimator():
+    assert evaluation.pass_at_k(10, 0, 1) == 0.0
+    assert evaluation.pass_at_k(10, 10, 5) == 1.0
+    assert evaluation.pass_at_k(5, 2, 1) == pytest.approx(0.4)
+    assert evaluation.pass_at_k(5, 2, 2) == pytest.approx(1 - 3 / 10)  # 1 - C(3,2)/C(5,2)
+    assert evaluation.pass_at_k(4, 3, 2) == 1.0  # any 2 of 4 include a correct one
+
+
+def test_humaneval_metric_averages_pass_at_k_over_problems():
+    records = [{"passed": [True, False, False, False]}, {"passed": [True, True, True, True]}]
+    assert evaluation.aggregate("humaneval", records, [1, 2]) == {"pass@1": pytest.approx((0.25 + 1) / 2),
+                                                                  "pass@2": pytest.approx((0.5 + 1) / 2)}
+
+
+def test_ifeval_prompt_and_instruction_level_strict_and_loose():
+    records = [{"strict": [True, True], "loose": [True, True]},
+               {"strict": [True, False], "loose": [True, True]},
+               {"strict": [False, False, False], "loose": [False, True, False]}]
+    assert evaluation.aggregate("ifeval", records, [1]) == {
+        "prompt_level_strict": pytest.approx(1 / 3), "inst_level_strict": pytest.approx(3 / 7),
+        "prompt_level_loose": pytest.approx(2 / 3), "inst_level_loose": pytest.approx(5 / 7)}
+
+
+def test_ifeval_scoring_checks_strict_and_loose():
+    example = {"instruction_id_list": ["change_case:english_lowercase"], "kwargs": [{}]}
+    # the loose variants drop the first line, so an upper-case title line only fails strict
+    record = evaluation.score_example("ifeval", example, "TITLE\nall lowercase here")
+    assert record["strict"] == [False] and record["loose"] == [True] and record["correct"]
+
+
+def test_gsm8k_and_math_scoring_on_canned_responses():
+    gsm = {"short_answer": "18", "answer": "... #### 18"}
+    assert evaluation.score_example("gsm8k", gsm, "16 - 3 - 4 = 9, 9 * 2 = 18. So the answer is 18.")["correct"]
+    wrong = evaluation.score_example("gsm8k", gsm, "So the answer is 17.")
+    assert not wrong["correct"] and wrong["extracted"] == "17"
+    math = {"solution": r"So the answer is $\boxed{\frac{1}{2}}$."}
+    right = evaluation.score_example("math", math, r"Final Answer: The final answer is $0.5$. I hope it is correct.")
+    assert right["correct"] and right["gold"] == r"\frac{1}{2}"
+    assert not evaluation.score_example("math", math, r"$\boxed{2}$")["correct"]
+
+
+def test_gsm8k_prompt_is_eight_shot_chat_and_math_four_shot():
+    messages, start = evaluation.build_prompt("gsm8k", {"question": "What is 2 + 2?"})
+    assert len(messages) == 17 and messages[-1] == {"role": "user", "content": "Question: What is 2 + 2?"}
+    assert messages[1]["content"].endswith("So the answer is 6.") and start == ""
+    messages, _ = evaluation.build_prompt("math500", {"problem": "1+1?"})
+    assert len(messages) == 9 and "Final Answer: The final answer is $24$." in messages[3]["content"]
+
+
+class Args:
+    temperature, top_p, per_device_eval_batch_size = 0.0, 1.0, 4
+
+
+def greedy_reference(model, prompt: list[int], steps: int) -> list[int]:
+    ids = torch.tensor([prompt])
+    for _ in range(steps):
+        ids = torch.cat([ids, model(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids[0, len(prompt):].tolist()
+
+
+def test_batched_left_padded_generation_matches_one_prompt_at_a_time(tiny_tokenizer):
+    model = build_tiny_model(tiny_tokenizer).eval()
+    model.generation_config.eos_token_id = None
+    prompts = [tiny_tokenizer(t)["input_ids"] for t in ("hello", "What is 12 plus 30? The answer", "the quick")]
+    texts = evaluation.generate(model, tiny_tokenizer, prompts, 6, [], Args, None)
+    for prompt, text in zip(prompts, texts):
+        with torch.no_grad():
+            expected = greedy_reference(model, prompt, 6)
+        if tiny_tokenizer.eos_token_id in expected:
+            expected = expected[:expected.index(tiny_tokenizer.eos_token_id)]
+        assert text == tiny_tokenizer.decode(expected, skip_special_tokens=True)
+
+
+def test_generation_stops_at_stop_strings(tiny_tokenizer):
+    model = build_tiny_model(tiny_tokenizer).eval()
+    prompt = [tiny_tokenizer("hello")["input_ids"]]
+    full = evaluation.generate(model, tiny_tokenizer, prompt, 12, [], Args, None)[0]
+    stop = full[len(full) // 2:][:2]
+    assert stop and evaluation.generate(model, tiny_tokenizer, prompt, 12, [stop], Args, None)[0] == full.split(stop)[0]
+
+
+def test_mmlu_picks_the_letter_with_the_highest_log_probability(tiny_tokenizer):
+    model = build_tiny_model(tiny_tokenizer).eval()
+    letter_c = tiny_tokenizer("C", add_special_tokens=False)["input_ids"][0]
+    head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=True)
+    torch.nn.init.zeros_(head.weight)
+    with torch.no_grad():
+        head.bias.zero_()
+        head.bias[letter_c] = 5.0
+    model.lm_head = head
+    prompts = [tiny_tokenizer(t)["input_ids"] for t in ("hello", "What is 12 plus 30? Answer:")]
+    assert evaluation.choose_letters(model, tiny_tokenizer, prompts, Args) == [2, 2]
+
+
+def test_mmlu_letter_choice_is_unchanged_by_batch_padding(tiny_tokenizer):
+    model = build_tiny_model(tiny_tokenizer, seed=3).eval()
+    prompts = [tiny_tokenizer(t)["input_ids"] for t in ("hello", "What is 12 plus 30? Answer:", "a b c")]
+    one_by_one = [evaluation.choose_letters(model, tiny_tokenizer, [p], Args)[0] for p in prompts]
+    assert evaluation.choose_letters(model, tiny_tokenizer, prompts, Args) == one_by_one
