@@ -265,13 +265,22 @@ def left_pad(prompts: list[list[int]], pad_token_id: int, device):
 def generate_batch(model, tokenizer, prompts, max_new_tokens: int, stop_strings: list[str], args, generator):
     """Continue each prompt until EOS, a stop string or max_new_tokens; returns the decoded responses."""
     device = next(model.parameters()).device
-    input_ids, attention_mask = left_pad(prompts, tokenizer.pad_token_id, device)
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # padding does not shift positions
-    eos_ids = torch.tensor(sorted(eos_token_ids(model, tokenizer)), device=device)
-    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     # the KV cache argument was renamed past_key_values -> cache in transformers 5.2x; accept both
     cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    generated, cache = [], None
+    shared, cache = shared_prefix_length(prompts), None
+    if shared >= MIN_SHARED_PREFIX:  # few-shot exemplars: encode them once, then copy their cache to every row
+        out = model(input_ids=torch.tensor([prompts[0][:shared]], device=device), use_cache=True, logits_to_keep=1)
+        cache = getattr(out, cache_name)
+        cache.batch_repeat_interleave(len(prompts))
+    else:
+        shared = 0
+    # rows: [shared prefix | padding | own tokens]; masked padding may sit in the middle
+    input_ids, own_mask = left_pad([p[shared:] for p in prompts], tokenizer.pad_token_id, device)
+    attention_mask = torch.cat([own_mask.new_ones(len(prompts), shared), own_mask], dim=1)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]  # padding does not shift positions
+    eos_ids = torch.tensor(sorted(eos_token_ids(model, tokenizer)), device=device)
+    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    generated = []
     for _ in range(max_new_tokens):
         out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                     use_cache=True, logits_to_keep=1, **{cache_name: cache})  # logits of the last position only
@@ -296,6 +305,18 @@ def generate_batch(model, tokenizer, prompts, max_new_tokens: int, stop_strings:
             text = text.split(stop)[0]
         responses.append(text)
     return responses
+
+
+MIN_SHARED_PREFIX = 32  # tokens; below this, encoding the prefix separately saves too little
+
+
+def shared_prefix_length(prompts: list[list[int]]) -> int:
+    """How many leading tokens all prompts share, leaving each at least one token of its own."""
+    length = min(len(p) for p in prompts) - 1
+    for i in range(length):
+        if any(p[i] != prompts[0][i] for p in prompts):
+            return i
+    return length
 
 
 def eos_token_ids(model, tokenizer) -> set[int]:

@@ -105,3 +105,16 @@ def test_mmlu_letter_choice_is_unchanged_by_batch_padding(tiny_tokenizer):
     prompts = [tiny_tokenizer(t)["input_ids"] for t in ("hello", "What is 12 plus 30? Answer:", "a b c")]
     one_by_one = [evaluation.choose_letters(model, tiny_tokenizer, [p], Args)[0] for p in prompts]
     assert evaluation.choose_letters(model, tiny_tokenizer, prompts, Args) == one_by_one
+
+
+def test_a_shared_few_shot_prefix_is_encoded_once_with_the_same_result(tiny_tokenizer):
+    model = build_tiny_model(tiny_tokenizer).eval()
+    model.generation_config.eos_token_id = None
+    exemplars = tiny_tokenizer("The quick brown fox jumps over the lazy dog. " * 4)["input_ids"]
+    assert len(exemplars) > evaluation.MIN_SHARED_PREFIX
+    prompts = [exemplars + tiny_tokenizer(t)["input_ids"] for t in ("hello", "What is 12 plus 30?")]
+    assert evaluation.shared_prefix_length(prompts) >= len(exemplars)
+    texts = evaluation.generate(model, tiny_tokenizer, prompts, 5, [], Args, None)
+    with torch.no_grad():  # plain full forwards, no cache at all
+        expected = [tiny_tokenizer.decode(greedy_reference(model, p, 5), skip_special_tokens=True) for p in prompts]
+    assert texts == expected
