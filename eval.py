@@ -4,10 +4,9 @@
     torchrun --nproc_per_node 8 eval.py --model_name_or_path allenai/Llama-3.1-Tulu-3-8B \
         --tasks gsm8k,math,ifeval,humaneval,mmlu --output_dir output/eval-8b
 
-The story: arguments; distributed init (every rank holds a whole model and takes every world_size-th
-example; rank 0 gathers and scores the totals); the tasks (prompts and scoring); a plain batched
-sampling loop; the HumanEval sandbox; the run, which writes results.json, one predictions JSONL per
-task and model, and a table with one column per model.
+The story: arguments; distributed init (each rank holds a whole model and takes every world_size-th
+example, rank 0 gathers); the tasks (prompts, scoring); a batched sampling loop; the HumanEval sandbox;
+the run (results.json, a predictions JSONL per task and model, a table with one column per model).
 
 Task settings (Tülu 3's, as far as one script can):
 - gsm8k: 8-shot chain of thought with the 8 standard exemplars of Wei et al. (2022), written as
@@ -20,7 +19,8 @@ Task settings (Tülu 3's, as far as one script can):
   started as a ```python block holding the signature); pass@k from --humaneval_num_samples samples
   with the unbiased estimator; each program runs in the sandbox below.
 - mmlu: 0-shot; the answer is the letter (A-D) with the highest log-probability after "Answer:".
-Generation is greedy unless --temperature > 0, with the model's own chat template.
+Generation is greedy unless --temperature > 0, with the model's own chat template; a batch's shared
+few-shot prefix is encoded once and its KV cache copied to every row.
 
 Simplified: no vLLM (a plain KV-cached loop), MMLU without chain of thought, no PopQA, TruthfulQA,
 BBH, DROP, AlpacaEval or safety suites.
@@ -56,8 +56,7 @@ def parse_args(argv=None):
     parser.add_argument("--tasks", default="gsm8k,math500,ifeval,humaneval,mmlu", help=f"comma list of {ALL_TASKS}")
     parser.add_argument("--limit", type=int, default=None, help="only the first N examples of each task")
     parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--benchmark_dir", default=None,
-                        help="local <task>.jsonl files (default: .cache/benchmarks if present, else the hub)")
+    parser.add_argument("--benchmark_dir", default=None, help="dir of <benchmark>.jsonl (default: .cache/benchmarks or hub)")
     parser.add_argument("--chat_template_name", default=None, choices=["tulu"],
                         help="render with the Tülu template instead of the model's own")
     parser.add_argument("--per_device_eval_batch_size", type=int, default=16)
@@ -321,9 +320,8 @@ def shared_prefix_length(prompts: list[list[int]]) -> int:
 
 def eos_token_ids(model, tokenizer) -> set[int]:
     """The tokenizer's EOS plus any the generation config lists (instruct models often have two)."""
-    configured = getattr(model.generation_config, "eos_token_id", None) if model.generation_config else None
-    ids = configured if isinstance(configured, list) else [configured]
-    return {tokenizer.eos_token_id} | {i for i in ids if i is not None}
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    return {tokenizer.eos_token_id} | set(configured if isinstance(configured, list) else [configured]) - {None}
 
 
 def generate(model, tokenizer, prompts, max_new_tokens, stop_strings, args, generator) -> list[str]:
@@ -448,7 +446,7 @@ exec(compile(program, "program.py", "exec"), {"__name__": "__main__"})
 
 
 def run_program(program: str, timeout_s: float = 10.0, memory_mb: int = 1024, python_guard: bool = True) -> dict:
-    """Run one program in the sandbox: {"status": passed | failed | timed out, "passed", "output"}.
+    """Run one program in the sandbox: {"status": passed | failed | timed out, "passed", "output", "layers"}.
     `python_guard=False` leaves only the OS layers (tests use it to check those alone)."""
     scratch = os.path.realpath(tempfile.mkdtemp(prefix="humaneval-"))
     try:
@@ -471,7 +469,8 @@ def run_program(program: str, timeout_s: float = 10.0, memory_mb: int = 1024, py
             process.wait()
             output.seek(0)
             text = output.read(8192).decode(errors="replace")
-        return {"status": status, "passed": status == "passed", "output": text}
+        layers = text.split("\n", 1)[0].removeprefix("sandbox layers: ")  # the child's first line
+        return {"status": status, "passed": status == "passed", "output": text, "layers": layers}
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -500,16 +499,16 @@ def evaluate_task(task: str, model, tokenizer, examples: list[dict], args, rank:
     prompts = [data_mix.tokenize_prompt(tokenizer, messages) + tokenizer(start, add_special_tokens=False)["input_ids"]
                for messages, start in chats]
     texts = [data_mix.render(tokenizer, messages, add_generation_prompt=True) + start for messages, start in chats]
-    records = []
+    _, default_tokens, stop_strings = TASK_SETTINGS[task]
+    max_new_tokens, records = args.max_new_tokens or default_tokens, []
     if task == "mmlu":
         for i, text, choice in zip(mine, texts, choose_letters(model, tokenizer, prompts, args)):
             records.append({"index": i, "prompt": text, "response": "ABCD"[choice], "extracted": "ABCD"[choice],
                             "gold": "ABCD"[examples[i]["answer"]], "correct": choice == examples[i]["answer"]})
     elif task == "humaneval":
         n = args.humaneval_num_samples
-        max_new_tokens = args.max_new_tokens or TASK_SETTINGS[task][1]
-        samples = generate(model, tokenizer, [p for p in prompts for _ in range(n)], max_new_tokens, ["```"], args,
-                           generator)
+        samples = generate(model, tokenizer, [p for p in prompts for _ in range(n)], max_new_tokens, stop_strings,
+                           args, generator)
         programs = [humaneval_program(examples[i], s) for j, i in enumerate(mine) for s in samples[j * n:(j + 1) * n]]
         with ThreadPoolExecutor(max(1, (os.cpu_count() or 1) // world_size)) as pool:  # each waits on a process
             runs = list(pool.map(lambda p: run_program(p, args.code_timeout_s, args.code_memory_mb), programs))
@@ -517,11 +516,10 @@ def evaluate_task(task: str, model, tokenizer, examples: list[dict], args, rank:
             mine_runs = runs[j * n:(j + 1) * n]
             records.append({"index": i, "prompt": text, "response": samples[j * n:(j + 1) * n],
                             "passed": [r["passed"] for r in mine_runs], "status": [r["status"] for r in mine_runs],
-                            "correct": mine_runs[0]["passed"], "sandbox_output": mine_runs[0]["output"][:2000]})
+                            "correct": mine_runs[0]["passed"], "sandbox": mine_runs[0]["layers"],
+                            "sandbox_output": mine_runs[0]["output"][:2000]})
     else:
-        _, default_tokens, stop_strings = TASK_SETTINGS[task]
-        responses = generate(model, tokenizer, prompts, args.max_new_tokens or default_tokens, stop_strings, args,
-                             generator)
+        responses = generate(model, tokenizer, prompts, max_new_tokens, stop_strings, args, generator)
         for i, text, response in zip(mine, texts, responses):
             records.append({"index": i, "prompt": text, "response": response,
                             **score_example(task, examples[i], response)})
@@ -573,28 +571,18 @@ def evaluate(args, rank: int, world_size: int, device) -> dict:
                 "seconds": round(seconds, 2), "examples_per_second": round(len(records) / seconds, 3),
                 "settings": {"max_new_tokens": args.max_new_tokens or default_tokens, "stop": stop_strings,
                              "temperature": args.temperature, "top_p": args.top_p, "world_size": world_size,
-                             **({"samples": args.humaneval_num_samples, "sandbox": sandbox_layers(records)}
+                             **({"samples": args.humaneval_num_samples, "sandbox": records[0]["sandbox"]}
                                 if task == "humaneval" else {})}}
             os.makedirs(os.path.join(args.output_dir, "predictions", name), exist_ok=True)
             with open(os.path.join(args.output_dir, "predictions", name, f"{task}.jsonl"), "w") as f:
                 for record in records:
                     f.write(json.dumps(record) + "\n")
-            print(f"{name} {task}: {results[name][task]['metrics']} ({len(records)} examples, {seconds:.0f}s)",
-                  flush=True)
+            print(f"{name} {task}: {results[name][task]['metrics']} ({len(records)} in {seconds:.0f}s)", flush=True)
         del model
     if rank == 0:
         data_mix.save_json(os.path.join(args.output_dir, "results.json"), results)
         print_table(results, names)
     return results
-
-
-def sandbox_layers(records: list[dict]) -> str:
-    """The containment layers the HumanEval programs reported (from the child's first stderr line)."""
-    for record in records:
-        first_line = record["sandbox_output"].split("\n", 1)[0]
-        if first_line.startswith("sandbox layers: "):
-            return first_line[len("sandbox layers: "):]
-    return "unknown"
 
 
 def main(argv=None):

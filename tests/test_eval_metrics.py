@@ -118,3 +118,11 @@ def test_a_shared_few_shot_prefix_is_encoded_once_with_the_same_result(tiny_toke
     with torch.no_grad():  # plain full forwards, no cache at all
         expected = [tiny_tokenizer.decode(greedy_reference(model, p, 5), skip_special_tokens=True) for p in prompts]
     assert texts == expected
+
+
+def test_sampling_keeps_only_the_top_p_nucleus():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.9]]).repeat(64, 1)
+    generator = torch.Generator().manual_seed(0)
+    assert evaluation.sample_next(logits, 1.0, 1e-6, generator).unique().tolist() == [1]  # only the top token
+    assert set(evaluation.sample_next(logits, 1.0, 0.9, generator).tolist()) == {1, 3}  # 1 and 3 hold ~0.9
+    assert evaluation.sample_next(logits, 0.0, 1.0, generator).unique().tolist() == [1]  # greedy
