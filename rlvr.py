@@ -8,13 +8,13 @@
 
 One step: sample responses to this step's prompts (parameters gathered, a static KV cache, ranks in
 lock-step); reward them with a verifier, not a learned reward model (--verification_reward if correct;
-IFEval: times the fraction of constraints met); one no-grad forward for the log-probs of the policy
-before the update and of the frozen reference (and PPO's values); advantages; mini-batch updates.
+IFEval: times the fraction of constraints met); one no-grad forward for the log-probs (always of logits /
+temperature, the distribution sampled) of the policy before the update and of the frozen reference
+(and PPO's values); advantages; mini-batch updates.
 - --algo grpo (Tülu 3.1, default): G samples per prompt, advantages normalized within each group,
   the clipped ratio loss averaged over every response token, k3 KL to the reference inside the loss.
 - --algo ppo (the Tülu 3 paper): a value model, per-token k1 KL penalty in the reward, GAE, whitened
   advantages, clipped policy and value losses, several epochs over each rollout batch.
-Log-probs are always computed from logits / temperature: the distribution the tokens were drawn from.
 
 Simplified relative to open-instruct: no vLLM (plain PyTorch sampling); the ratio's old log-probs come
 from a training forward before the first update (the sampler's feed only `sampling_logprob_diff`); the
@@ -102,8 +102,8 @@ def parse_args(argv=None):
     for name, value in ALGO_DEFAULTS[args.algo].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    if args.response_length >= args.max_seq_length:
-        parser.error(f"--response_length {args.response_length} leaves no room for a prompt in --max_seq_length")
+    if args.response_length >= args.max_seq_length or args.temperature <= 0:
+        parser.error("--temperature must be > 0 and --response_length must leave room for a prompt in --max_seq_length")
     return args
 
 
@@ -356,8 +356,7 @@ class Sampler:
     def _hit_stop_string(tokens, stop_strings, tokenizer, done):
         """[B] bool: the row's text now ends in a stop string (checks only the last few tokens' text)."""
         window = max(len(s) for s in stop_strings)  # a stop string spans at most this many tokens
-        tails = torch.stack(tokens[-window:], dim=1).tolist()
-        texts = tokenizer.batch_decode(tails)
+        texts = tokenizer.batch_decode(torch.stack(tokens[-window:], dim=1).tolist())
         return torch.tensor([not finished and any(s in text for s in stop_strings)
                              for text, finished in zip(texts, done.tolist())], device=done.device)
 
@@ -509,6 +508,8 @@ def load_checkpoint(model, optimizer, scheduler, output_dir: str, rank: int, wor
                     else v.to(param.device) if optimizer.defaults.get("fused") else v)  # fused keeps `step` on device
                 for k, v in saved["optimizer"][name].items()}
     scheduler.load_state_dict(trainer_state["scheduler"])
+    for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):  # the scheduler state alone
+        group["lr"] = lr                                                    # does not reach the optimizer
     torch.set_rng_state(saved["rng"])
     if saved["cuda_rng"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(saved["cuda_rng"])
@@ -774,7 +775,7 @@ def train(args, rank: int, world_size: int, device) -> None:
         compute_advantages(batch, scores, rollout.response_mask, args)
         referenced = time.perf_counter()
         trained.train()
-        lr = scheduler.get_last_lr()[0]
+        lr = optimizer.param_groups[0]["lr"]  # the rate this step's updates really use
         losses = update(trained, optimizer, rollout, batch, args, step, rank, world_size)
         scheduler.step()
         finished = time.perf_counter()

@@ -132,9 +132,10 @@ def test_prompts_that_do_not_fill_one_step_are_a_clear_error(tiny_model_dir, tmp
         run_rlvr(base_args(tiny_model_dir, data, tmp_path / "out", "--num_unique_prompts_rollout", "16"))
 
 
-def test_response_length_must_leave_room_for_a_prompt(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("bad", [["--response_length", "64"], ["--temperature", "0"]])
+def test_response_length_must_leave_room_for_a_prompt_and_sampling_must_be_random(bad, tiny_model_dir, tmp_path):
     with pytest.raises(SystemExit):
-        rlvr.parse_args(base_args(tiny_model_dir, "x.jsonl", tmp_path, "--response_length", "64"))
+        rlvr.parse_args(base_args(tiny_model_dir, "x.jsonl", tmp_path, *bad))
 
 
 def test_algorithm_defaults_follow_tulu():
