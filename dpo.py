@@ -13,8 +13,7 @@ simpo, ipo) averaged over the optimizer batch's pairs, whatever its split into m
 ranks; reference log-probs scored once by the initial model before training, with the same sharding,
 and cached on disk under a hash of model files, tokenized data and precision (a restart reads them
 back; no reference model in memory while training; `--reference live` keeps a frozen one instead);
-reward and log-prob metrics (chosen log-probs often fall while the margin grows: DPO optimizes the
-margin, not the likelihood).
+reward and log-prob metrics (chosen log-probs often fall while the margin grows: DPO moves margins).
 
 Simplified relative to open-instruct: no LoRA, no DeepSpeed, no logging services; the last partial
 optimizer batch of an epoch is dropped; a resumed run needs the same number of ranks.
@@ -418,8 +417,7 @@ def micro_batches(examples, order: list[int], args, rank: int, world_size: int, 
 # Reference log-probs: computed once with the initial model, cached on disk
 
 def reference_cache_path(args, examples, device, rank: int) -> str:
-    """A file named by a sha256 of model files, tokenized pairs (data, mixing, template, truncation),
-    precision and log-prob kind, so that any change misses. Rank 0 hashes; every rank gets the name."""
+    """Named by a sha256 of model files, tokenized pairs, precision and log-prob kind; rank 0 hashes."""
     path = [None]
     if rank == 0:
         digest = hashlib.sha256(json.dumps([resolve_dtype(args.dtype, device), args.dpo_loss_type != "dpo"]).encode())
@@ -427,8 +425,10 @@ def reference_cache_path(args, examples, device, rank: int) -> str:
             cached_file(args.model_name_or_path, "config.json"))  # a hub name: the files are in the hub cache
         for name in sorted(os.listdir(model_dir)):
             if name == "config.json" or name.endswith((".safetensors", ".bin")):
+                digest.update(name.encode())
                 with open(os.path.join(model_dir, name), "rb") as f:
-                    digest.update(name.encode() + hashlib.file_digest(f, "sha256").digest())
+                    for block in iter(lambda: f.read(1 << 24), b""):
+                        digest.update(block)
         table = examples.with_format("arrow")[:]
         for column in ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"):
             values = table.column(column).combine_chunks()
@@ -489,7 +489,7 @@ def accumulate_gradients(model, reference, examples, batch: list[int], args, ran
     for micro in micro_batches(examples, batch, args, rank, world_size, pad_token_id):
         micro = {k: v.to(device) for k, v in micro.items()}
         chosen_logps, rejected_logps = concatenated_logps(model, micro, mean)
-        ref_chosen_logps, ref_rejected_logps = None, None
+        ref_chosen_logps, ref_rejected_logps = None, None  # simpo
         if isinstance(reference, torch.nn.Module):
             with torch.no_grad():
                 ref_chosen_logps, ref_rejected_logps = concatenated_logps(reference, micro, mean)
