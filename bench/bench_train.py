@@ -46,7 +46,8 @@ import data_mix  # noqa: E402
 import dpo  # noqa: E402
 import sft  # noqa: E402
 
-BUNDLED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".cache/models/SmolLM2-135M-Instruct")
+BUNDLED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".cache", "models",
+                       "SmolLM2-135M-Instruct")
 LLAMA_SHAPES = {  # Llama-3.2-1B and -3B dimensions
     "llama1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                     num_key_value_heads=8, head_dim=64),
@@ -111,8 +112,7 @@ def make_steps(num_steps: int, args, vocab_size: int, world_size: int):
 
 
 def interleave(per_rank: list[list[int]]) -> list[int]:
-    """The batch whose slice [r::world_size] is per_rank[r]."""
-    return [index for group in zip(*per_rank) for index in group]
+    return [index for group in zip(*per_rank) for index in group]  # batch[r::world_size] == per_rank[r]
 
 
 def model_flops(config, examples, indices) -> float:
@@ -141,8 +141,8 @@ def make_update(model, run_args, device):
                                   fused=device.type == "cuda")
 
     def update():
-        max_norm = run_args.max_grad_norm if run_args.max_grad_norm > 0 else float("inf")
-        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        # --max_grad_norm <= 0 disables clipping, as in sft.train
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max(run_args.max_grad_norm, 0) or float("inf"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return update
@@ -230,7 +230,7 @@ def measure(name: str, path: str, args, examples, steps, rank, world_size, devic
     seconds = synced_clock(device) - started
     if device.type == "cuda":
         return seconds, torch.cuda.max_memory_allocated(device) / 2**30
-    return seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    return seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB
 
 
 def bench_model(model_name: str, args, rank, world_size, device):
@@ -270,7 +270,7 @@ def bench_model(model_name: str, args, rank, world_size, device):
 def markdown(rows) -> str:
     def fmt(value, spec):
         return "n/a" if value is None else format(value, spec)
-    lines = ["| model | variant | tokens/s | MFU | peak memory (GiB) | ratio to baseline |", "|---|---|---|---|---|---|"]
+    lines = ["| model | variant | tokens/s | MFU | peak memory (GiB) | ratio to baseline |", "|---" * 6 + "|"]
     for row in rows:
         speed = row["tokens_per_s"]
         cells = [row["model"], row["variant"], row.get("error") or fmt(speed, ",.0f" if (speed or 0) >= 100 else ".3g"),
