@@ -347,7 +347,7 @@ def shown_path(path: str) -> str:
 def device_name() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
-    return f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+    return f"CPU ({os.cpu_count()} cores, torch threads: {torch.get_num_threads()})"
 
 
 # ----------------------------------------------------------------------------------------------
