@@ -105,20 +105,24 @@ def test_interrupted_then_resumed_run_repeats_the_same_steps(tiny_model_dir, tmp
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-7)
 
 
-def _two_rank_worker(rank, port, runs):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=port)
+def _two_rank_worker(rank, runs):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1")
     torch.set_num_threads(1)
-    for argv in runs:
+    for port, argv in runs:
+        # A fresh rendezvous port per run: a rank that finishes first must not join the last run's store.
+        os.environ["MASTER_PORT"] = port
         rlvr.main(argv)
 
 
 def test_two_gloo_ranks_split_the_prompts_and_finish_grpo_and_ppo(tiny_model_dir, tmp_path):
     data = write_rlvr_data(tmp_path / "rlvr.jsonl")
     # stop strings end rows at different steps on each rank: the lock-step decode must not hang
-    runs = [base_args(tiny_model_dir, data, tmp_path / algo, "--algo", algo, "--stop_strings", "e")
-            for algo in ("grpo", "ppo")]
-    mp.spawn(_two_rank_worker, args=(free_port(), runs), nprocs=2, join=True)
+    ports = [free_port()]
+    while len(ports) < 2:
+        ports += [port for port in [free_port()] if port not in ports]
+    runs = [(port, base_args(tiny_model_dir, data, tmp_path / algo, "--algo", algo, "--stop_strings", "e"))
+            for port, algo in zip(ports, ("grpo", "ppo"))]
+    mp.spawn(_two_rank_worker, args=(runs,), nprocs=2, join=True)
     for algo in ("grpo", "ppo"):
         metrics = read_metrics(tmp_path / algo)
         assert [m["step"] for m in metrics] == [1, 2] and metrics[-1]["episodes"] == 16
