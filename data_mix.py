@@ -11,6 +11,7 @@ nothing else (system and user turns, the assistant header, the newline after EOS
 """
 import json
 import os
+import re
 
 import torch
 
@@ -383,7 +384,6 @@ def collate_preference_pairs(examples, indices: list[int], pad_token_id: int, pa
 # --- Benchmarks and decontamination ---
 # eval.py reads its test sets here, and decontamination reads the same prompts, so what we guard
 # the training data against is exactly what we evaluate on.
-import re  # noqa: E402  (only this section needs it)
 
 BENCHMARK_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".cache", "benchmarks")
 # benchmark -> (fields every example has, field holding the prompt a training row could leak)
@@ -465,10 +465,10 @@ def ngram_hashes(text: str, n: int) -> list[int]:
 
 def prompt_text(row: dict, where: str) -> str:
     """What a training row asks: its user turns (SFT/RLVR `messages`, preference `chosen` or `prompt`)."""
-    messages = row.get("messages") or row.get("chosen")
+    if isinstance(row.get("prompt"), str):
+        return row["prompt"]
+    messages = row.get("messages") or row.get("prompt") or row.get("chosen")  # a prompt list holds the user turns
     if messages is None:
-        if isinstance(row.get("prompt"), str):
-            return row["prompt"]
         raise InvalidRecord(f"{where}: no 'messages', 'chosen' or 'prompt' field to decontaminate (has {sorted(row)})")
     if not isinstance(messages, list):
         raise InvalidRecord(f"{where}: expected a list of messages, got {type(messages).__name__}")

@@ -76,3 +76,10 @@ def test_load_benchmark_names_the_bad_line(tmp_path):
         data_mix.load_benchmark("gsm8k", str(tmp_path))
     with pytest.raises(ValueError, match="unknown benchmark 'gsm9k'"):
         data_mix.load_benchmark("gsm9k")
+
+
+def test_preference_rows_with_a_prompt_message_list_are_checked(gsm8k_question):
+    row = {"prompt": [{"role": "user", "content": gsm8k_question}],
+           "chosen": [{"role": "assistant", "content": "18"}], "rejected": [{"role": "assistant", "content": "17"}]}
+    kept, report = data_mix.decontaminate([row], ["gsm8k"])
+    assert kept == [] and report["dropped_per_benchmark"] == {"gsm8k": 1}
