@@ -80,3 +80,26 @@ def benchmarks_dir():
     if not os.path.exists(os.path.join(BENCHMARKS, "gsm8k.jsonl")):
         pytest.fail(f"benchmarks missing at {BENCHMARKS}: run `python data/fetch_offline.py` (make test does)")
     return BENCHMARKS
+
+
+def free_port() -> str:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def run_in_process(main, argv) -> None:
+    """A stage's main() in this process, as `python stage.py ...` runs it (a process group of one)."""
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        os.environ.pop(key, None)
+    os.environ["MASTER_PORT"] = free_port()
+    main(argv)
+
+
+def read_metrics(output_dir) -> list[dict]:
+    import json
+
+    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]

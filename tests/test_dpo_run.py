@@ -3,7 +3,6 @@ restart, missed when data or model change) and a gradient that does not depend o
 batch is split into micro-batches and ranks."""
 import json
 import os
-import socket
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ import torch.multiprocessing as mp
 
 import data_mix
 import dpo
-from conftest import build_tiny_model
+from conftest import build_tiny_model, free_port, read_metrics, run_in_process
 
 PROBLEMS = [(3, 4), (12, 30), (7, 8), (21, 2), (5, 5), (40, 1), (9, 6), (13, 13)]
 
@@ -27,22 +26,13 @@ def write_pairs(path, wrong_by=1):
     return str(path)
 
 
-def free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
 def run_dpo(model_dir, data, output_dir, *flags):
-    """dpo.main in this process, as `python dpo.py ...` runs it (a process group of one); its metrics."""
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
-        os.environ.pop(key, None)
-    os.environ["MASTER_PORT"] = free_port()
-    dpo.main(["--model_name_or_path", model_dir, "--dataset_mixer_list", data, "1.0", "--output_dir", str(output_dir),
-              "--max_seq_length", "128", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2",
-              "--learning_rate", "1e-3", "--dpo_beta", "0.5", "--num_train_epochs", "2", *flags])
-    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+    """dpo.main in this process, as `python dpo.py ...` runs it; its metrics."""
+    run_in_process(dpo.main, [
+        "--model_name_or_path", model_dir, "--dataset_mixer_list", data, "1.0", "--output_dir", str(output_dir),
+        "--max_seq_length", "128", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2",
+        "--learning_rate", "1e-3", "--dpo_beta", "0.5", "--num_train_epochs", "2", *flags])
+    return read_metrics(output_dir)
 
 
 @pytest.fixture

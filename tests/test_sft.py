@@ -2,7 +2,6 @@
 import hashlib
 import json
 import os
-import socket
 
 import pytest
 import torch
@@ -10,7 +9,7 @@ import torch.multiprocessing as mp
 
 import data_mix
 import sft
-from conftest import build_tiny_model, build_tiny_tokenizer
+from conftest import free_port, read_metrics, run_in_process
 
 PROBLEMS = [(3, 4), (12, 30), (7, 8), (21, 2), (5, 5), (40, 1), (9, 6), (13, 13)]
 
@@ -28,23 +27,8 @@ def write_dataset(path, rows=None):
     return str(path)
 
 
-def free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
 def run_sft(argv):
-    """sft.main in this process, as `python sft.py ...` runs it (a process group of one)."""
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
-        os.environ.pop(key, None)
-    os.environ["MASTER_PORT"] = free_port()
-    sft.main(argv)
-
-
-def read_metrics(output_dir):
-    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+    run_in_process(sft.main, argv)
 
 
 def base_args(model_dir, data, output_dir, *extra):
