@@ -2,7 +2,8 @@
 import json
 import os
 
-from test_rlvr_train import read_metrics, run_rlvr
+from conftest import read_metrics
+from test_rlvr_train import run_rlvr
 
 DEMO_RLVR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "demo",
                          "rlvr_train.jsonl")

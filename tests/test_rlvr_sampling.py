@@ -1,5 +1,4 @@
 """rlvr.Sampler: the batched static-cache decode loop agrees with model.generate and with the training forward."""
-import os
 import socket
 
 import pytest

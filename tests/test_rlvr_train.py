@@ -1,7 +1,6 @@
 """rlvr.py end to end on a tiny model: GRPO and PPO on one process and on 2 gloo ranks, resume, saves, errors."""
 import json
 import os
-import socket
 
 import pytest
 import torch
@@ -9,6 +8,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 import rlvr
+from conftest import free_port, read_metrics, run_in_process
 
 # An IFEval constraint a random tiny model meets about half the time, so rewards (and advantages) vary.
 AT_LEAST_TWO_E = json.dumps({"instruction_id_list": ["keywords:letter_frequency"],
@@ -24,23 +24,8 @@ def write_rlvr_data(path):
     return str(path)
 
 
-def free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
 def run_rlvr(argv):
-    """rlvr.main in this process, as `python rlvr.py ...` runs it (a process group of one)."""
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
-        os.environ.pop(key, None)
-    os.environ["MASTER_PORT"] = free_port()
-    rlvr.main(argv)
-
-
-def read_metrics(output_dir):
-    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+    run_in_process(rlvr.main, argv)
 
 
 def base_args(model_dir, data, output_dir, *extra):
