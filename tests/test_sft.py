@@ -180,6 +180,10 @@ def test_trained_model_differs_and_tulu_template_is_saved(tiny_model_dir, tmp_pa
     assert AutoTokenizer.from_pretrained(tmp_path / "out").chat_template == data_mix.TULU_CHAT_TEMPLATE
     losses = [m["loss"] for m in read_metrics(tmp_path / "out")]
     assert len(losses) == 2 and all(m["tokens_per_s"] > 0 for m in read_metrics(tmp_path / "out"))
+    from safetensors.torch import load_file
+    trained = load_file(str(tmp_path / "out" / "model.safetensors"))
+    source = load_file(os.path.join(tiny_model_dir, "model.safetensors"))
+    assert any(not torch.equal(trained[name], source[name]) for name in source)
 
 
 # ---------------------------------------------------------------------------------------------
