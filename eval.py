@@ -278,28 +278,34 @@ def generate_batch(model, tokenizer, prompts, max_new_tokens: int, stop_strings:
     attention_mask = torch.cat([own_mask.new_ones(len(prompts), shared), own_mask], dim=1)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]  # padding does not shift positions
     eos_ids = torch.tensor(sorted(eos_token_ids(model, tokenizer)), device=device)
-    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-    generated = []
+    # A finished row leaves the batch (and its cache) at once: small models often ramble to max_new_tokens
+    # in a few rows, and without this every finished row would be recomputed until the last one stops.
+    rows = list(range(len(prompts)))  # the prompt index of each row still in the batch
+    outputs = [[] for _ in prompts]
     for _ in range(max_new_tokens):
         out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                     use_cache=True, logits_to_keep=1, **{cache_name: cache})  # logits of the last position only
         cache = getattr(out, cache_name)
         token = sample_next(out.logits[:, -1].float(), args.temperature, args.top_p, generator)  # [B]
-        token = token.masked_fill(done, tokenizer.pad_token_id)  # finished rows only carry padding
-        generated.append(token)
-        done |= torch.isin(token, eos_ids)
-        if stop_strings:  # only the tail can hold a stop string that was not there one step earlier
-            tails = tokenizer.batch_decode(torch.stack(generated[-24:], 1))
-            done |= torch.tensor([any(s in tail for s in stop_strings) for tail in tails], device=device)
-        if done.all():
+        finished = torch.isin(token, eos_ids).tolist()
+        for i, (row, next_id) in enumerate(zip(rows, token.tolist())):
+            if not finished[i]:
+                outputs[row].append(next_id)  # (EOS itself is not part of the response)
+            # only the tail can hold a stop string that was not there one step earlier
+            finished[i] |= any(s in tokenizer.decode(outputs[row][-24:]) for s in stop_strings)
+        if all(finished):
             break
+        if any(finished):
+            keep = torch.tensor([i for i, f in enumerate(finished) if not f], device=device)
+            cache.batch_select_indices(keep)
+            token, attention_mask, position_ids = token[keep], attention_mask[keep], position_ids[keep]
+            rows = [rows[i] for i in keep.tolist()]
         input_ids = token[:, None]
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(prompts), 1)], dim=1)
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(rows), 1)], dim=1)
         position_ids = position_ids[:, -1:] + 1
     responses = []
-    for row in torch.stack(generated, 1).tolist():
-        ended = [i for i, t in enumerate(row) if t in eos_ids.tolist()]
-        text = tokenizer.decode(row[: ended[0]] if ended else row, skip_special_tokens=True)
+    for ids in outputs:
+        text = tokenizer.decode(ids, skip_special_tokens=True)
         for stop in stop_strings:
             text = text.split(stop)[0]
         responses.append(text)

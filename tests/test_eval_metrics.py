@@ -79,6 +79,20 @@ def test_batched_left_padded_generation_matches_one_prompt_at_a_time(tiny_tokeni
         assert text == tiny_tokenizer.decode(expected, skip_special_tokens=True)
 
 
+def test_rows_that_finish_early_leave_the_batch_without_changing_the_others(tiny_tokenizer):
+    model = build_tiny_model(tiny_tokenizer).eval()
+    prompts = [tiny_tokenizer(t)["input_ids"] for t in ("hello", "What is 12 plus 30? The answer", "the quick")]
+    with torch.no_grad():
+        references = [greedy_reference(model, p, 8) for p in prompts]
+    # make a token that one row produces at step 3 an end-of-sequence token, so rows end at different steps
+    stop_id = references[0][2]
+    model.generation_config.eos_token_id = stop_id
+    expected = [ref[:ref.index(stop_id)] if stop_id in ref else ref for ref in references]
+    assert len({len(e) for e in expected}) > 1 and max(len(e) for e in expected) == 8  # the premise
+    texts = evaluation.generate(model, tiny_tokenizer, prompts, 8, [], Args, None)
+    assert texts == [tiny_tokenizer.decode(e, skip_special_tokens=True) for e in expected]
+
+
 def test_generation_stops_at_stop_strings(tiny_tokenizer):
     model = build_tiny_model(tiny_tokenizer).eval()
     prompt = [tiny_tokenizer("hello")["input_ids"]]
