@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test assets clean
+.PHONY: demo test assets gpu-carry clean
 
 $(VENV)/installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,14 @@ test: assets
 
 demo: assets
 	$(PY) demo.py
+
+# What bench/gpu_check.sh needs on a GPU machine with no hub access: the bundled tokenizer (not the
+# weights) and the langdetect wheel (built here: PyPI has only its source).
+gpu-carry: assets
+	mkdir -p .cache/gpu/wheels
+	cp .cache/models/SmolLM2-135M-Instruct/tokenizer.json .cache/models/SmolLM2-135M-Instruct/tokenizer_config.json \
+		.cache/models/SmolLM2-135M-Instruct/chat_template.jinja .cache/gpu/
+	$(PY) -m pip wheel --quiet --no-deps --wheel-dir .cache/gpu/wheels langdetect==1.0.9 six
 
 clean:
 	rm -rf $(VENV) output

@@ -48,10 +48,14 @@ def parse_args():
                         help="CUDA-graph rlvr.Sampler's decode step (default: on with CUDA)")
     parser.add_argument("--rl_step", action=argparse.BooleanOptionalAction, default=True,
                         help="also time one rlvr.py GRPO step by phase")
+    parser.add_argument("--tokenizer", default=BUNDLED,
+                        help="saved with the model for the RL step (a folder with the bundled tokenizer's files is enough)")
+    parser.add_argument("--num_hidden_layers", type=int, default=None, help="llama1b: override (CPU smoke runs)")
+    parser.add_argument("--json", default=None, help="also write the report here")
     return parser.parse_args()
 
 
-def build_model(name, device):
+def build_model(name, device, num_hidden_layers=None):
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -59,7 +63,9 @@ def build_model(name, device):
         return AutoModelForCausalLM.from_pretrained(BUNDLED, dtype=dtype).to(device).eval()
     torch.manual_seed(0)
     with torch.device(device):
-        return LlamaForCausalLM(LlamaConfig(**LLAMA_1B)).to(dtype).eval()
+        config = LlamaConfig(**LLAMA_1B)
+        config.num_hidden_layers = num_hidden_layers or config.num_hidden_layers
+        return LlamaForCausalLM(config).to(dtype).eval()
 
 
 def timed(run, repeats, device):
@@ -109,7 +115,7 @@ def bench_rl_step(args, model, device, workdir):
 
     model_dir, out_dir = os.path.join(workdir, "model"), os.path.join(workdir, "rlvr")
     model.save_pretrained(model_dir)
-    AutoTokenizer.from_pretrained(BUNDLED).save_pretrained(model_dir)
+    AutoTokenizer.from_pretrained(args.tokenizer).save_pretrained(model_dir)
     data = os.path.join(ROOT, "data", "demo", "rlvr_train.jsonl")
     prompts = args.batch_size // 4
     argv = ["--model_name_or_path", model_dir, "--dataset_mixer_list", data, "1.0", "--output_dir", out_dir,
@@ -127,7 +133,7 @@ def bench_rl_step(args, model, device, workdir):
 def main():
     args = parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = build_model(args.model, device)
+    model = build_model(args.model, device, args.num_hidden_layers)
     report = {"model": args.model, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
               "batch_size": args.batch_size, "prompt_length": args.prompt_length, "new_tokens": args.new_tokens,
               "compile": args.compile, **bench_sampling(args, model, device)}
@@ -140,6 +146,9 @@ def main():
         phases = ", ".join(f"{k.split('/')[1]} {v:.2f}s" for k, v in report["rl_step"].items() if k.startswith("time/"))
         print(f"one GRPO step ({args.batch_size} responses): {phases}")
     print(json.dumps(report))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
 
 
 if __name__ == "__main__":
