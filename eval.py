@@ -40,6 +40,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 import data_mix
 import verifiers
@@ -334,7 +335,8 @@ def generate(model, tokenizer, prompts, max_new_tokens, stop_strings, args, gene
     """Batches of similar length (longest first, so an out-of-memory error shows up at once)."""
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     responses = [None] * len(prompts)
-    for start in range(0, len(order), args.per_device_eval_batch_size):
+    batches = range(0, len(order), args.per_device_eval_batch_size)
+    for start in tqdm(batches, desc="generating", unit="batch", disable=dist.is_initialized() and dist.get_rank() > 0):
         batch = order[start:start + args.per_device_eval_batch_size]
         texts = generate_batch(model, tokenizer, [prompts[i] for i in batch], max_new_tokens, stop_strings, args,
                                generator)
