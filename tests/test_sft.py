@@ -116,6 +116,31 @@ def test_gradient_is_the_same_for_every_micro_batch_split_and_rank_count(tiny_mo
     assert not torch.allclose(sum_grad, mean_grad)  # the two reductions really differ
 
 
+def compile_worker(rank, world_size, port, model_dir, out_path):
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    rank, world_size, device = sft.init_distributed()
+    tokenizer = data_mix.load_tokenizer(model_dir)
+    examples = [data_mix.tokenize_sft(tokenizer, m, 128) for m in conversations()]
+    results = {}
+    for compiled in (False, True):
+        args = sft.parse_args(["--model_name_or_path", model_dir, "--dataset_mixer_list", "x", "1", "--output_dir", "x",
+                               "--packing", "--per_device_train_batch_size", "4"] + ["--compile"] * compiled)
+        model = sft.load_model(model_dir, args, device, rank)
+        nll, _, _ = sft.accumulate_gradients(model, examples, list(range(8)), args, rank, world_size, device,
+                                             tokenizer.pad_token_id)
+        results[compiled] = {"nll": nll, **{n: p.grad.full_tensor().clone() for n, p in model.named_parameters()}}
+    torch.save(results, out_path)
+    torch.distributed.destroy_process_group()
+
+
+def test_compiled_decoder_layers_give_the_eager_loss_and_gradients(tiny_model_dir, tmp_path):
+    out = str(tmp_path / "compiled.pt")
+    mp.spawn(compile_worker, args=(1, free_port(), tiny_model_dir, out), nprocs=1)
+    results = torch.load(out, weights_only=True)
+    for name, eager in results[False].items():
+        torch.testing.assert_close(results[True][name], eager, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
 # ---------------------------------------------------------------------------------------------
 # Resume, save and load
 
