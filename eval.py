@@ -27,6 +27,7 @@ BBH, DROP, AlpacaEval or safety suites.
 """
 import argparse
 import datetime
+import functools
 import inspect
 import json
 import math
@@ -41,6 +42,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
+from transformers.cache_utils import Cache, DynamicLayer
 
 import data_mix
 import verifiers
@@ -261,19 +263,56 @@ def left_pad(prompts: list[list[int]], pad_token_id: int, device):
     return input_ids.to(device), attention_mask.to(device)
 
 
+class GrowingLayer(DynamicLayer):
+    """One layer's KV cache, as transformers' DynamicLayer but written in place into buffers sized for the
+    longest row (doubled if that is ever too small). DynamicLayer concatenates instead, copying the whole
+    cache at every decode step: with a few-shot prefix of ~1k tokens that copy, not the model, was most of
+    the time of a step on CPU."""
+
+    def __init__(self, capacity: int = 256):
+        super().__init__()
+        self.capacity, self.length, self.buffers = capacity, 0, None
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        new = key_states.shape[-2]
+        if self.buffers is None or self.length + new > self.buffers[0].shape[-2]:
+            old, capacity = self.buffers, max(self.capacity, 2 * (self.length + new))
+            self.buffers = [x.new_empty(*x.shape[:-2], capacity, x.shape[-1]) for x in (key_states, value_states)]
+            for buffer, kept in zip(self.buffers, old or ()):
+                buffer[..., :self.length, :] = kept[..., :self.length, :]
+        for buffer, states in zip(self.buffers, (key_states, value_states)):
+            buffer[..., self.length:self.length + new, :] = states
+        self.length += new
+        return self._select(slice(None))
+
+    def _select(self, rows):  # keep `rows` of the batch; keys/values are views of the filled part
+        self.buffers = [buffer[rows] for buffer in self.buffers]
+        self.keys, self.values = (buffer[..., :self.length, :] for buffer in self.buffers)
+        return self.keys, self.values
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._select(torch.arange(self.buffers[0].shape[0], device=self.buffers[0].device).repeat_interleave(repeats))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._select(indices)
+
+
 @torch.no_grad()
 def generate_batch(model, tokenizer, prompts, max_new_tokens: int, stop_strings: list[str], args, generator):
     """Continue each prompt until EOS, a stop string or max_new_tokens; returns the decoded responses."""
     device = next(model.parameters()).device
     # the KV cache argument was renamed past_key_values -> cache in transformers 5.2x; accept both
     cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    shared, cache = shared_prefix_length(prompts), None
-    if shared >= MIN_SHARED_PREFIX:  # few-shot exemplars: encode them once, then copy their cache to every row
-        out = model(input_ids=torch.tensor([prompts[0][:shared]], device=device), use_cache=True, logits_to_keep=1)
-        cache = getattr(out, cache_name)
+    shared = shared_prefix_length(prompts)
+    shared = shared if shared >= MIN_SHARED_PREFIX else 0
+    capacity = shared + max(len(p) - shared for p in prompts) + max_new_tokens  # the longest a row can get
+    cache = Cache(layer_class_to_replicate=functools.partial(GrowingLayer, capacity=capacity))
+    if shared:  # few-shot exemplars: encode them once, then copy their cache to every row
+        model(input_ids=torch.tensor([prompts[0][:shared]], device=device), use_cache=True, logits_to_keep=1,
+              **{cache_name: cache})
         cache.batch_repeat_interleave(len(prompts))
-    else:
-        shared = 0
     # rows: [shared prefix | padding | own tokens]; masked padding may sit in the middle
     input_ids, own_mask = left_pad([p[shared:] for p in prompts], tokenizer.pad_token_id, device)
     attention_mask = torch.cat([own_mask.new_ones(len(prompts), shared), own_mask], dim=1)
@@ -286,7 +325,6 @@ def generate_batch(model, tokenizer, prompts, max_new_tokens: int, stop_strings:
     for _ in range(max_new_tokens):
         out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                     use_cache=True, logits_to_keep=1, **{cache_name: cache})  # logits of the last position only
-        cache = getattr(out, cache_name)
         token = sample_next(out.logits[:, -1].float(), args.temperature, args.top_p, generator)  # [B]
         finished = torch.isin(token, eos_ids).tolist()
         for i, (row, next_id) in enumerate(zip(rows, token.tolist())):

@@ -93,6 +93,20 @@ def test_rows_that_finish_early_leave_the_batch_without_changing_the_others(tiny
     assert texts == [tiny_tokenizer.decode(e, skip_special_tokens=True) for e in expected]
 
 
+def test_growing_cache_layer_holds_what_concatenation_would():
+    layer, keys, values = evaluation.GrowingLayer(capacity=3), [], []
+    for step, new in enumerate([2, 1, 3, 1]):  # outgrows its capacity twice
+        k, v = torch.randn(2, 1, new, 4), torch.randn(2, 1, new, 4)
+        keys, values = keys + [k], values + [v]
+        got_k, got_v = layer.update(k, v, step)
+        assert torch.equal(got_k, torch.cat(keys, dim=2)) and torch.equal(got_v, torch.cat(values, dim=2))
+    assert layer.get_seq_length() == 7
+    layer.batch_repeat_interleave(2)
+    assert torch.equal(layer.keys, torch.cat(keys, dim=2).repeat_interleave(2, dim=0))
+    layer.batch_select_indices(torch.tensor([3, 0]))
+    assert torch.equal(layer.values, torch.cat(values, dim=2)[[1, 0]])
+
+
 def test_generation_stops_at_stop_strings(tiny_tokenizer):
     model = build_tiny_model(tiny_tokenizer).eval()
     prompt = [tiny_tokenizer("hello")["input_ids"]]
