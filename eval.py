@@ -26,6 +26,7 @@ Simplified: no vLLM (a plain KV-cached loop), MMLU without chain of thought, no 
 BBH, DROP, AlpacaEval or safety suites.
 """
 import argparse
+import collections
 import datetime
 import functools
 import inspect
@@ -300,11 +301,14 @@ class GrowingLayer(DynamicLayer):
 
 
 @torch.no_grad()
-def generate_batch(model, tokenizer, prompts, max_new_tokens: int, stop_strings: list[str], args, generator):
-    """Continue each prompt until EOS, a stop string or max_new_tokens; returns the decoded responses."""
+def generate_batch(model, tokenizer, prompts, partials, max_new_tokens: int, stop_strings: list[str], args, generator,
+                   leave_at: int = 0):
+    """Continue each prompt + its partial response until EOS, a stop string or max_new_tokens in all, or until
+    only `leave_at` rows are left. Returns each row's response tokens and whether the row ended."""
     device = next(model.parameters()).device
     # the KV cache argument was renamed past_key_values -> cache in transformers 5.2x; accept both
     cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    prompts = [prompt + partial for prompt, partial in zip(prompts, partials)]
     shared = shared_prefix_length(prompts)
     shared = shared if shared >= MIN_SHARED_PREFIX else 0
     capacity = shared + max(len(p) - shared for p in prompts) + max_new_tokens  # the longest a row can get
@@ -320,9 +324,9 @@ def generate_batch(model, tokenizer, prompts, max_new_tokens: int, stop_strings:
     eos_ids = torch.tensor(sorted(eos_token_ids(model, tokenizer)), device=device)
     # A finished row leaves the batch (and its cache) at once: small models often ramble to max_new_tokens
     # in a few rows, and without this every finished row would be recomputed until the last one stops.
-    rows = list(range(len(prompts)))  # the prompt index of each row still in the batch
-    outputs = [[] for _ in prompts]
-    for _ in range(max_new_tokens):
+    rows = [i for i, partial in enumerate(partials) if len(partial) < max_new_tokens]  # rows still in the batch
+    outputs, ended = [list(partial) for partial in partials], [len(partial) >= max_new_tokens for partial in partials]
+    while len(rows) > leave_at:
         out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                     use_cache=True, logits_to_keep=1, **{cache_name: cache})  # logits of the last position only
         token = sample_next(out.logits[:, -1].float(), args.temperature, args.top_p, generator)  # [B]
@@ -331,24 +335,18 @@ def generate_batch(model, tokenizer, prompts, max_new_tokens: int, stop_strings:
             if not finished[i]:
                 outputs[row].append(next_id)  # (EOS itself is not part of the response)
             # only the tail can hold a stop string that was not there one step earlier
-            finished[i] |= any(s in tokenizer.decode(outputs[row][-24:]) for s in stop_strings)
-        if all(finished):
-            break
+            finished[i] |= len(outputs[row]) == max_new_tokens or any(
+                s in tokenizer.decode(outputs[row][-24:]) for s in stop_strings)
+            ended[row] = finished[i]
         if any(finished):
-            keep = torch.tensor([i for i, f in enumerate(finished) if not f], device=device)
+            keep = torch.tensor([i for i, f in enumerate(finished) if not f], device=device, dtype=torch.long)
             cache.batch_select_indices(keep)
             token, attention_mask, position_ids = token[keep], attention_mask[keep], position_ids[keep]
             rows = [rows[i] for i in keep.tolist()]
         input_ids = token[:, None]
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(rows), 1)], dim=1)
         position_ids = position_ids[:, -1:] + 1
-    responses = []
-    for ids in outputs:
-        text = tokenizer.decode(ids, skip_special_tokens=True)
-        for stop in stop_strings:
-            text = text.split(stop)[0]
-        responses.append(text)
-    return responses
+    return outputs, ended
 
 
 MIN_SHARED_PREFIX = 32  # tokens; below this, encoding the prefix separately saves too little
@@ -370,16 +368,29 @@ def eos_token_ids(model, tokenizer) -> set[int]:
 
 
 def generate(model, tokenizer, prompts, max_new_tokens, stop_strings, args, generator) -> list[str]:
-    """Batches of similar length (longest first, so an out-of-memory error shows up at once)."""
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    responses = [None] * len(prompts)
-    batches = range(0, len(order), args.per_device_eval_batch_size)
-    for start in tqdm(batches, desc="generating", unit="batch", disable=dist.is_initialized() and dist.get_rank() > 0):
-        batch = order[start:start + args.per_device_eval_batch_size]
-        texts = generate_batch(model, tokenizer, [prompts[i] for i in batch], max_new_tokens, stop_strings, args,
-                               generator)
-        for i, text in zip(batch, texts):
-            responses[i] = text
+    """Responses to all prompts, in batches of similar length (longest first, so an out-of-memory error shows
+    up at once). While prompts are waiting, a batch stops when a quarter of its rows are left: those rows
+    rejoin the queue, their tokens so far appended to their prompt, and continue in a full batch, instead of
+    a few rows decoding at the cost of a whole batch (re-encoding them costs far less than that)."""
+    queue = collections.deque(sorted(range(len(prompts)), key=lambda i: -len(prompts[i])))
+    partials, responses = [[] for _ in prompts], [None] * len(prompts)
+    size = args.per_device_eval_batch_size
+    with tqdm(total=len(prompts), desc="generating", unit="prompt",
+              disable=dist.is_initialized() and dist.get_rank() > 0) as bar:
+        while queue:
+            batch = [queue.popleft() for _ in range(min(size, len(queue)))]
+            outputs, ended = generate_batch(model, tokenizer, [prompts[i] for i in batch], [partials[i] for i in batch],
+                                            max_new_tokens, stop_strings, args, generator, size // 4 if queue else 0)
+            for i, ids, done in zip(batch, outputs, ended):
+                partials[i] = ids
+                if not done:
+                    queue.append(i)
+                    continue
+                text = tokenizer.decode(ids, skip_special_tokens=True)
+                for stop in stop_strings:
+                    text = text.split(stop)[0]
+                responses[i] = text
+                bar.update(1)
     return responses
 
 

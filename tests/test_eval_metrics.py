@@ -93,6 +93,24 @@ def test_rows_that_finish_early_leave_the_batch_without_changing_the_others(tiny
     assert texts == [tiny_tokenizer.decode(e, skip_special_tokens=True) for e in expected]
 
 
+def test_rows_left_over_from_a_batch_continue_in_a_later_one_with_the_same_result(tiny_tokenizer, monkeypatch):
+    model = build_tiny_model(tiny_tokenizer).eval()
+    texts = ["hello", "What is 12 plus 30? The answer", "the quick", "a b c d", "one two", "zebra", "x y", "last one"]
+    prompts = [tiny_tokenizer(t)["input_ids"] for t in texts]
+    with torch.no_grad():
+        references = [greedy_reference(model, p, 10) for p in prompts]
+    stop_ids = [182, 116, 245]  # tokens that end all rows but one early, at different steps
+    model.generation_config.eos_token_id = stop_ids
+    expected = [ref[:min([ref.index(t) for t in stop_ids if t in ref], default=len(ref))] for ref in references]
+    assert sorted(map(len, expected)) == [0, 2, 2, 2, 2, 4, 6, 10]  # the premise
+    calls = []
+    real_batch = evaluation.generate_batch
+    monkeypatch.setattr(evaluation, "generate_batch", lambda *a, **k: calls.append(a[3]) or real_batch(*a, **k))
+    got = evaluation.generate(model, tiny_tokenizer, prompts, 10, [], Args, None)  # batches of 4
+    assert any(partial for partials in calls for partial in partials)  # some rows did continue from a partial
+    assert got == [tiny_tokenizer.decode(e, skip_special_tokens=True) for e in expected]
+
+
 def test_growing_cache_layer_holds_what_concatenation_would():
     layer, keys, values = evaluation.GrowingLayer(capacity=3), [], []
     for step, new in enumerate([2, 1, 3, 1]):  # outgrows its capacity twice
