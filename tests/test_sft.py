@@ -71,13 +71,18 @@ def test_label_logprobs_are_zero_where_nothing_is_trained():
 SPLITS = {1: [(1, 8), (2, 4), (8, 1)], 2: [(1, 4), (4, 1)]}  # world size -> (per device, accumulation)
 
 
-def gradient_worker(rank, world_size, port, model_dir, out_path):
+def start_worker(rank, world_size, port, model_dir):
+    """A spawned rank's process group, tokenizer and the eight tokenized conversations."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=port)
     torch.set_num_threads(1)
     rank, world_size, device = sft.init_distributed()
     tokenizer = data_mix.load_tokenizer(model_dir)
-    examples = [data_mix.tokenize_sft(tokenizer, m, 128) for m in conversations()]
+    return rank, world_size, device, tokenizer, [data_mix.tokenize_sft(tokenizer, m, 128) for m in conversations()]
+
+
+def gradient_worker(rank, world_size, port, model_dir, out_path):
+    rank, world_size, device, tokenizer, examples = start_worker(rank, world_size, port, model_dir)
     results = {}
     for packing in (True, False):
         args = sft.parse_args(["--model_name_or_path", model_dir, "--dataset_mixer_list", "x", "1", "--output_dir", "x",
@@ -117,10 +122,7 @@ def test_gradient_is_the_same_for_every_micro_batch_split_and_rank_count(tiny_mo
 
 
 def compile_worker(rank, world_size, port, model_dir, out_path):
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-    rank, world_size, device = sft.init_distributed()
-    tokenizer = data_mix.load_tokenizer(model_dir)
-    examples = [data_mix.tokenize_sft(tokenizer, m, 128) for m in conversations()]
+    rank, world_size, device, tokenizer, examples = start_worker(rank, world_size, port, model_dir)
     results = {}
     for compiled in (False, True):
         args = sft.parse_args(["--model_name_or_path", model_dir, "--dataset_mixer_list", "x", "1", "--output_dir", "x",
