@@ -270,7 +270,7 @@ class GrowingLayer(DynamicLayer):
     cache at every decode step: with a few-shot prefix of ~1k tokens that copy, not the model, was most of
     the time of a step on CPU."""
 
-    def __init__(self, capacity: int = 256):
+    def __init__(self, capacity: int):
         super().__init__()
         self.capacity, self.length, self.buffers = capacity, 0, None
 
@@ -335,7 +335,7 @@ def generate_batch(model, tokenizer, prompts, partials, max_new_tokens: int, sto
             if not finished[i]:
                 outputs[row].append(next_id)  # (EOS itself is not part of the response)
             # only the tail can hold a stop string that was not there one step earlier
-            finished[i] |= len(outputs[row]) == max_new_tokens or any(
+            finished[i] = finished[i] or len(outputs[row]) == max_new_tokens or any(
                 s in tokenizer.decode(outputs[row][-24:]) for s in stop_strings)
             ended[row] = finished[i]
         if any(finished):
