@@ -375,13 +375,17 @@ def accumulate_gradients(model, examples, batch: list[int], args, rank: int, wor
 
     Returns (summed token NLL over all ranks, trained tokens over all ranks, input tokens over all ranks).
     """
-    # The loss divisor belongs to the whole optimizer batch, so it is known before any forward.
-    trained_tokens = sum(sum(label != data_mix.IGNORE_INDEX for label in examples[i]["labels"][1:]) for i in batch)
+    # The loss divisor belongs to the whole optimizer batch, so it is known before any forward: each rank
+    # counts the trained tokens of its collated micro-batches (packing's boundary labels are already -100).
+    micros = [{k: v.to(device) for k, v in micro.items()}
+              for micro in micro_batches(examples, batch, args, rank, world_size, pad_token_id)]
+    trained_tokens = sum(((micro["labels"][:, 1:] != data_mix.IGNORE_INDEX).sum() for micro in micros),
+                         torch.zeros((), dtype=torch.long, device=device))
+    dist.all_reduce(trained_tokens)
     denominator = len(batch) if args.loss_reduction == "sum" else trained_tokens
     summed_nll = torch.zeros((), device=device)
     input_tokens = torch.zeros((), device=device)
-    for micro in micro_batches(examples, batch, args, rank, world_size, pad_token_id):
-        micro = {k: v.to(device) for k, v in micro.items()}
+    for micro in micros:
         label_logprobs = model(**micro)
         # FSDP averages gradients over ranks; multiplying by world_size turns that average into a sum.
         loss = sft_loss(label_logprobs, micro["labels"], denominator) * world_size
@@ -458,7 +462,7 @@ def train(args, rank: int, world_size: int, device) -> None:
 
         elapsed = time.perf_counter() - started
         metrics = {"step": step + 1, "epoch": epoch, "loss": mean_loss, "lr": lr, "grad_norm": grad_norm.item(),
-                   "tokens": trained_tokens, "input_tokens": int(input_tokens.item()),
+                   "tokens": int(trained_tokens.item()), "input_tokens": int(input_tokens.item()),
                    "tokens_per_s": input_tokens.item() / elapsed}
         if rank == 0:
             append_metrics(metrics_path, metrics)
