@@ -311,7 +311,9 @@ def generate_batch(model, tokenizer, prompts, partials, max_new_tokens: int, sto
     prompts = [prompt + partial for prompt, partial in zip(prompts, partials)]
     shared = shared_prefix_length(prompts)
     shared = shared if shared >= MIN_SHARED_PREFIX else 0
-    capacity = shared + max(len(p) - shared for p in prompts) + max_new_tokens  # the longest a row can get
+    # rows are right-aligned, so the cache grows from the longest prompt for as many steps as the row with the
+    # shortest partial response can still take
+    capacity = max(len(p) for p in prompts) + max_new_tokens - min(len(partial) for partial in partials)
     cache = Cache(layer_class_to_replicate=functools.partial(GrowingLayer, capacity=capacity))
     if shared:  # few-shot exemplars: encode them once, then copy their cache to every row
         model(input_ids=torch.tensor([prompts[0][:shared]], device=device), use_cache=True, logits_to_keep=1,
