@@ -326,8 +326,8 @@ def generate_batch(model, tokenizer, prompts, partials, max_new_tokens: int, sto
     eos_ids = torch.tensor(sorted(eos_token_ids(model, tokenizer)), device=device)
     # A finished row leaves the batch (and its cache) at once: small models often ramble to max_new_tokens
     # in a few rows, and without this every finished row would be recomputed until the last one stops.
-    rows = [i for i, partial in enumerate(partials) if len(partial) < max_new_tokens]  # rows still in the batch
-    outputs, ended = [list(partial) for partial in partials], [len(partial) >= max_new_tokens for partial in partials]
+    rows = list(range(len(prompts)))  # rows still in the batch (a requeued row's partial is never complete)
+    outputs, ended = [list(partial) for partial in partials], [False] * len(prompts)
     while len(rows) > leave_at:
         out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                     use_cache=True, logits_to_keep=1, **{cache_name: cache})  # logits of the last position only
