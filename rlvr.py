@@ -212,7 +212,10 @@ class HFModel(torch.nn.Module):
         self.model, self.config = model, model.config
 
     def forward(self, *args, **kwargs):
-        return self.model(*args, **kwargs)
+        output = self.model(*args, **kwargs)
+        if output.logits.shape[-1] == 1:  # the value head's [B, T, 1] is a view of a matmul, which FSDP2 warns
+            output.logits = output.logits.clone()  # about (an in-place op would skip its hook); copying is cheap
+        return output
 
 
 def response_logprobs(policy, query_responses, attention_mask, response_length, temperature, with_entropy=False):
