@@ -213,8 +213,8 @@ class HFModel(torch.nn.Module):
 
     def forward(self, *args, **kwargs):
         output = self.model(*args, **kwargs)
-        if output.logits.shape[-1] == 1:  # the value head's [B, T, 1] is a view of a matmul, which FSDP2 warns
-            output.logits = output.logits.clone()  # about (an in-place op would skip its hook); copying is cheap
+        if output.logits.shape[-1] == 1:  # PPO's value head: a [B, T, 1] view of a matmul; FSDP2 warns of views
+            output.logits = output.logits.clone()
         return output
 
 
