@@ -79,6 +79,8 @@ def parse_args(argv=None):
     unknown = [t for t in args.tasks if t not in ALL_TASKS]
     if unknown:
         parser.error(f"unknown task(s) {unknown}; known: {', '.join(ALL_TASKS)}")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        parser.error(f"--max_new_tokens {args.max_new_tokens} must be at least 1")
     if max(args.pass_at_k) > args.humaneval_num_samples:
         parser.error(f"--pass_at_k {max(args.pass_at_k)} needs --humaneval_num_samples >= {max(args.pass_at_k)}")
     if args.humaneval_num_samples > 1 and args.temperature == 0:

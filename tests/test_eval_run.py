@@ -77,3 +77,12 @@ def test_bundled_model_on_20_gsm8k_and_20_ifeval(bundled_model_dir, benchmarks_d
     assert sum(r["extracted"] is not None for r in gsm8k) >= 10
     ifeval = results["ifeval"]["metrics"]
     assert ifeval["prompt_level_strict"] <= ifeval["prompt_level_loose"] <= ifeval["inst_level_loose"]
+
+
+@pytest.mark.parametrize("bad, message", [(["--max_new_tokens", "-1"], "must be at least 1"),
+                                          (["--tasks", "gsm8k,bbh"], "unknown task"),
+                                          (["--pass_at_k", "1,5"], "needs --humaneval_num_samples >= 5")])
+def test_bad_arguments_are_refused_by_name(bad, message, capsys):
+    with pytest.raises(SystemExit):
+        evaluation.parse_args(["--model_name_or_path", "m", "--output_dir", "o", *bad])
+    assert message in capsys.readouterr().err
