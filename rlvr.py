@@ -24,6 +24,7 @@ rows x --max_seq_length) must fit beside the gathered policy; a resumed run need
 import argparse
 import contextlib
 import datetime
+import functools
 import json
 import math
 import os
@@ -37,7 +38,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoModelForTokenClassification, StaticCache
+from transformers import AutoModelForCausalLM, StaticCache
 
 import data_mix
 import verifiers
@@ -94,7 +95,8 @@ def parse_args(argv=None):
                         help="CUDA-graph the decode step (default: on with one CUDA rank)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
                         help="compute dtype; auto = bf16 on GPU, fp32 on CPU (master weights stay fp32)")
-    parser.add_argument("--attn_implementation", default="sdpa")
+    parser.add_argument("--attn_implementation", default=None,
+                        help="e.g. sdpa, eager; default: the model's own choice (sdpa where it supports it)")
     parser.add_argument("--checkpointing_steps", type=int, default=500, help="write a resumable checkpoint every N steps")
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --output_dir")
     parser.add_argument("--seed", type=int, default=123)
@@ -212,10 +214,44 @@ class HFModel(torch.nn.Module):
         self.model, self.config = model, model.config
 
     def forward(self, *args, **kwargs):
-        output = self.model(*args, **kwargs)
-        if output.logits.shape[-1] == 1:  # PPO's value head: a [B, T, 1] view of a matmul; FSDP2 warns of views
-            output.logits = output.logits.clone()
-        return output
+        return self.model(*args, **kwargs)
+
+
+class ValueModel(torch.nn.Module):
+    """PPO's critic for any causal LM: its base model (the decoder, no LM head) and a scalar head. The head
+    starts from `head` (a reward model's `score.weight`, [1, H]) or, as in open-instruct, N(0, 1/sqrt(H+1))."""
+
+    def __init__(self, causal_lm, head=None):
+        super().__init__()
+        self.model, self.config = getattr(causal_lm, causal_lm.base_model_prefix), causal_lm.config
+        width = causal_lm.config.get_text_config().hidden_size
+        self.score = torch.nn.Linear(width, 1, bias=False)
+        if not self.score.weight.is_meta:  # rank 0's copy is the one every rank loads
+            with torch.no_grad():
+                self.score.weight.copy_(head if head is not None else torch.randn(1, width) / math.sqrt(width + 1))
+
+    def forward(self, input_ids, attention_mask, position_ids):
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            use_cache=False).last_hidden_state  # [B, T, H]
+        return self.score(hidden)[..., 0]  # [B, T]
+
+
+def saved_value_head(path: str):
+    """The scalar head of a sequence-classification checkpoint (a reward model), or None for a plain LM."""
+    from safetensors import safe_open
+    from transformers.utils import cached_file
+
+    index = cached_file(path, "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False)
+    if index:
+        with open(index) as f:
+            name = json.load(f)["weight_map"].get("score.weight")
+        if name is None:
+            return None
+        weights = os.path.join(os.path.dirname(index), name)
+    else:
+        weights = cached_file(path, "model.safetensors")
+    with safe_open(weights, "pt") as f:
+        return f.get_tensor("score.weight").float() if "score.weight" in f.keys() else None
 
 
 def response_logprobs(policy, query_responses, attention_mask, response_length, temperature, with_entropy=False):
@@ -224,17 +260,17 @@ def response_logprobs(policy, query_responses, attention_mask, response_length, 
     Positions count real tokens only (left padding shifts nothing), as while sampling; logits_to_keep
     skips the output layer over the prompt."""
     position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # [B, P + N]
-    logits = policy(query_responses, attention_mask=attention_mask, position_ids=position_ids,
+    logits = policy(input_ids=query_responses, attention_mask=attention_mask, position_ids=position_ids,
                     logits_to_keep=response_length + 1).logits[:, :-1]  # [B, N, V]: position t predicts t + 1
     logps = token_logprobs(logits, query_responses[:, -response_length:], temperature)
     return logps, entropy(logits.detach(), temperature) if with_entropy else None
 
 
 def response_values(value_model, query_responses, attention_mask, response_length):
-    """PPO's critic V(prefix) before each response token, from a one-label token-classification head. [B, N]"""
+    """PPO's critic V(prefix) before each response token, from ValueModel's scalar head. [B, N]"""
     position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
-    values = value_model(query_responses, attention_mask=attention_mask, position_ids=position_ids).logits
-    return values[:, -response_length - 1:-1, 0].float()
+    values = value_model(input_ids=query_responses, attention_mask=attention_mask, position_ids=position_ids)
+    return values[:, -response_length - 1:-1].float()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -388,7 +424,7 @@ def check_model_path(path: str) -> None:
         raise SystemExit(f"--model_name_or_path {path}: no such directory (and not an org/name hub id)")
 
 
-def load_model(path: str, args, device, rank: int, auto_class=AutoModelForCausalLM, **config_overrides):
+def load_model(path: str, args, device, rank: int, wrapper=HFModel):
     """An FSDP2-sharded model: built empty on the meta device everywhere, weights read on rank 0 only.
 
     Memory: rank 0 holds one full fp32 copy of the weights in CPU RAM while loading; every rank
@@ -397,14 +433,15 @@ def load_model(path: str, args, device, rank: int, auto_class=AutoModelForCausal
     """
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(path, **config_overrides)
+    config = AutoConfig.from_pretrained(path)
     config.use_cache = False
     full_state = {}
     if rank == 0:
-        loaded = auto_class.from_pretrained(path, config=config, dtype=torch.float32)
-        full_state = {f"model.{k}": v for k, v in loaded.state_dict().items()}
+        loaded = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch.float32,
+                                                      attn_implementation=args.attn_implementation)
+        full_state = wrapper(loaded).state_dict()
     with torch.device("meta"):
-        model = HFModel(auto_class.from_config(
+        model = wrapper(AutoModelForCausalLM.from_config(
             config, dtype=torch.float32, attn_implementation=args.attn_implementation))
     if args.gradient_checkpointing:
         model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -417,18 +454,91 @@ def load_model(path: str, args, device, rank: int, auto_class=AutoModelForCausal
     fully_shard(model, mp_policy=policy)
     model.to_empty(device=device)
     set_model_state_dict(model, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    init_rotary_buffers(model.model, device)
+    init_non_persistent_buffers(model.model)
     return model
 
 
-def init_rotary_buffers(model, device) -> None:
-    """Rotary inverse frequencies are buffers outside the state dict: to_empty left them garbage."""
+def init_non_persistent_buffers(model) -> None:
+    """Fill the buffers that no state dict carries (rotary frequencies, Gemma's embedding scale, ...) exactly
+    as from_pretrained does: transformers' own weight init, told that every loaded tensor is initialized.
+
+    to_empty left them garbage; they are set to NaN first, so a buffer that this init does not fill stops
+    the run here instead of training a different model than the checkpoint."""
+    unfilled = []
     for module in model.modules():
-        if hasattr(module, "inv_freq") and hasattr(module, "config"):
-            fresh = type(module)(module.config)
-            module.inv_freq = fresh.inv_freq.to(device)
-            if hasattr(module, "original_inv_freq"):
-                module.original_inv_freq = fresh.original_inv_freq.to(device)
+        module.__dict__.pop("_is_hf_initialized", None)  # from_config marked every module as done
+        for param in module.parameters(recurse=False):
+            param._is_hf_initialized = True
+        for name, buffer in module.named_buffers(recurse=False):
+            if name in module._non_persistent_buffers_set and buffer.is_floating_point():
+                unfilled.append((module, name))
+                buffer.fill_(float("nan"))
+            else:
+                buffer._is_hf_initialized = True
+    model.initialize_weights()
+    for module, name in unfilled:
+        if getattr(module, name).isnan().any():
+            raise SystemExit(f"{type(model).__name__}: transformers' init does not fill the buffer {name} of "
+                             f"{type(module).__name__}; this architecture cannot be loaded correctly here")
+
+
+def check_loaded_model(model, path: str, input_ids, stage_logprobs, compute_dtype: str, rank: int) -> None:
+    """Guard for architectures nobody tested: before the first update, the log-probs the stage trains on
+    (`stage_logprobs(input_ids, position_ids)` -> [1, T-1]) must equal those of the model as plain
+    from_pretrained gives it, for a slice `input_ids` [1, T] of the first micro-batch. It catches a wrong
+    loss path (a head transform the loss ignores) and a wrongly loaded model (a buffer left unfilled).
+
+    Cheap at any size: both sides run only the first layers, up to one layer of each kind (attention type,
+    dense or MoE), so rank 0 reads just those layers, the embeddings and the head with from_pretrained on
+    the CPU (Llama-70B: about 12 GB in fp32), and the sharded model runs the same layers."""
+    model.eval()  # no dropout on either side
+    with torch.random.fork_rng(devices=[]):  # whatever loading draws leaves the run's random stream as it was
+        gap, num_layers = logprob_gap(model, path, input_ids, stage_logprobs, rank)
+    tolerance = 5e-2 if compute_dtype == "bf16" else 1e-3
+    if gap > tolerance:
+        raise SystemExit(f"{type(model.model).__name__} ({model.model.config.model_type}): the log-probs this stage "
+                         f"trains on differ from the model's as from_pretrained loads it by {gap:.3g} (tolerance "
+                         f"{tolerance}; first {num_layers} layers, first {input_ids.shape[1]} tokens of the first "
+                         "micro-batch). This architecture is not loaded or scored correctly here; nothing was trained.")
+
+
+def logprob_gap(model, path: str, input_ids, stage_logprobs, rank: int) -> tuple[float, int]:
+    """(max |stage - from_pretrained| over the tokens' log-probs, the number of layers both sides ran)."""
+    import copy
+
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    config = model.model.config.get_text_config()
+    layers = model.model.get_decoder().layers
+    layer_types = getattr(config, "layer_types", None) or [None] * len(layers)
+    kinds = [(kind, str(layer)) for kind, layer in zip(layer_types, layers)]  # str(): the layer's module tree
+    num_layers = max(kinds.index(kind) for kind in set(kinds)) + 1
+    position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+    reference = None
+    if rank == 0:
+        reference_config = copy.deepcopy(model.model.config)
+        reference_config.get_text_config().num_hidden_layers = num_layers
+        verbosity = transformers.logging.get_verbosity()
+        transformers.logging.set_verbosity_error()  # not a word on the layers it leaves out
+        try:
+            plain = AutoModelForCausalLM.from_pretrained(path, config=reference_config, dtype=torch.float32)
+        finally:
+            transformers.logging.set_verbosity(verbosity)
+        with torch.no_grad():
+            logits = plain(input_ids=input_ids.cpu(), position_ids=position_ids.cpu()).logits[0, :-1].float()
+        reference = logits.log_softmax(-1).gather(-1, input_ids[0, 1:, None].cpu())[:, 0].to(input_ids.device)
+        del plain
+    every_layer, config.num_hidden_layers = config.num_hidden_layers, num_layers  # the decoder runs only these
+    try:
+        with torch.no_grad():
+            trained = stage_logprobs(input_ids, position_ids)[0].float()
+    finally:
+        config.num_hidden_layers = every_layer
+        model.reshard()  # FSDP keeps the root's weights gathered after a forward without backward
+    gap = (trained - reference).abs().max() if rank == 0 else torch.zeros((), device=trained.device)
+    dist.all_reduce(gap, op=dist.ReduceOp.MAX)  # rank 0's gap, so every rank stops together
+    return gap.item(), num_layers
 
 
 def resolve_dtype(dtype: str, device) -> str:
@@ -733,13 +843,17 @@ def train(args, rank: int, world_size: int, device) -> None:
         data_mix.save_json(os.path.join(args.output_dir, "mixture.json"), data_report)
 
     policy = load_model(args.model_name_or_path, args, device, rank)
+    first_prompt = prompts[torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed))[0].item()]
+    check_loaded_model(policy, args.model_name_or_path, torch.tensor([first_prompt["input_ids"][:64]], device=device),
+                       lambda ids, positions: token_logprobs(policy(input_ids=ids, position_ids=positions).logits[:, :-1],
+                                                            ids[:, 1:], 1.0), resolve_dtype(args.dtype, device), rank)
     reference = load_model(args.model_name_or_path, args, device, rank).requires_grad_(False).eval()
     trained = torch.nn.ModuleDict({"policy": policy})
     if args.algo == "ppo":
         value_path = args.value_model_name_or_path or args.model_name_or_path
         check_model_path(value_path)
-        trained["value"] = load_model(value_path, args, device, rank, AutoModelForTokenClassification,
-                                      num_labels=1, classifier_dropout=0.0)
+        trained["value"] = load_model(value_path, args, device, rank,
+                                      functools.partial(ValueModel, head=saved_value_head(value_path)))
     optimizer = torch.optim.AdamW(trained.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay,
                                   fused=device.type == "cuda")
     scheduler = make_scheduler(optimizer, args.lr_scheduler_type, math.ceil(args.warmup_ratio * total_steps),

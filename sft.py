@@ -68,7 +68,8 @@ def parse_args(argv=None):
     parser.add_argument("--compile", action="store_true", help="torch.compile each decoder layer")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
                         help="compute dtype; auto = bf16 on GPU, fp32 on CPU (master weights stay fp32)")
-    parser.add_argument("--attn_implementation", default="sdpa")
+    parser.add_argument("--attn_implementation", default=None,
+                        help="e.g. sdpa, eager; default: the model's own choice (sdpa where it supports it)")
     parser.add_argument("--checkpointing_steps", type=int, default=500, help="write a resumable checkpoint every N steps")
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --output_dir")
     parser.add_argument("--seed", type=int, default=123)
@@ -78,19 +79,19 @@ def parse_args(argv=None):
 # ---------------------------------------------------------------------------------------------
 # Loss
 
-def chunked_label_logprobs(hidden, weight, labels, chunk_tokens: int = 4096):
+def chunked_label_logprobs(hidden, head, labels, chunk_tokens: int = 4096):
     """log p(labels[:, t+1] | tokens <= t), shape [B, T-1], fp32, 0 where the label is -100.
 
-    Only the trained positions go through the output projection, a chunk of tokens at a time under
-    activation checkpointing, so the [tokens, vocab] logits never exist in full, in forward or in
-    backward (backward recomputes one chunk's logits at a time). log p = logit[label] - logsumexp,
-    in fp32.
+    `head` maps decoder states [n, H] to the model's logits [n, V]. Only the trained positions go through
+    it, a chunk of tokens at a time under activation checkpointing, so the [tokens, vocab] logits never
+    exist in full, in forward or in backward (backward recomputes one chunk's logits at a time).
+    log p = logit[label] - logsumexp, in fp32.
     """
     batch, length, width = hidden.shape
     targets = labels[:, 1:].reshape(-1)                      # [N] next-token labels
     trained = (targets != data_mix.IGNORE_INDEX).nonzero().squeeze(-1)
     states = hidden[:, :-1].reshape(-1, width)[trained]      # [n, H] only the positions that carry loss
-    pieces = [checkpoint(chunk_logprobs, states[i:i + chunk_tokens], weight, targets[trained[i:i + chunk_tokens]],
+    pieces = [checkpoint(chunk_logprobs, states[i:i + chunk_tokens], head, targets[trained[i:i + chunk_tokens]],
                          use_reentrant=False) for i in range(0, len(trained), chunk_tokens)]
     logprobs = torch.zeros(batch, length - 1, dtype=torch.float32, device=hidden.device)
     if pieces:  # scatter back to [B, T-1] (a new tensor, not a view: FSDP hooks the forward's output)
@@ -98,8 +99,8 @@ def chunked_label_logprobs(hidden, weight, labels, chunk_tokens: int = 4096):
     return logprobs
 
 
-def chunk_logprobs(states, weight, targets):
-    logits = (states @ weight.T).float()                     # [n, V] fp32 for the softmax
+def chunk_logprobs(states, head, targets):
+    logits = head(states).float()                            # [n, V] fp32 for the softmax
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
 
 
@@ -112,11 +113,25 @@ def sft_loss(label_logprobs, labels, denominator: float):
     return -(label_logprobs * trained).sum() / denominator
 
 
+class GivenStates:
+    """A base model's output that holds only the decoder states; any other field (router logits, image
+    features, ...) reads as None."""
+
+    def __init__(self, states):
+        self.last_hidden_state = states
+
+    def __getattr__(self, name):
+        return None
+
+    def __getitem__(self, index):
+        return (self.last_hidden_state,)[index]
+
+
 class CausalLMLogProbs(torch.nn.Module):
     """The model as FSDP sees it: token ids in, the log-prob of each label out.
 
-    Wrapping the Hugging Face model puts the decoder and the chunked output projection in one
-    forward, so FSDP gathers the output-embedding weight for the loss like any other parameter.
+    Wrapping the Hugging Face model puts its base model (the decoder) and the chunked head in one forward,
+    so FSDP gathers the output-embedding weight for the loss like any other parameter.
     """
 
     def __init__(self, model):
@@ -124,9 +139,21 @@ class CausalLMLogProbs(torch.nn.Module):
         self.model = model
 
     def forward(self, input_ids, labels, position_ids=None, attention_mask=None):
-        hidden = self.model.get_decoder()(input_ids=input_ids, position_ids=position_ids,
-                                          attention_mask=attention_mask, use_cache=False).last_hidden_state
-        return chunked_label_logprobs(hidden, self.model.get_output_embeddings().weight, labels)
+        base = getattr(self.model, self.model.base_model_prefix)  # what the model's own forward calls first
+        hidden = base(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                      use_cache=False).last_hidden_state
+        return chunked_label_logprobs(hidden, self.head_logits, labels)
+
+    def head_logits(self, states):
+        """The model's own logits for decoder states [n, H] -> [n, V]: its forward, run with the base model
+        standing in by returning `states`, so whatever the architecture does after the output projection
+        (Gemma 2's soft-cap, Granite's and Cohere's logit scaling, ...) applies, with no list of cases."""
+        base = getattr(self.model, self.model.base_model_prefix)
+        base.forward = lambda *args, **kwargs: GivenStates(states[None])
+        try:
+            return self.model(input_ids=None, logits_to_keep=0).logits[0]
+        finally:
+            del base.forward  # back to the class's forward
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,8 +193,9 @@ def load_model(path: str, args, device, rank: int):
     config.use_cache = False
     full_state = {}
     if rank == 0:
-        loaded = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch.float32)
-        full_state = {f"model.{k}": v for k, v in loaded.state_dict().items()}
+        loaded = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch.float32,
+                                                      attn_implementation=args.attn_implementation)
+        full_state = CausalLMLogProbs(loaded).state_dict()
     with torch.device("meta"):
         model = CausalLMLogProbs(AutoModelForCausalLM.from_config(
             config, dtype=torch.float32, attn_implementation=args.attn_implementation))
@@ -182,18 +210,91 @@ def load_model(path: str, args, device, rank: int):
     fully_shard(model, mp_policy=policy)
     model.to_empty(device=device)
     set_model_state_dict(model, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    init_rotary_buffers(model.model, device)
+    init_non_persistent_buffers(model.model)
     return model
 
 
-def init_rotary_buffers(model, device) -> None:
-    """Rotary inverse frequencies are buffers outside the state dict: to_empty left them garbage."""
+def init_non_persistent_buffers(model) -> None:
+    """Fill the buffers that no state dict carries (rotary frequencies, Gemma's embedding scale, ...) exactly
+    as from_pretrained does: transformers' own weight init, told that every loaded tensor is initialized.
+
+    to_empty left them garbage; they are set to NaN first, so a buffer that this init does not fill stops
+    the run here instead of training a different model than the checkpoint."""
+    unfilled = []
     for module in model.modules():
-        if hasattr(module, "inv_freq") and hasattr(module, "config"):
-            fresh = type(module)(module.config)
-            module.inv_freq = fresh.inv_freq.to(device)
-            if hasattr(module, "original_inv_freq"):
-                module.original_inv_freq = fresh.original_inv_freq.to(device)
+        module.__dict__.pop("_is_hf_initialized", None)  # from_config marked every module as done
+        for param in module.parameters(recurse=False):
+            param._is_hf_initialized = True
+        for name, buffer in module.named_buffers(recurse=False):
+            if name in module._non_persistent_buffers_set and buffer.is_floating_point():
+                unfilled.append((module, name))
+                buffer.fill_(float("nan"))
+            else:
+                buffer._is_hf_initialized = True
+    model.initialize_weights()
+    for module, name in unfilled:
+        if getattr(module, name).isnan().any():
+            raise SystemExit(f"{type(model).__name__}: transformers' init does not fill the buffer {name} of "
+                             f"{type(module).__name__}; this architecture cannot be loaded correctly here")
+
+
+def check_loaded_model(model, path: str, input_ids, stage_logprobs, compute_dtype: str, rank: int) -> None:
+    """Guard for architectures nobody tested: before the first update, the log-probs the stage trains on
+    (`stage_logprobs(input_ids, position_ids)` -> [1, T-1]) must equal those of the model as plain
+    from_pretrained gives it, for a slice `input_ids` [1, T] of the first micro-batch. It catches a wrong
+    loss path (a head transform the loss ignores) and a wrongly loaded model (a buffer left unfilled).
+
+    Cheap at any size: both sides run only the first layers, up to one layer of each kind (attention type,
+    dense or MoE), so rank 0 reads just those layers, the embeddings and the head with from_pretrained on
+    the CPU (Llama-70B: about 12 GB in fp32), and the sharded model runs the same layers."""
+    model.eval()  # no dropout on either side
+    with torch.random.fork_rng(devices=[]):  # whatever loading draws leaves the run's random stream as it was
+        gap, num_layers = logprob_gap(model, path, input_ids, stage_logprobs, rank)
+    tolerance = 5e-2 if compute_dtype == "bf16" else 1e-3
+    if gap > tolerance:
+        raise SystemExit(f"{type(model.model).__name__} ({model.model.config.model_type}): the log-probs this stage "
+                         f"trains on differ from the model's as from_pretrained loads it by {gap:.3g} (tolerance "
+                         f"{tolerance}; first {num_layers} layers, first {input_ids.shape[1]} tokens of the first "
+                         "micro-batch). This architecture is not loaded or scored correctly here; nothing was trained.")
+
+
+def logprob_gap(model, path: str, input_ids, stage_logprobs, rank: int) -> tuple[float, int]:
+    """(max |stage - from_pretrained| over the tokens' log-probs, the number of layers both sides ran)."""
+    import copy
+
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    config = model.model.config.get_text_config()
+    layers = model.model.get_decoder().layers
+    layer_types = getattr(config, "layer_types", None) or [None] * len(layers)
+    kinds = [(kind, str(layer)) for kind, layer in zip(layer_types, layers)]  # str(): the layer's module tree
+    num_layers = max(kinds.index(kind) for kind in set(kinds)) + 1
+    position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+    reference = None
+    if rank == 0:
+        reference_config = copy.deepcopy(model.model.config)
+        reference_config.get_text_config().num_hidden_layers = num_layers
+        verbosity = transformers.logging.get_verbosity()
+        transformers.logging.set_verbosity_error()  # not a word on the layers it leaves out
+        try:
+            plain = AutoModelForCausalLM.from_pretrained(path, config=reference_config, dtype=torch.float32)
+        finally:
+            transformers.logging.set_verbosity(verbosity)
+        with torch.no_grad():
+            logits = plain(input_ids=input_ids.cpu(), position_ids=position_ids.cpu()).logits[0, :-1].float()
+        reference = logits.log_softmax(-1).gather(-1, input_ids[0, 1:, None].cpu())[:, 0].to(input_ids.device)
+        del plain
+    every_layer, config.num_hidden_layers = config.num_hidden_layers, num_layers  # the decoder runs only these
+    try:
+        with torch.no_grad():
+            trained = stage_logprobs(input_ids, position_ids)[0].float()
+    finally:
+        config.num_hidden_layers = every_layer
+        model.reshard()  # FSDP keeps the root's weights gathered after a forward without backward
+    gap = (trained - reference).abs().max() if rank == 0 else torch.zeros((), device=trained.device)
+    dist.all_reduce(gap, op=dist.ReduceOp.MAX)  # rank 0's gap, so every rank stops together
+    return gap.item(), num_layers
 
 
 def resolve_dtype(dtype: str, device) -> str:
@@ -423,6 +524,10 @@ def train(args, rank: int, world_size: int, device) -> None:
         data_mix.save_json(os.path.join(args.output_dir, "mixture.json"), data_report)
 
     model = load_model(args.model_name_or_path, args, device, rank)
+    first_example = examples[torch.randperm(len(examples), generator=torch.Generator().manual_seed(args.seed))[0].item()]
+    check_loaded_model(model, args.model_name_or_path, torch.tensor([first_example["input_ids"][:64]], device=device),
+                       lambda ids, positions: model(input_ids=ids, labels=ids, position_ids=positions),
+                       resolve_dtype(args.dtype, device), rank)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay,
                                   fused=device.type == "cuda")
     scheduler = make_scheduler(optimizer, args.lr_scheduler_type, math.ceil(args.warmup_ratio * total_steps),

@@ -46,7 +46,7 @@ def test_chunked_logprobs_give_the_plain_cross_entropy_loss_and_gradients():
     weight = torch.randn(50, 16, requires_grad=True)
     labels = torch.randint(0, 50, (2, 9))
     labels[0, :4] = data_mix.IGNORE_INDEX
-    logprobs = sft.chunked_label_logprobs(hidden, weight, labels, chunk_tokens=3)  # several chunks
+    logprobs = sft.chunked_label_logprobs(hidden, lambda states: states @ weight.T, labels, chunk_tokens=3)  # several chunks
     chunked = sft.sft_loss(logprobs, labels, denominator=2.0)
     chunked_grads = torch.autograd.grad(chunked, (hidden, weight))
 
@@ -61,7 +61,7 @@ def test_chunked_logprobs_give_the_plain_cross_entropy_loss_and_gradients():
 
 def test_label_logprobs_are_zero_where_nothing_is_trained():
     labels = torch.full((1, 5), data_mix.IGNORE_INDEX)
-    logprobs = sft.chunked_label_logprobs(torch.randn(1, 5, 4), torch.randn(7, 4), labels)
+    logprobs = sft.chunked_label_logprobs(torch.randn(1, 5, 4), lambda states: states @ torch.randn(7, 4).T, labels)
     assert logprobs.shape == (1, 4) and (logprobs == 0).all()
 
 
