@@ -239,6 +239,13 @@ def load_model(path: str, args, device, rank: int):
 
     config = AutoConfig.from_pretrained(path)
     config.use_cache = False
+    text = config.get_text_config()
+    rope = getattr(text, "rope_parameters", None) or {}
+    original_length = rope.get("original_max_position_embeddings") or text.max_position_embeddings
+    if rope.get("rope_type") in ("longrope", "dynamic") and args.max_seq_length > original_length:
+        raise SystemExit(f"--max_seq_length {args.max_seq_length}: {rope['rope_type']} RoPE picks its frequencies "
+                         f"from the longest sequence in a forward once it passes {original_length} tokens, so a "
+                         f"sequence would be scored differently packed or batched than alone; use at most {original_length}")
     full_state = {}
     if rank == 0:
         loaded = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch.float32,

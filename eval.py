@@ -311,17 +311,20 @@ def generate_batch(model, tokenizer, prompts, partials, max_new_tokens: int, sto
     # the KV cache argument was renamed past_key_values -> cache in transformers 5.2x; accept both
     cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     prompts = [prompt + partial for prompt, partial in zip(prompts, partials)]
-    shared = shared_prefix_length(prompts)
-    shared = shared if shared >= MIN_SHARED_PREFIX else 0
     # rows are right-aligned, so the cache grows from the longest prompt for as many steps as the row with the
     # shortest partial response can still take
     capacity = max(len(p) for p in prompts) + max_new_tokens - min(len(partial) for partial in partials)
+    shared = shared_prefix_length(prompts)
+    # A sliding window counts cache slots: padding after the shared prefix would take the place of real context
+    # in a window shorter than the cache. Left padding alone shifts every row uniformly, which is exact.
+    window = attention_window(model.config)
+    shared = shared if shared >= MIN_SHARED_PREFIX and (window is None or capacity <= window) else 0
     cache = Cache(layer_class_to_replicate=functools.partial(GrowingLayer, capacity=capacity))
     if shared:  # few-shot exemplars: encode them once, then copy their cache to every row
         model(input_ids=torch.tensor([prompts[0][:shared]], device=device), use_cache=True, logits_to_keep=1,
               **{cache_name: cache})
         cache.batch_repeat_interleave(len(prompts))
-    # rows: [shared prefix | padding | own tokens]; masked padding may sit in the middle
+    # rows: [shared prefix | padding | own tokens]; the masked padding sits in the middle (see above)
     input_ids, own_mask = left_pad([p[shared:] for p in prompts], tokenizer.pad_token_id, device)
     attention_mask = torch.cat([own_mask.new_ones(len(prompts), shared), own_mask], dim=1)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]  # padding does not shift positions
@@ -363,6 +366,13 @@ def shared_prefix_length(prompts: list[list[int]]) -> int:
         if any(p[i] != prompts[0][i] for p in prompts):
             return i
     return length
+
+
+def attention_window(config):
+    """The sliding window of a model with sliding-window attention layers (Mistral, Gemma 2/3, OLMo 3), else None."""
+    text = config.get_text_config()
+    windowed = "sliding_attention" in (getattr(text, "layer_types", None) or ["sliding_attention"])
+    return getattr(text, "sliding_window", None) if windowed and getattr(text, "use_sliding_window", True) else None
 
 
 def eos_token_ids(model, tokenizer) -> set[int]:
