@@ -469,22 +469,25 @@ def init_non_persistent_buffers(model) -> None:
     """Fill the buffers that no state dict carries (rotary frequencies, Gemma's embedding scale, ...) exactly
     as from_pretrained does: transformers' own weight init, told that every loaded tensor is initialized.
 
-    to_empty left them garbage; they are set to NaN first, so a buffer that this init does not fill stops
-    the run here instead of training a different model than the checkpoint."""
+    to_empty left them garbage; they are set to a sentinel first (NaN, or the lowest integer for integer
+    buffers such as a vision tower's position ids), so a buffer that this init does not fill stops the run
+    here instead of training a different model than the checkpoint."""
     unfilled = []
     for module in model.modules():
         module.__dict__.pop("_is_hf_initialized", None)  # from_config marked every module as done
         for param in module.parameters(recurse=False):
             param._is_hf_initialized = True
         for name, buffer in module.named_buffers(recurse=False):
-            if name in module._non_persistent_buffers_set and buffer.is_floating_point():
-                unfilled.append((module, name))
-                buffer.fill_(float("nan"))
+            if name in module._non_persistent_buffers_set and buffer.dtype != torch.bool:
+                sentinel = float("nan") if buffer.is_floating_point() else torch.iinfo(buffer.dtype).min
+                unfilled.append((module, name, sentinel))
+                buffer.fill_(sentinel)
             else:
                 buffer._is_hf_initialized = True
     model.initialize_weights()
-    for module, name in unfilled:
-        if getattr(module, name).isnan().any():
+    for module, name, sentinel in unfilled:
+        buffer = getattr(module, name)
+        if (buffer.isnan() if buffer.is_floating_point() else buffer == sentinel).any():
             raise SystemExit(f"{type(model).__name__}: transformers' init does not fill the buffer {name} of "
                              f"{type(module).__name__}; this architecture cannot be loaded correctly here")
 

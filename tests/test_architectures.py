@@ -16,7 +16,7 @@ import dpo
 import eval as evaluation
 import rlvr
 import sft
-from conftest import build_tiny_tokenizer, read_metrics, run_in_process
+from conftest import build_tiny_tokenizer, free_port, read_metrics, run_in_process
 
 SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              max_position_embeddings=512, initializer_range=0.2, tie_word_embeddings=False)
@@ -121,6 +121,23 @@ def hf_label_logprobs(family, messages):
         logits = model(input_ids=torch.tensor([full])).logits[0, :-1].float()
     logprobs = logits.log_softmax(-1).gather(-1, torch.tensor(full[1:])[:, None])[:, 0]
     return logprobs[len(prompt) - 1:end - 1]
+
+
+def test_every_buffer_holds_what_from_pretrained_gives(family):
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        os.environ.pop(key, None)
+    os.environ["MASTER_PORT"] = free_port()
+    args = sft.parse_args(["--model_name_or_path", family["model_dir"], "--dataset_mixer_list", "x", "1",
+                           "--output_dir", "x", "--max_seq_length", "128"])
+    sft.init_distributed()
+    try:
+        loaded = sft.load_model(family["model_dir"], args, torch.device("cpu"), rank=0).model
+    finally:
+        torch.distributed.destroy_process_group()
+    expected = dict(AutoModelForCausalLM.from_pretrained(family["model_dir"]).named_buffers())
+    buffers = dict(loaded.named_buffers())
+    assert buffers.keys() == expected.keys() and len(buffers) > 0
+    assert [name for name in buffers if not torch.equal(buffers[name], expected[name])] == []
 
 
 def test_sft_step_one_loss_is_hugging_faces_loss(family):
