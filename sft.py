@@ -9,7 +9,8 @@
 
 The story, top to bottom: arguments; distributed init (torchrun or plain python, NCCL on GPU, gloo
 on CPU); data (mix, validate, tokenize with the loss only on assistant turns); the model, loaded
-once on rank 0 and sharded with FSDP2 per decoder layer; the loss, written by hand; the loop, with
+once on rank 0, sharded with FSDP2 per decoder layer and checked against plain from_pretrained before
+the first update; the loss, written by hand on the model's own head; the loop, with
 checkpoints that make an interrupted run resume onto the same loss curve; a Hugging Face save.
 
 Loss reduction (--loss_reduction). Every trained token weighs the same. `sum` divides the summed
