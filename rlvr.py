@@ -24,6 +24,7 @@ rows x --max_seq_length) must fit beside the gathered policy; a resumed run need
 import argparse
 import contextlib
 import datetime
+import inspect
 import json
 import math
 import os
@@ -37,7 +38,8 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoModelForTokenClassification, StaticCache
+from transformers import AutoModelForCausalLM, AutoModelForTokenClassification, PreTrainedModel, StaticCache
+from transformers.cache_utils import StaticLayer
 
 import data_mix
 import verifiers
@@ -282,24 +284,48 @@ def full_parameters(model):
             module.set_reshard_after_forward(module is not model, recurse=False)
 
 
+def cache_keyword(model) -> str:
+    """The forward's name for the KV cache: `past_key_values` in transformers 5.17, `cache` in 5.24 (which still
+    accepts the old name, deprecated). Arguments go by keyword: positions differ between models (a Gemma 3
+    takes pixel_values second)."""
+    hf_model = next(module for module in model.modules() if isinstance(module, PreTrainedModel))
+    return "cache" if "cache" in inspect.signature(hf_model.forward).parameters else "past_key_values"
+
+
 class Sampler:
     """Batched sampling with temperature, top-p, EOS / stop strings and a per-row done mask.
 
-    The KV cache is preallocated for max_prompt_length + max_new_tokens and reused across rollouts, so every
-    decode step has the same shapes: with `compile_decode` (for CUDA) the one-token forward is captured in
-    CUDA graphs ("reduce-overhead"), removing the per-kernel launch cost that dominates decoding. The
-    prompt (prefill) runs eagerly. Every rank runs the same number of decode steps (lock-step: a rank
-    whose rows are done keeps stepping until the all-reduced "all done" flag is set everywhere), so
-    collectives inside the forward never wait on a rank that left the loop. `model` takes Hugging Face's
-    forward arguments (under FSDP: the root unit, inside full_parameters()).
+    The KV cache is preallocated for max_prompt_length + max_new_tokens and reused across rollouts, but each
+    step attends only over its first `attended_length(filled)` slots (the filled length rounded up to a power
+    of two): a step's cost follows the longest response so far, not the allocation (a 4k cache for short
+    responses would be mostly padding), and the shapes stay a handful. With `compile_decode` (for CUDA) the
+    one-token forward is captured in CUDA graphs ("reduce-overhead"), one per length, removing the
+    per-kernel launch cost that dominates decoding. The prompt (prefill) runs eagerly. A row that is done
+    keeps stepping (masked, its tokens padding) until every row is: the batch costs its longest response.
+    Every rank runs the same number of decode steps (lock-step: the all-reduced "all done" flag is read
+    every CHECK_DONE_EVERY steps, on every rank at the same steps), so collectives inside the forward never
+    wait on a rank that left the loop; reading it less often spares a host sync per step, at the price of at
+    most CHECK_DONE_EVERY - 1 steps past the end. `model` takes Hugging Face's forward arguments (under FSDP:
+    the root unit, inside full_parameters()).
     """
+    CHECK_DONE_EVERY = 8
 
     def __init__(self, model, max_prompt_length, max_new_tokens, compile_decode=False):
         self.model, self.max_new_tokens = model, max_new_tokens
         self.max_cache_length = max_prompt_length + max_new_tokens
-        self.cache, self.cache_batch_size = None, None
-        # The cache is passed positionally: its keyword is `past_key_values` before transformers 5.2x, `cache` after.
+        self.cache, self.cache_batch_size, self.views = None, None, {}
+        self.cache_keyword = cache_keyword(model)
         self.decode = torch.compile(model, mode="reduce-overhead") if compile_decode else model
+
+    def attended_length(self, filled):
+        return min(self.max_cache_length, max(128, 1 << (filled - 1).bit_length()))
+
+    def forward(self, model, input_ids, position_ids, attention_mask, filled, **kwargs):
+        """One forward over the cache once `filled` slots hold tokens, attention (and the mask) cut to its length."""
+        length = self.attended_length(filled)
+        self._attend_to(length)
+        return model(input_ids=input_ids, attention_mask=attention_mask[:, :length], position_ids=position_ids,
+                     use_cache=True, **{self.cache_keyword: self.cache}, **kwargs).logits[:, -1]
 
     @torch.no_grad()
     def generate(self, prompts, temperature, top_p, eos_token_id, pad_token_id, stop_strings=(), tokenizer=None,
@@ -312,8 +338,9 @@ class Sampler:
             raise ValueError(f"a {prompt_length}-token prompt leaves no room for {self.max_new_tokens} new tokens")
         if self.cache_batch_size != batch_size:  # a cache keeps its addresses (and CUDA graphs stay valid)
             self.cache = StaticCache(config=self.model.config, max_cache_len=self.max_cache_length)
-            self.cache_batch_size = batch_size
-        self.cache.reset()
+            self.cache_batch_size, self.views = batch_size, {}
+        self._attend_to(self.max_cache_length)
+        self.cache.reset()  # (zeroes the whole allocation)
         # One fixed-size mask for every step: prompt padding is 0, every later slot 1 (causality hides the future).
         attention_mask = torch.ones((batch_size, self.max_cache_length), dtype=torch.long, device=device)
         attention_mask[:, :prompt_length] = prompt_mask
@@ -323,8 +350,7 @@ class Sampler:
         tokens, logprobs, alive = [], [], []
         done, stopped = (torch.zeros(batch_size, dtype=torch.bool, device=device) for _ in range(2))
         positions = (prompt_mask.cumsum(dim=1) - 1).clamp(min=0)  # left padding shifts no position
-        logits = self.model(prompt_ids, attention_mask[:, :prompt_length], positions, self.cache,
-                            use_cache=True, logits_to_keep=1).logits[:, -1]  # [B, V]
+        logits = self.forward(self.model, prompt_ids, positions, attention_mask, prompt_length, logits_to_keep=1)
         for step in range(self.max_new_tokens):
             token = next_token(logits, temperature, top_p, generator)  # [B]
             logprob = token_logprobs(logits[:, None], token[:, None], logprob_temperature)[:, 0]
@@ -336,17 +362,33 @@ class Sampler:
                 ended |= ~done & self._hit_stop_string(tokens, stop_strings, tokenizer, done)
             stopped |= ended
             done |= ended
-            if step + 1 == self.max_new_tokens or self._all_done(done):
+            if step + 1 == self.max_new_tokens or (step + 1) % self.CHECK_DONE_EVERY == 0 and self._all_done(done):
                 break
             torch.compiler.cudagraph_mark_step_begin()  # (CUDA graphs) a new step: the last one's outputs are consumed
-            logits = self.decode(token[:, None], attention_mask, next_position + step, self.cache,
-                                 use_cache=True).logits[:, -1].clone()  # clone: the next replay reuses the buffer
+            logits = self.forward(self.decode, token[:, None], next_position + step, attention_mask,
+                                  prompt_length + step + 1).clone()  # clone: the next replay reuses the buffer
 
         responses = torch.stack(tokens, dim=1)  # [B, N]
         response_mask = torch.stack(alive, dim=1).long()  # [B, N]
         return Rollout(query_responses=torch.cat([prompt_ids, responses], dim=1),
                        attention_mask=torch.cat([prompt_mask, response_mask], dim=1), response_mask=response_mask,
                        logprobs=torch.stack(logprobs, dim=1), stopped=stopped, responses=responses)
+
+    def _attend_to(self, length):
+        """Make every layer's keys and values the first `length` slots of its full buffers: views, so the cache's
+        writes land in the buffers. Kept per length, so compiled graphs see the same tensors every rollout. Only
+        for caches of plain full-attention layers (a sliding-window layer keeps its own ring); before the first
+        prefill allocates the buffers, the allocation is used whole."""
+        layers = self.cache.layers
+        if any(type(layer) is not StaticLayer for layer in layers) or not layers[0].is_initialized:
+            return
+        full = self.views.setdefault(self.max_cache_length, [(layer.keys, layer.values) for layer in layers])
+        if length not in self.views:
+            self.views[length] = [(keys[:, :, :length], values[:, :, :length]) for keys, values in full]
+            for view in (t for pair in self.views[length] for t in pair):
+                torch._dynamo.mark_static_address(view)  # (CUDA graphs) a fixed address, like the full buffers
+        for layer, (keys, values) in zip(layers, self.views[length]):
+            layer.keys, layer.values, layer.max_cache_len = keys, values, length
 
     @staticmethod
     def _all_done(done):
