@@ -92,7 +92,7 @@ def parse_args(argv=None):
                         help="leave responses cut at --response_length out of the loss")
     parser.add_argument("--filter_zero_std_samples", action="store_true",
                         help="grpo: leave groups whose rewards are all equal out of the loss")
-    parser.add_argument("--loss_denominator", type=loss_denominator, default="token",
+    parser.add_argument("--loss_denominator", type=lambda s: s if s == "token" else float(s), default="token",
                         help="token: a token mean (Tülu 3.1); a number D: per response, token sum / D (Dr. GRPO)")
     parser.add_argument("--num_mini_batches", type=int, default=None,
                         help="optimizer steps per pass over a rollout; default 2 (grpo), 1 (ppo)")
@@ -131,13 +131,9 @@ def parse_args(argv=None):
         parser.error("--algo grpo compares samples within a group: --num_samples_per_prompt must be >= 2")
     if args.algo == "ppo" and (args.filter_zero_std_samples or args.advantage_normalization_type != "standard"):
         parser.error("--filter_zero_std_samples and --advantage_normalization_type act on GRPO's groups only")
+    if args.loss_denominator != "token" and not args.loss_denominator > 0:
+        parser.error("--loss_denominator must be token or a number > 0")
     return args
-
-
-def loss_denominator(text: str):
-    if text != "token" and not float(text) > 0:
-        raise ValueError(text)
-    return text if text == "token" else float(text)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,10 +152,9 @@ def group_advantages(scores, group_size, normalization="standard"):
 
 
 def trained_rows(scores, stopped, group_size, mask_truncated, filter_zero_std):
-    """[B] bool: the responses the loss sees. mask_truncated (--mask_truncated_completions) drops responses cut at
-    the length limit (their end is unseen, so their reward judges no answer); filter_zero_std
-    (--filter_zero_std_samples) drops groups whose rewards are all equal: A = 0 there, so they would add only
-    the KL term and tokens to the mean. A dropped response is as if never sampled, after the advantages."""
+    """[B] bool: the responses the loss sees (the others count as never sampled, after the advantages).
+    mask_truncated drops those cut at the length limit (their reward judges no answer); filter_zero_std drops
+    groups with all rewards equal (A = 0: they would add only KL and tokens to the mean)."""
     keep = stopped.clone() if mask_truncated else torch.ones_like(stopped)
     if filter_zero_std:
         grouped = scores.view(-1, group_size)  # [B / G, G]
@@ -343,9 +338,8 @@ def full_parameters(model):
 
 
 def cache_keyword(model) -> str:
-    """The forward's name for the KV cache: `past_key_values` in transformers 5.17, `cache` in 5.24 (which still
-    accepts the old name, deprecated). Arguments go by keyword: positions differ between models (a Gemma 3
-    takes pixel_values second)."""
+    """The forward's name for the KV cache: `past_key_values` in transformers 5.17, `cache` in 5.24. (Arguments go by
+    keyword: a Gemma 3 takes pixel_values second.)"""
     hf_model = next(module for module in model.modules() if isinstance(module, PreTrainedModel))
     return "cache" if "cache" in inspect.signature(hf_model.forward).parameters else "past_key_values"
 
@@ -353,18 +347,16 @@ def cache_keyword(model) -> str:
 class Sampler:
     """Batched sampling with temperature, top-p, EOS / stop strings and a per-row done mask.
 
-    The KV cache is preallocated for max_prompt_length + max_new_tokens and reused across rollouts, but each
-    step attends only over its first `attended_length(filled)` slots (the filled length rounded up to a power
-    of two): a step's cost follows the longest response so far, not the allocation (a 4k cache for short
-    responses would be mostly padding), and the shapes stay a handful. With `compile_decode` (for CUDA) the
-    one-token forward is captured in CUDA graphs ("reduce-overhead"), one per length, removing the
-    per-kernel launch cost that dominates decoding. The prompt (prefill) runs eagerly. A row that is done
-    keeps stepping (masked, its tokens padding) until every row is: the batch costs its longest response.
-    Every rank runs the same number of decode steps (lock-step: the all-reduced "all done" flag is read
-    every CHECK_DONE_EVERY steps, on every rank at the same steps), so collectives inside the forward never
-    wait on a rank that left the loop; reading it less often spares a host sync per step, at the price of at
-    most CHECK_DONE_EVERY - 1 steps past the end. `model` takes Hugging Face's forward arguments (under FSDP:
-    the root unit, inside full_parameters()).
+    The KV cache is preallocated for max_prompt_length + max_new_tokens and reused across rollouts; a step
+    attends only to its filled slots rounded up to a power of two (>= 128), so its cost follows the longest
+    response so far, not the allocation, and the shapes stay a handful. With `compile_decode` (for CUDA) the
+    one-token forward is captured in CUDA graphs ("reduce-overhead"), one per length, removing the per-kernel
+    launch cost that dominates decoding; the prompt (prefill) runs eagerly. A finished row keeps stepping,
+    masked, until all are done (a batch costs its longest response; finished rows are not refilled). Ranks run
+    in lock-step: the all-reduced "all done" flag is read every CHECK_DONE_EVERY steps (a host sync spared on the
+    others, at most 7 steps past the end), at the same steps everywhere, so collectives inside the forward
+    never wait on a rank that left the loop. `model` takes Hugging Face's forward arguments (under FSDP: the
+    root unit, inside full_parameters()).
     """
     CHECK_DONE_EVERY = 8
 
@@ -375,12 +367,9 @@ class Sampler:
         self.cache_keyword = cache_keyword(model)
         self.decode = torch.compile(model, mode="reduce-overhead") if compile_decode else model
 
-    def attended_length(self, filled):
-        return min(self.max_cache_length, max(128, 1 << (filled - 1).bit_length()))
-
     def forward(self, model, input_ids, position_ids, attention_mask, filled, **kwargs):
-        """One forward over the cache once `filled` slots hold tokens, attention (and the mask) cut to its length."""
-        length = self.attended_length(filled)
+        """One forward over the cache once `filled` slots hold tokens, attention (and mask) cut to a power of 2."""
+        length = min(self.max_cache_length, max(128, 1 << (filled - 1).bit_length()))
         self._attend_to(length)
         return model(input_ids=input_ids, attention_mask=attention_mask[:, :length], position_ids=position_ids,
                      use_cache=True, **{self.cache_keyword: self.cache}, **kwargs).logits[:, -1]
@@ -433,10 +422,8 @@ class Sampler:
                        logprobs=torch.stack(logprobs, dim=1), stopped=stopped, responses=responses)
 
     def _attend_to(self, length):
-        """Make every layer's keys and values the first `length` slots of its full buffers: views, so the cache's
-        writes land in the buffers. Kept per length, so compiled graphs see the same tensors every rollout. Only
-        for caches of plain full-attention layers (a sliding-window layer keeps its own ring); before the first
-        prefill allocates the buffers, the allocation is used whole."""
+        """Make each layer's keys/values views of its buffers' first `length` slots (writes land in the buffers), the
+        same views every rollout (for the CUDA graphs). Full-attention layers only; the first prefill allocates."""
         layers = self.cache.layers
         if any(type(layer) is not StaticLayer for layer in layers) or not layers[0].is_initialized:
             return
@@ -739,19 +726,17 @@ def compute_advantages(batch: dict, scores, rollout, args) -> None:
 
 def update(trained, optimizer, rollout, batch: dict, args, step: int, rank: int, world_size: int) -> dict:
     """--ppo_epochs passes over the rollout, each in --num_mini_batches optimizer steps. Returns mean losses.
-    PPO's value model has its own parameter group and its own gradient clipping (as open-instruct's own
-    optimizer for it: AdamW's update is per parameter, so a group per model is an optimizer per model), so a
-    large value gradient never shrinks the policy's step."""
+    PPO's value model has its own gradient clipping and parameter group (AdamW acts per parameter: as its own
+    optimizer, open-instruct's), so a large value gradient never shrinks the policy's step."""
     mask, length = batch["loss_mask"], rollout.response_mask.shape[1]
     generator = torch.Generator().manual_seed(args.seed + 7919 * step + rank)  # mini-batch order, resumable
     totals = torch.zeros(4, dtype=torch.float64, device=mask.device)  # loss, value loss, clipped tokens, tokens
     for _ in range(args.ppo_epochs):
         for mini_batch in torch.randperm(len(mask), generator=generator).chunk(args.num_mini_batches):
-            # One divisor for the whole mini-batch (every rank's rows), counted before any forward; a mini-batch
-            # with nothing to train has loss 0, not 0 / 0.
+            # One divisor for the whole mini-batch (every rank's rows), counted before any forward.
             divisor = loss_divisor(mask[mini_batch], args.loss_denominator)
             dist.all_reduce(divisor)
-            divisor = divisor.clamp(min=1e-8)
+            divisor = divisor.clamp(min=1e-8)  # nothing to train: loss 0, not 0 / 0
             for rows in mini_batch.split(args.per_device_train_batch_size):
                 old = {name: values[rows] for name, values in batch.items()}
                 sequences, attention = rollout.query_responses[rows], rollout.attention_mask[rows]

@@ -159,8 +159,8 @@ def test_beta_0_loads_no_reference_model_and_trains(tiny_model_dir, tmp_path, mo
     loads = []
     real_load_model = rlvr.load_model
     monkeypatch.setattr(rlvr, "load_model", lambda *a, **k: loads.append(a[0]) or real_load_model(*a, **k))
-    run_rlvr(base_args(tiny_model_dir, data, tmp_path / "out", "--beta", "0",
-                       "--loss_denominator", "6", "--advantage_normalization_type", "centered", "--clip_higher", "0.28"))
+    run_rlvr(base_args(tiny_model_dir, data, tmp_path / "out", "--beta", "0", "--loss_denominator", "6",
+                       "--advantage_normalization_type", "centered", "--clip_higher", "0.28"))
     assert loads == [tiny_model_dir]  # the policy only
     metrics = read_metrics(tmp_path / "out")
     assert all(math.isnan(m["kl"]) for m in metrics)  # no reference: no KL to report, not a false 0
