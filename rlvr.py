@@ -11,10 +11,16 @@ lock-step); reward them with a verifier, not a learned reward model (--verificat
 IFEval: times the fraction of constraints met); one no-grad forward for the log-probs (always of logits /
 temperature, the distribution sampled) of the policy before the update and of the frozen reference
 (and PPO's values); advantages; mini-batch updates.
-- --algo grpo (Tülu 3.1, default): G samples per prompt, advantages normalized within each group,
-  the clipped ratio loss averaged over every response token, k3 KL to the reference inside the loss.
-- --algo ppo (the Tülu 3 paper): a value model, per-token k1 KL penalty in the reward, GAE, whitened
-  advantages, clipped policy and value losses, several epochs over each rollout batch.
+- --algo grpo (Tülu 3.1, default): G samples per prompt, advantages normalized within each group (unbiased
+  std), the clipped ratio loss averaged over every response token, k3 KL to the reference inside the loss; each
+  rollout in 2 mini-batches (so the second step's ratio differs from 1 and the clip can act); a response cut
+  at --response_length scores 0 (--penalty_reward_value). Tülu 3.1's run, flag for flag.
+- --algo ppo (the Tülu 3 paper): a value model with its own gradient clipping, per-token k1 KL penalty in the
+  reward, GAE, whitened advantages, clipped policy and value losses, several epochs over each rollout batch, a
+  cut response scores -10.
+- Later options, off by default (open-instruct's names): --clip_lower/--clip_higher, --advantage_normalization_type
+  centered, --mask_truncated_completions, --filter_zero_std_samples, --loss_denominator D, --beta 0 (no
+  reference model is loaded or run).
 
 Simplified relative to open-instruct: no vLLM (plain PyTorch sampling); the ratio's old log-probs come
 from a training forward before the first update (the sampler's feed only `sampling_logprob_diff`); the
@@ -25,6 +31,7 @@ import argparse
 import contextlib
 import datetime
 import functools
+import inspect
 import json
 import math
 import os
@@ -38,18 +45,20 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, StaticCache
+from transformers import AutoModelForCausalLM, PreTrainedModel, StaticCache
+from transformers.cache_utils import StaticLayer
 
 import data_mix
 import verifiers
 
 # Flags that may change when a run is resumed; every other flag must match the run in --output_dir.
 RESUMABLE_FLAGS = {"resume", "checkpointing_steps", "preprocessing_num_workers"}
-# Defaults that differ between the two algorithms (Tülu 3.1 GRPO; Tülu 3 8B PPO).
+# Defaults that differ between the two algorithms (Tülu 3.1 GRPO: 2 mini-batches per rollout, a response cut at
+# the length limit scores 0; Tülu 3 8B PPO: one, and -10).
 ALGO_DEFAULTS = {"grpo": dict(learning_rate=5e-7, lr_scheduler_type="constant", beta=0.01, num_samples_per_prompt=16,
-                               ppo_epochs=1),
+                               ppo_epochs=1, num_mini_batches=2, penalty_reward_value=0.0),
                  "ppo": dict(learning_rate=3e-7, lr_scheduler_type="linear", beta=0.05, num_samples_per_prompt=1,
-                              ppo_epochs=4)}
+                              ppo_epochs=4, num_mini_batches=1, penalty_reward_value=-10.0)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -70,12 +79,24 @@ def parse_args(argv=None):
     parser.add_argument("--top_p", type=float, default=1.0)
     parser.add_argument("--stop_strings", nargs="*", default=[], help="end a response at any of these strings")
     parser.add_argument("--verification_reward", type=float, default=10.0, help="reward of a correct answer")
-    parser.add_argument("--non_stop_penalty", action="store_true",
-                        help="give --penalty_reward_value to responses cut at --response_length")
-    parser.add_argument("--penalty_reward_value", type=float, default=-10.0)
-    parser.add_argument("--beta", type=float, default=None, help="KL coefficient; default 0.01 (grpo), 0.05 (ppo)")
+    parser.add_argument("--non_stop_penalty", action=argparse.BooleanOptionalAction, default=True,
+                        help="give --penalty_reward_value to responses cut at --response_length (Tülu 3 and 3.1)")
+    parser.add_argument("--penalty_reward_value", type=float, default=None, help="default 0 (grpo), -10 (ppo)")
+    parser.add_argument("--beta", type=float, default=None,
+                        help="KL coefficient; default 0.01 (grpo), 0.05 (ppo); 0: no reference model at all")
     parser.add_argument("--cliprange", type=float, default=0.2)
-    parser.add_argument("--num_mini_batches", type=int, default=1, help="optimizer steps per pass over a rollout")
+    parser.add_argument("--clip_lower", type=float, default=None, help="ratio clip 1 - eps below; default --cliprange")
+    parser.add_argument("--clip_higher", type=float, default=None, help="ratio clip 1 + eps above; default --cliprange")
+    parser.add_argument("--advantage_normalization_type", default="standard", choices=["standard", "centered"],
+                        help="grpo: (r - mean) / std in each group, or r - mean (Dr. GRPO)")
+    parser.add_argument("--mask_truncated_completions", action="store_true",
+                        help="leave responses cut at --response_length out of the loss")
+    parser.add_argument("--filter_zero_std_samples", action="store_true",
+                        help="grpo: leave groups whose rewards are all equal out of the loss")
+    parser.add_argument("--loss_denominator", type=lambda s: s if s == "token" else float(s), default="token",
+                        help="token: a token mean (Tülu 3.1); a number D: per response, token sum / D (Dr. GRPO)")
+    parser.add_argument("--num_mini_batches", type=int, default=None,
+                        help="optimizer steps per pass over a rollout; default 2 (grpo), 1 (ppo)")
     parser.add_argument("--ppo_epochs", type=int, default=None, help="passes over a rollout; default 1 (grpo), 4 (ppo)")
     parser.add_argument("--value_model_name_or_path", default=None, help="ppo: value model init (default: the policy)")
     parser.add_argument("--vf_coef", type=float, default=0.1)
@@ -104,8 +125,16 @@ def parse_args(argv=None):
     for name, value in ALGO_DEFAULTS[args.algo].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    args.clip_lower = args.cliprange if args.clip_lower is None else args.clip_lower
+    args.clip_higher = args.cliprange if args.clip_higher is None else args.clip_higher
     if args.response_length >= args.max_seq_length or args.temperature <= 0:
         parser.error("--temperature must be > 0 and --response_length must leave room for a prompt in --max_seq_length")
+    if args.algo == "grpo" and args.num_samples_per_prompt < 2:
+        parser.error("--algo grpo compares samples within a group: --num_samples_per_prompt must be >= 2")
+    if args.algo == "ppo" and (args.filter_zero_std_samples or args.advantage_normalization_type != "standard"):
+        parser.error("--filter_zero_std_samples and --advantage_normalization_type act on GRPO's groups only")
+    if args.loss_denominator != "token" and not args.loss_denominator > 0:
+        parser.error("--loss_denominator must be token or a number > 0")
     return args
 
 
@@ -113,13 +142,26 @@ def parse_args(argv=None):
 # Advantages, KL estimators and losses: pure functions of tensors.
 # B = sequences (prompts x samples), N = response tokens; `mask` is 1 on response tokens.
 
-def group_advantages(scores, group_size):
-    """GRPO (Tülu 3.1): A_i = (r_i - mean_g) / (std_g + 1e-8) over the G samples of each prompt (contiguous in
-    `scores`). std has ddof 0 (as open-instruct): a group whose answers all score the same gets A = 0."""
+def group_advantages(scores, group_size, normalization="standard"):
+    """GRPO: "standard" (Tülu 3.1): A_i = (r_i - mean_g) / (std_g + 1e-8) over the G samples of each prompt
+    (contiguous in `scores`), std torch's unbiased one (ddof 1, as Tülu 3.1's run); "centered" (Dr. GRPO):
+    A_i = r_i - mean_g. A group whose answers all score the same gets A = 0 either way."""
     grouped = scores.view(-1, group_size)  # [B / G, G]
-    mean = grouped.mean(dim=1, keepdim=True)
-    std = grouped.std(dim=1, unbiased=False, keepdim=True)
-    return ((grouped - mean) / (std + 1e-8)).view(-1)  # [B]
+    advantages = grouped - grouped.mean(dim=1, keepdim=True)
+    if normalization == "standard":
+        advantages = advantages / (grouped.std(dim=1, keepdim=True) + 1e-8)
+    return advantages.view(-1)  # [B]
+
+
+def trained_rows(scores, stopped, group_size, mask_truncated, filter_zero_std):
+    """[B] bool: the responses the loss sees (the others count as never sampled, after the advantages).
+    mask_truncated drops those cut at the length limit (their reward judges no answer); filter_zero_std drops
+    groups with all rewards equal (A = 0: they would add only KL and tokens to the mean)."""
+    keep = stopped.clone() if mask_truncated else torch.ones_like(stopped)
+    if filter_zero_std:
+        grouped = scores.view(-1, group_size)  # [B / G, G]
+        keep &= (grouped != grouped[:, :1]).any(dim=1).repeat_interleave(group_size)
+    return keep
 
 
 def kl_k1(logps, ref_logps):
@@ -133,12 +175,13 @@ def kl_k3(logps, ref_logps):
     return torch.exp(log_ratio) - log_ratio - 1
 
 
-def clipped_policy_loss(logps, old_logps, advantages, cliprange):
-    """PPO's clipped surrogate per token: max(-A * rho, -A * clip(rho, 1 - eps, 1 + eps)), rho = pi / pi_old.
-    advantages: [B, N] (PPO) or [B, 1] (GRPO). Also returns where the clipped term won (for the clip fraction)."""
+def clipped_policy_loss(logps, old_logps, advantages, clip_lower, clip_higher):
+    """PPO's clipped surrogate per token: max(-A * rho, -A * clip(rho, 1 - eps_low, 1 + eps_high)), rho = pi / pi_old
+    (eps_low = eps_high = --cliprange unless --clip_lower / --clip_higher: DAPO's clip-higher lets unlikely tokens
+    grow more). advantages: [B, N] (PPO) or [B, 1] (GRPO). Also returns where the clipped term won."""
     ratio = torch.exp(logps - old_logps)  # [B, N]
     unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1 - cliprange, 1 + cliprange)
+    clipped = -advantages * torch.clamp(ratio, 1 - clip_lower, 1 + clip_higher)
     return torch.maximum(unclipped, clipped), clipped > unclipped  # [B, N], [B, N]
 
 
@@ -148,17 +191,29 @@ def clipped_value_loss(values, old_values, returns, cliprange_value):
     return 0.5 * torch.maximum((values - returns) ** 2, (clipped_values - returns) ** 2)  # [B, N]
 
 
-def token_mean(per_token, mask, num_tokens):
-    """sum over response tokens / num_tokens, num_tokens counting the whole mini-batch (all micro-batches and
-    ranks): summed over micro-batches, this is the exact token mean however the mini-batch is split."""
-    return (per_token * mask).sum() / num_tokens
+def loss_divisor(mask, loss_denominator):
+    """The divisor of a mini-batch's loss sum, from its [B, N] mask of trained tokens (summed over ranks later):
+    "token" (Tülu 3.1): the number of tokens, a token mean; a float D (Dr. GRPO): D per trained response, so each
+    response's token sum is divided by the same constant and long responses' tokens are not down-weighted."""
+    if loss_denominator == "token":
+        return mask.sum().float()
+    return loss_denominator * (mask.sum(dim=1) > 0).sum().float()
 
 
-def grpo_loss(logps, old_logps, ref_logps, advantages, mask, cliprange, beta, num_tokens):
-    """Tülu 3.1 GRPO: token-mean of max(-A rho, -A clip(rho, 1-eps, 1+eps)) + beta * KL_k3(pi, pi_ref), the KL in
-    the loss, not the reward. logps/old_logps/ref_logps/mask: [B, N]; advantages: [B]. -> (loss, clipped [B, N])"""
-    pg_loss, clipped = clipped_policy_loss(logps, old_logps, advantages[:, None], cliprange)  # [B, N]
-    return token_mean(pg_loss + beta * kl_k3(logps, ref_logps), mask, num_tokens), clipped
+def masked_sum(per_token, mask, divisor):
+    """sum over trained tokens / divisor, the divisor counting the whole mini-batch (all micro-batches and
+    ranks): summed over micro-batches, this is the exact mean however the mini-batch is split."""
+    return (per_token * mask).sum() / divisor
+
+
+def grpo_loss(logps, old_logps, ref_logps, advantages, mask, clip_lower, clip_higher, beta, divisor):
+    """Tülu 3.1 GRPO: mean of max(-A rho, -A clip(rho, 1-eps_low, 1+eps_high)) + beta * KL_k3(pi, pi_ref), the KL in
+    the loss, not the reward (beta 0: no reference, ref_logps None). logps/old_logps/ref_logps/mask: [B, N];
+    advantages: [B]. -> (loss, clipped [B, N])"""
+    per_token, clipped = clipped_policy_loss(logps, old_logps, advantages[:, None], clip_lower, clip_higher)
+    if beta:
+        per_token = per_token + beta * kl_k3(logps, ref_logps)  # [B, N]
+    return masked_sum(per_token, mask, divisor), clipped
 
 
 def ppo_token_rewards(scores, logps, ref_logps, mask, beta):
@@ -213,8 +268,8 @@ class HFModel(torch.nn.Module):
         super().__init__()
         self.model, self.config = model, model.config
 
-    def forward(self, *args, **kwargs):
-        return self.model(*args, **kwargs)
+    def forward(self, **kwargs):  # keywords only: a multimodal model takes pixel_values second
+        return self.model(**kwargs)
 
 
 class ValueModel(torch.nn.Module):
@@ -318,24 +373,42 @@ def full_parameters(model):
             module.set_reshard_after_forward(module is not model, recurse=False)
 
 
+def cache_keyword(model) -> str:
+    """The forward's name for the KV cache: `past_key_values` in transformers 5.17, `cache` in 5.24. (Arguments go by
+    keyword: a Gemma 3 takes pixel_values second.)"""
+    hf_model = next(module for module in model.modules() if isinstance(module, PreTrainedModel))
+    return "cache" if "cache" in inspect.signature(hf_model.forward).parameters else "past_key_values"
+
+
 class Sampler:
     """Batched sampling with temperature, top-p, EOS / stop strings and a per-row done mask.
 
-    The KV cache is preallocated for max_prompt_length + max_new_tokens and reused across rollouts, so every
-    decode step has the same shapes: with `compile_decode` (for CUDA) the one-token forward is captured in
-    CUDA graphs ("reduce-overhead"), removing the per-kernel launch cost that dominates decoding. The
-    prompt (prefill) runs eagerly. Every rank runs the same number of decode steps (lock-step: a rank
-    whose rows are done keeps stepping until the all-reduced "all done" flag is set everywhere), so
-    collectives inside the forward never wait on a rank that left the loop. `model` takes Hugging Face's
-    forward arguments (under FSDP: the root unit, inside full_parameters()).
+    The KV cache is preallocated for max_prompt_length + max_new_tokens and reused across rollouts; a step
+    attends only to its filled slots rounded up to a power of two (>= 128), so its cost follows the longest
+    response so far, not the allocation, and the shapes stay a handful. With `compile_decode` (for CUDA) the
+    one-token forward is captured in CUDA graphs ("reduce-overhead"), one per length, removing the per-kernel
+    launch cost that dominates decoding; the prompt (prefill) runs eagerly. A finished row keeps stepping,
+    masked, until all are done (a batch costs its longest response; finished rows are not refilled). Ranks run
+    in lock-step: the all-reduced "all done" flag is read every CHECK_DONE_EVERY steps (a host sync spared on the
+    others, at most 7 steps past the end), at the same steps everywhere, so collectives inside the forward
+    never wait on a rank that left the loop. `model` takes Hugging Face's forward arguments (under FSDP: the
+    root unit, inside full_parameters()).
     """
+    CHECK_DONE_EVERY = 8
 
     def __init__(self, model, max_prompt_length, max_new_tokens, compile_decode=False):
         self.model, self.max_new_tokens = model, max_new_tokens
         self.max_cache_length = max_prompt_length + max_new_tokens
-        self.cache, self.cache_batch_size = None, None
-        # The cache is passed positionally: its keyword is `past_key_values` before transformers 5.2x, `cache` after.
+        self.cache, self.cache_batch_size, self.views = None, None, {}
+        self.cache_keyword = cache_keyword(model)
         self.decode = torch.compile(model, mode="reduce-overhead") if compile_decode else model
+
+    def forward(self, model, input_ids, position_ids, attention_mask, filled, **kwargs):
+        """One forward over the cache once `filled` slots hold tokens, attention (and mask) cut to a power of 2."""
+        length = min(self.max_cache_length, max(128, 1 << (filled - 1).bit_length()))
+        self._attend_to(length)
+        return model(input_ids=input_ids, attention_mask=attention_mask[:, :length], position_ids=position_ids,
+                     use_cache=True, **{self.cache_keyword: self.cache}, **kwargs).logits[:, -1]
 
     @torch.no_grad()
     def generate(self, prompts, temperature, top_p, eos_token_id, pad_token_id, stop_strings=(), tokenizer=None,
@@ -348,8 +421,9 @@ class Sampler:
             raise ValueError(f"a {prompt_length}-token prompt leaves no room for {self.max_new_tokens} new tokens")
         if self.cache_batch_size != batch_size:  # a cache keeps its addresses (and CUDA graphs stay valid)
             self.cache = StaticCache(config=self.model.config, max_cache_len=self.max_cache_length)
-            self.cache_batch_size = batch_size
-        self.cache.reset()
+            self.cache_batch_size, self.views = batch_size, {}
+        self._attend_to(self.max_cache_length)
+        self.cache.reset()  # (zeroes the whole allocation)
         # One fixed-size mask for every step: prompt padding is 0, every later slot 1 (causality hides the future).
         attention_mask = torch.ones((batch_size, self.max_cache_length), dtype=torch.long, device=device)
         attention_mask[:, :prompt_length] = prompt_mask
@@ -359,8 +433,7 @@ class Sampler:
         tokens, logprobs, alive = [], [], []
         done, stopped = (torch.zeros(batch_size, dtype=torch.bool, device=device) for _ in range(2))
         positions = (prompt_mask.cumsum(dim=1) - 1).clamp(min=0)  # left padding shifts no position
-        logits = self.model(prompt_ids, attention_mask[:, :prompt_length], positions, self.cache,
-                            use_cache=True, logits_to_keep=1).logits[:, -1]  # [B, V]
+        logits = self.forward(self.model, prompt_ids, positions, attention_mask, prompt_length, logits_to_keep=1)
         for step in range(self.max_new_tokens):
             token = next_token(logits, temperature, top_p, generator)  # [B]
             logprob = token_logprobs(logits[:, None], token[:, None], logprob_temperature)[:, 0]
@@ -372,17 +445,31 @@ class Sampler:
                 ended |= ~done & self._hit_stop_string(tokens, stop_strings, tokenizer, done)
             stopped |= ended
             done |= ended
-            if step + 1 == self.max_new_tokens or self._all_done(done):
+            if step + 1 == self.max_new_tokens or (step + 1) % self.CHECK_DONE_EVERY == 0 and self._all_done(done):
                 break
             torch.compiler.cudagraph_mark_step_begin()  # (CUDA graphs) a new step: the last one's outputs are consumed
-            logits = self.decode(token[:, None], attention_mask, next_position + step, self.cache,
-                                 use_cache=True).logits[:, -1].clone()  # clone: the next replay reuses the buffer
+            logits = self.forward(self.decode, token[:, None], next_position + step, attention_mask,
+                                  prompt_length + step + 1).clone()  # clone: the next replay reuses the buffer
 
         responses = torch.stack(tokens, dim=1)  # [B, N]
         response_mask = torch.stack(alive, dim=1).long()  # [B, N]
         return Rollout(query_responses=torch.cat([prompt_ids, responses], dim=1),
                        attention_mask=torch.cat([prompt_mask, response_mask], dim=1), response_mask=response_mask,
                        logprobs=torch.stack(logprobs, dim=1), stopped=stopped, responses=responses)
+
+    def _attend_to(self, length):
+        """Make each layer's keys/values views of its buffers' first `length` slots (writes land in the buffers), the
+        same views every rollout (for the CUDA graphs). Full-attention layers only; the first prefill allocates."""
+        layers = self.cache.layers
+        if any(type(layer) is not StaticLayer for layer in layers) or not layers[0].is_initialized:
+            return
+        full = self.views.setdefault(self.max_cache_length, [(layer.keys, layer.values) for layer in layers])
+        if length not in self.views:
+            self.views[length] = [(keys[:, :, :length], values[:, :, :length]) for keys, values in full]
+            for view in (t for pair in self.views[length] for t in pair):
+                torch._dynamo.mark_static_address(view)  # (CUDA graphs) a fixed address, like the full buffers
+        for layer, (keys, values) in zip(layers, self.views[length]):
+            layer.keys, layer.values, layer.max_cache_len = keys, values, length
 
     @staticmethod
     def _all_done(done):
@@ -729,39 +816,48 @@ def score_responses(responses: list[str], rows: list[dict], stopped, args):
 @torch.no_grad()
 def old_and_reference_outputs(policy, reference, value_model, rollout, args) -> dict:
     """Per-token outputs of the models as they are before this step's updates, one micro-batch at a time:
-    old_logps (the ratio's denominator), ref_logps, entropy and, for PPO, old_values. Each [B, N]."""
+    old_logps (the ratio's denominator), ref_logps (unless --beta 0), entropy and, for PPO, old_values. [B, N]."""
     length, outputs = rollout.response_mask.shape[1], []
     for rows in torch.arange(len(rollout.stopped)).split(args.per_device_train_batch_size):
         sequences, mask = rollout.query_responses[rows], rollout.attention_mask[rows]
         old_logps, entropies = response_logprobs(policy, sequences, mask, length, args.temperature, with_entropy=True)
-        outputs.append({"old_logps": old_logps, "entropy": entropies,
-                        "ref_logps": response_logprobs(reference, sequences, mask, length, args.temperature)[0]})
+        outputs.append({"old_logps": old_logps, "entropy": entropies})
+        if reference is not None:
+            outputs[-1]["ref_logps"] = response_logprobs(reference, sequences, mask, length, args.temperature)[0]
         if value_model is not None:
             outputs[-1]["old_values"] = response_values(value_model, sequences, mask, length)
     return {name: torch.cat([output[name] for output in outputs]) for name in outputs[0]}
 
 
-def compute_advantages(batch: dict, scores, mask, args) -> None:
+def compute_advantages(batch: dict, scores, rollout, args) -> None:
     """GRPO: one advantage per response, normalized within its prompt's group. PPO: GAE on per-token
-    rewards (-beta k1 each token, the score on the last), whitened; plus the value targets."""
+    rewards (-beta k1 each token, the score on the last), whitened; plus the value targets. And the loss's
+    token mask (batch["loss_mask"], [B, N]): the response tokens of the rows trained_rows() keeps."""
+    mask, group = rollout.response_mask, args.num_samples_per_prompt
+    keep = trained_rows(scores, rollout.stopped, group, args.mask_truncated_completions, args.filter_zero_std_samples)
+    batch["loss_mask"] = mask * keep[:, None]
     if args.algo == "grpo":
-        batch["advantages"] = group_advantages(scores, args.num_samples_per_prompt)  # [B]
+        batch["advantages"] = group_advantages(scores, group, args.advantage_normalization_type)  # [B]
         return
-    rewards = ppo_token_rewards(scores, batch["old_logps"], batch["ref_logps"], mask, args.beta)  # [B, N]
+    ref_logps = batch.get("ref_logps", batch["old_logps"])  # --beta 0: no reference, and no KL term to weigh
+    rewards = ppo_token_rewards(scores, batch["old_logps"], ref_logps, mask, args.beta)  # [B, N]
     advantages, batch["returns"] = gae(rewards, batch["old_values"], mask, args.gamma, args.lam)
     batch["advantages"] = whiten(advantages, mask)
 
 
 def update(trained, optimizer, rollout, batch: dict, args, step: int, rank: int, world_size: int) -> dict:
-    """--ppo_epochs passes over the rollout, each in --num_mini_batches optimizer steps. Returns mean losses."""
-    mask, length = rollout.response_mask, rollout.response_mask.shape[1]
+    """--ppo_epochs passes over the rollout, each in --num_mini_batches optimizer steps. Returns mean losses.
+    PPO's value model has its own gradient clipping and parameter group (AdamW acts per parameter: as its own
+    optimizer, open-instruct's), so a large value gradient never shrinks the policy's step."""
+    mask, length = batch["loss_mask"], rollout.response_mask.shape[1]
     generator = torch.Generator().manual_seed(args.seed + 7919 * step + rank)  # mini-batch order, resumable
     totals = torch.zeros(4, dtype=torch.float64, device=mask.device)  # loss, value loss, clipped tokens, tokens
     for _ in range(args.ppo_epochs):
         for mini_batch in torch.randperm(len(mask), generator=generator).chunk(args.num_mini_batches):
-            # A token mean over the whole mini-batch (every rank's rows): count its tokens before any forward.
-            num_tokens = mask[mini_batch].sum().float()
-            dist.all_reduce(num_tokens)
+            # One divisor for the whole mini-batch (every rank's rows), counted before any forward.
+            divisor = loss_divisor(mask[mini_batch], args.loss_denominator)
+            dist.all_reduce(divisor)
+            divisor = divisor.clamp(min=1e-8)  # nothing to train: loss 0, not 0 / 0
             for rows in mini_batch.split(args.per_device_train_batch_size):
                 old = {name: values[rows] for name, values in batch.items()}
                 sequences, attention = rollout.query_responses[rows], rollout.attention_mask[rows]
@@ -769,38 +865,42 @@ def update(trained, optimizer, rollout, batch: dict, args, step: int, rank: int,
                 logps, _ = response_logprobs(trained["policy"], sequences, attention, length, args.temperature)
                 value_loss = torch.zeros((), device=mask.device)
                 if args.algo == "grpo":
-                    loss, clipped = grpo_loss(logps, old["old_logps"], old["ref_logps"], old["advantages"], rows_mask,
-                                              args.cliprange, args.beta, num_tokens)
+                    loss, clipped = grpo_loss(logps, old["old_logps"], old.get("ref_logps"), old["advantages"],
+                                              rows_mask, args.clip_lower, args.clip_higher, args.beta, divisor)
                 else:
                     policy_loss, clipped = clipped_policy_loss(logps, old["old_logps"], old["advantages"],
-                                                               args.cliprange)
+                                                               args.clip_lower, args.clip_higher)
                     values = response_values(trained["value"], sequences, attention, length)
-                    value_loss = token_mean(clipped_value_loss(values, old["old_values"], old["returns"],
-                                                               args.cliprange_value), rows_mask, num_tokens)
-                    loss = token_mean(policy_loss, rows_mask, num_tokens) + args.vf_coef * value_loss
+                    value_loss = masked_sum(clipped_value_loss(values, old["old_values"], old["returns"],
+                                                               args.cliprange_value), rows_mask, divisor)
+                    loss = masked_sum(policy_loss, rows_mask, divisor) + args.vf_coef * value_loss
                 # FSDP averages gradients over ranks; multiplying by world_size turns that average into a sum.
                 (loss * world_size).backward()
                 totals += torch.stack([loss.detach(), value_loss.detach(), (clipped * rows_mask).sum(),
                                        rows_mask.sum()]).double()
-            grad_norm = torch.nn.utils.clip_grad_norm_(trained.parameters(), args.max_grad_norm
-                                                       if args.max_grad_norm > 0 else float("inf"))
-            grad_norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm
-            if not math.isfinite(grad_norm.item()):
-                raise FloatingPointError(f"step {step + 1}: grad norm {grad_norm.item()}; stopped before the update, "
-                                         "the last checkpoint in --output_dir is intact")
+            grad_norms = {}
+            for name, model in trained.items():  # each model's gradient clipped by its own norm
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm
+                                                      if args.max_grad_norm > 0 else float("inf"))
+                grad_norms[name] = (norm.full_tensor() if isinstance(norm, DTensor) else norm).item()
+                if not math.isfinite(grad_norms[name]):
+                    raise FloatingPointError(f"step {step + 1}: {name} grad norm {grad_norms[name]}; stopped before "
+                                             "the update, the last checkpoint in --output_dir is intact")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     dist.all_reduce(totals)  # each rank's share of a mini-batch loss is sum / all ranks' tokens: the sum is the loss
     optimizer_steps = args.ppo_epochs * args.num_mini_batches
     return {"loss": totals[0].item() / optimizer_steps, "value_loss": totals[1].item() / optimizer_steps,
-            "clip_fraction": totals[2].item() / totals[3].item(), "grad_norm": grad_norm.item()}
+            "clip_fraction": totals[2].item() / max(totals[3].item(), 1), "grad_norm": grad_norms["policy"],
+            **({"value_grad_norm": grad_norms["value"]} if "value" in grad_norms else {})}
 
 
 def rollout_metrics(rollout, batch: dict, scores, verified, rows: list[dict]) -> dict:
     """Step metrics over every rank's responses: reward, accuracy per dataset, KL, entropy, lengths."""
     mask = rollout.response_mask
     sums = {"responses": len(rows), "reward": scores.sum(), "reward_squared": (scores ** 2).sum(),
-            "kl": (kl_k1(batch["old_logps"], batch["ref_logps"]) * mask).sum(), "tokens": mask.sum(),
+            "kl": (kl_k1(batch["old_logps"], batch.get("ref_logps", math.nan)) * mask).sum(),  # NaN: --beta 0
+            "tokens": mask.sum(),
             "entropy": (batch["entropy"] * mask).sum(), "cut": (~rollout.stopped).sum(),
             "logprob_diff": ((rollout.logprobs - batch["old_logps"]).abs() * mask).sum(),
             "sequence_tokens": rollout.attention_mask.sum()}
@@ -858,15 +958,16 @@ def train(args, rank: int, world_size: int, device) -> None:
     check_loaded_model(policy, args.model_name_or_path, torch.tensor([first_prompt["input_ids"][:64]], device=device),
                        lambda ids, positions: token_logprobs(policy(input_ids=ids, position_ids=positions).logits[:, :-1],
                                                             ids[:, 1:], 1.0), resolve_dtype(args.dtype, device), rank)
-    reference = load_model(args.model_name_or_path, args, device, rank).requires_grad_(False).eval()
+    reference = None if args.beta == 0 else load_model(args.model_name_or_path, args, device, rank
+                                                       ).requires_grad_(False).eval()
     trained = torch.nn.ModuleDict({"policy": policy})
     if args.algo == "ppo":
         value_path = args.value_model_name_or_path or args.model_name_or_path
         check_model_path(value_path)
         trained["value"] = load_model(value_path, args, device, rank,
                                       functools.partial(ValueModel, head=saved_value_head(value_path)))
-    optimizer = torch.optim.AdamW(trained.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay,
-                                  fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW([{"params": model.parameters()} for model in trained.values()],  # a group per model
+                                  lr=args.learning_rate, weight_decay=args.weight_decay, fused=device.type == "cuda")
     scheduler = make_scheduler(optimizer, args.lr_scheduler_type, math.ceil(args.warmup_ratio * total_steps),
                                total_steps)
     metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
@@ -900,7 +1001,7 @@ def train(args, rank: int, world_size: int, device) -> None:
         scored = time.perf_counter()
         batch = old_and_reference_outputs(policy, reference, trained["value"] if args.algo == "ppo" else None,
                                           rollout, args)
-        compute_advantages(batch, scores, rollout.response_mask, args)
+        compute_advantages(batch, scores, rollout, args)
         referenced = time.perf_counter()
         trained.train()
         lr = optimizer.param_groups[0]["lr"]  # the rate this step's updates really use

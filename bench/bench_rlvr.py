@@ -8,7 +8,9 @@
    new tokens per row (no EOS stop, temperature 1, no top-k/top-p) through
    - model.generate(do_sample=True) with its default (dynamic) KV cache, and
    - rlvr.Sampler: static KV cache, and on CUDA the decode step compiled with CUDA graphs
-     (--no-compile to time it eager).
+     (--no-compile to time it eager), twice: with the cache that rlvr.py allocates for --max_seq_length
+     (4096 as in Tülu's flags: prompt room + --new_tokens) and with a cache that fits the need
+     (--prompt_length + --new_tokens).
    Each is run once to warm up (compilation, CUDA graph capture), then timed over --repeats runs;
    new tokens/s = batch * new_tokens / seconds.
 2. One RL step (--rl_step). rlvr.main itself, on one process, for two GRPO steps on bundled demo
@@ -43,6 +45,8 @@ def parse_args():
     parser.add_argument("--batch_size", type=int, default=64 if gpu else 4)
     parser.add_argument("--prompt_length", type=int, default=128 if gpu else 32)
     parser.add_argument("--new_tokens", type=int, default=256 if gpu else 32)
+    parser.add_argument("--max_seq_length", type=int, default=4096,
+                        help="the sampler's allocated cache length, as rlvr.py --max_seq_length (Tülu: 4096)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=gpu,
                         help="CUDA-graph rlvr.Sampler's decode step (default: on with CUDA)")
@@ -95,18 +99,23 @@ def bench_sampling(args, model, device):
                              eos_token_id=model.config.eos_token_id, pad_token_id=0)
         assert out.shape[1] == args.prompt_length + args.new_tokens
 
-    sampler = rlvr.Sampler(model, args.prompt_length, args.new_tokens, compile_decode=args.compile)
+    def ours(max_prompt_length):
+        sampler = rlvr.Sampler(model, max_prompt_length, args.new_tokens, compile_decode=args.compile)
 
-    def ours():
-        rollout = sampler.generate(prompts, 1.0, 1.0, no_stop, 0)
-        assert rollout.responses.shape[1] == args.new_tokens
+        def run():
+            rollout = sampler.generate(prompts, 1.0, 1.0, no_stop, 0)
+            assert rollout.responses.shape[1] == args.new_tokens
+        return run
 
     new_tokens = args.batch_size * args.new_tokens
     with torch.no_grad():
         hf_seconds = timed(hf_generate, args.repeats, device)
-        our_seconds = timed(ours, args.repeats, device)
-    return {"generate_tokens_per_s": new_tokens / hf_seconds, "sampler_tokens_per_s": new_tokens / our_seconds,
-            "speedup": hf_seconds / our_seconds}
+        allocated_seconds = timed(ours(args.max_seq_length - args.new_tokens), args.repeats, device)
+        fitting_seconds = timed(ours(args.prompt_length), args.repeats, device)
+    return {"generate_tokens_per_s": new_tokens / hf_seconds,
+            "sampler_tokens_per_s": new_tokens / allocated_seconds, "speedup": hf_seconds / allocated_seconds,
+            "fitting_cache_tokens_per_s": new_tokens / fitting_seconds,
+            "fitting_cache_speedup": hf_seconds / fitting_seconds}
 
 
 def bench_rl_step(args, model, device, workdir):
@@ -136,10 +145,13 @@ def main():
     model = build_model(args.model, device, args.num_hidden_layers)
     report = {"model": args.model, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
               "batch_size": args.batch_size, "prompt_length": args.prompt_length, "new_tokens": args.new_tokens,
+              "max_seq_length": args.max_seq_length,
               "compile": args.compile, **bench_sampling(args, model, device)}
     print(f"sampling ({args.model}, {report['device']}, batch {args.batch_size}, {args.prompt_length} + "
           f"{args.new_tokens} tokens): model.generate {report['generate_tokens_per_s']:.0f} new tokens/s, "
-          f"rlvr.Sampler {report['sampler_tokens_per_s']:.0f} new tokens/s ({report['speedup']:.2f}x)")
+          f"rlvr.Sampler {report['sampler_tokens_per_s']:.0f} new tokens/s ({report['speedup']:.2f}x) with a "
+          f"{args.max_seq_length}-token cache, {report['fitting_cache_tokens_per_s']:.0f} "
+          f"({report['fitting_cache_speedup']:.2f}x) with a {args.prompt_length + args.new_tokens}-token one")
     if args.rl_step:
         with tempfile.TemporaryDirectory() as workdir:
             report["rl_step"] = bench_rl_step(args, model.float() if device.type == "cpu" else model, device, workdir)

@@ -8,17 +8,32 @@ import rlvr
 
 
 def test_group_advantages_normalize_within_each_prompts_samples():
-    # group 1: mean 5, population std 5 -> +-1; group 2: all equal -> std 0 -> advantage 0 (no signal)
+    # group 1: mean 5, unbiased std sqrt(4 * 25 / 3) = 5.7735 -> +-0.866; group 2: all equal -> std 0 -> A = 0
     scores = torch.tensor([10.0, 0.0, 0.0, 10.0, 5.0, 5.0, 5.0, 5.0])
-    expected = torch.tensor([1.0, -1.0, -1.0, 1.0, 0.0, 0.0, 0.0, 0.0])
+    a = 5 / math.sqrt(100 / 3)
+    expected = torch.tensor([a, -a, -a, a, 0.0, 0.0, 0.0, 0.0])
     torch.testing.assert_close(rlvr.group_advantages(scores, group_size=4), expected)
 
 
-def test_group_advantages_of_three_samples():
-    # mean 10/3, population std sqrt(200/9) = 4.714
+def test_group_advantages_of_three_samples_use_the_unbiased_std():
+    # mean 10/3; unbiased std sqrt(((20/3)^2 + 2 (10/3)^2) / 2) = sqrt(100/3) = 5.7735 (Tülu 3.1's torch .std())
     advantages = rlvr.group_advantages(torch.tensor([10.0, 0.0, 0.0]), group_size=3)
-    std = math.sqrt(((10 - 10 / 3) ** 2 + 2 * (10 / 3) ** 2) / 3)
+    std = math.sqrt(100 / 3)
     torch.testing.assert_close(advantages, torch.tensor([20 / 3 / std, -10 / 3 / std, -10 / 3 / std]))
+
+
+def test_centered_advantages_only_subtract_the_group_mean():
+    advantages = rlvr.group_advantages(torch.tensor([10.0, 0.0, 0.0, 4.0, 4.0, 4.0]), 3, "centered")
+    torch.testing.assert_close(advantages, torch.tensor([20 / 3, -10 / 3, -10 / 3, 0.0, 0.0, 0.0]))
+
+
+def test_trained_rows_drop_truncated_responses_and_groups_that_all_scored_alike():
+    scores = torch.tensor([10.0, 0.0, 10.0, 10.0, 0.0, 0.0])  # groups of 2: mixed, all 10, all 0
+    stopped = torch.tensor([True, False, True, True, True, False])
+    assert rlvr.trained_rows(scores, stopped, 2, False, False).tolist() == [True] * 6
+    assert rlvr.trained_rows(scores, stopped, 2, True, False).tolist() == stopped.tolist()
+    assert rlvr.trained_rows(scores, stopped, 2, False, True).tolist() == [True, True, False, False, False, False]
+    assert rlvr.trained_rows(scores, stopped, 2, True, True).tolist() == [True, False, False, False, False, False]
 
 
 def test_kl_k1_is_the_log_ratio():
@@ -36,11 +51,39 @@ def test_kl_k3_by_hand():
 def test_clipped_policy_loss_takes_the_pessimistic_term():
     ratios = torch.tensor([[1.5, 1.5, 0.5, 0.5]])
     advantages = torch.tensor([[1.0, -1.0, 1.0, -1.0]])
-    loss, clipped = rlvr.clipped_policy_loss(ratios.log(), torch.zeros(1, 4), advantages, cliprange=0.2)
+    loss, clipped = rlvr.clipped_policy_loss(ratios.log(), torch.zeros(1, 4), advantages, 0.2, 0.2)
     # A>0, rho 1.5: max(-1.5, -1.2) = -1.2 (clipped); A<0, rho 1.5: max(1.5, 1.2) = 1.5
     # A>0, rho 0.5: max(-0.5, -0.8) = -0.5;            A<0, rho 0.5: max(0.5, 0.8) = 0.8 (clipped)
     torch.testing.assert_close(loss, torch.tensor([[-1.2, 1.5, -0.5, 0.8]]))
     assert clipped.tolist() == [[True, False, False, True]]
+
+
+def test_asymmetric_clip_bounds_the_ratio_at_1_minus_lower_and_1_plus_higher():
+    ratios = torch.tensor([[1.5, 1.25, 0.5]])
+    advantages = torch.tensor([[1.0, 1.0, -1.0]])
+    loss, clipped = rlvr.clipped_policy_loss(ratios.log(), torch.zeros(1, 3), advantages, 0.1, 0.3)
+    # A>0, rho 1.5: max(-1.5, -1.3) = -1.3 (clipped at 1 + 0.3); rho 1.25 < 1.3: -1.25, not clipped
+    # A<0, rho 0.5: max(0.5, 0.9) = 0.9 (clipped at 1 - 0.1)
+    torch.testing.assert_close(loss, torch.tensor([[-1.3, -1.25, 0.9]]))
+    assert clipped.tolist() == [[True, False, True]]
+
+
+def test_loss_divisor_counts_tokens_or_a_constant_per_trained_response():
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]])  # 4 tokens, 2 responses trained
+    assert rlvr.loss_divisor(mask, "token").item() == 4
+    assert rlvr.loss_divisor(mask, 10.0).item() == 20
+
+
+def test_constant_loss_denominator_weighs_every_token_alike_whatever_its_response_length():
+    # Dr. GRPO: A = 1 on both rows, rho = 1: (-3 - 1) / (2 responses x 8) = -0.25; per token the gradient is
+    # -1/16 on the long and the short response alike (a token mean per response would give -1/3 and -1)
+    logps = torch.zeros(2, 3, requires_grad=True)
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    loss, _ = rlvr.grpo_loss(logps, logps.detach(), None, torch.tensor([1.0, 1.0]), mask, 0.2, 0.2, 0.0,
+                             rlvr.loss_divisor(mask, 8.0))
+    loss.backward()
+    torch.testing.assert_close(loss, torch.tensor(-0.25))
+    torch.testing.assert_close(logps.grad, -mask / 16)
 
 
 def test_clipped_value_loss_by_hand():
@@ -56,7 +99,7 @@ def test_grpo_loss_by_hand():
     # rho = 1, A = 2, ref = logp - 1 -> k3 = e^-1 per token; 2 tokens / 2 -> -2 + 0.1 e^-1
     logps = torch.tensor([[-1.0, -2.0]])
     loss, clipped = rlvr.grpo_loss(logps, logps, logps - 1, torch.tensor([2.0]), torch.ones(1, 2),
-                                   cliprange=0.2, beta=0.1, num_tokens=2)
+                                   clip_lower=0.2, clip_higher=0.2, beta=0.1, divisor=2)
     torch.testing.assert_close(loss, torch.tensor(-2 + 0.1 * math.exp(-1)))
     assert not clipped.any()
 
@@ -64,7 +107,7 @@ def test_grpo_loss_by_hand():
 def test_grpo_loss_ignores_padding_tokens():
     logps = torch.tensor([[-1.0, -2.0]])
     loss, _ = rlvr.grpo_loss(logps, logps, logps - torch.tensor([[1.0, 50.0]]), torch.tensor([2.0]),
-                             torch.tensor([[1, 0]]), cliprange=0.2, beta=0.1, num_tokens=1)
+                             torch.tensor([[1, 0]]), clip_lower=0.2, clip_higher=0.2, beta=0.1, divisor=1)
     torch.testing.assert_close(loss, torch.tensor(-2 + 0.1 * math.exp(-1)))
 
 
@@ -74,11 +117,11 @@ def test_grpo_loss_is_an_exact_token_mean_however_the_batch_is_split():
     advantages = torch.randn(6)
     mask = (torch.rand(6, 5) > 0.3).long()
     num_tokens = mask.sum()
-    whole, _ = rlvr.grpo_loss(logps, old_logps, ref_logps, advantages, mask, 0.2, 0.05, num_tokens)
-    parts = sum(rlvr.grpo_loss(logps[s], old_logps[s], ref_logps[s], advantages[s], mask[s], 0.2, 0.05,
+    whole, _ = rlvr.grpo_loss(logps, old_logps, ref_logps, advantages, mask, 0.2, 0.2, 0.05, num_tokens)
+    parts = sum(rlvr.grpo_loss(logps[s], old_logps[s], ref_logps[s], advantages[s], mask[s], 0.2, 0.2, 0.05,
                                num_tokens)[0] for s in (slice(0, 1), slice(1, 4), slice(4, 6)))
     torch.testing.assert_close(parts, whole)
-    per_token = rlvr.clipped_policy_loss(logps, old_logps, advantages[:, None], 0.2)[0] + \
+    per_token = rlvr.clipped_policy_loss(logps, old_logps, advantages[:, None], 0.2, 0.2)[0] + \
         0.05 * rlvr.kl_k3(logps, ref_logps)
     torch.testing.assert_close(whole, per_token[mask.bool()].mean())
 
@@ -87,10 +130,11 @@ def test_first_grpo_step_has_zero_loss_but_a_gradient():
     # rho = 1 and centred advantages -> the policy term averages to ~0, yet its gradient does not vanish
     logps = torch.tensor([[-1.0, -1.0], [-2.0, -2.0]], requires_grad=True)
     advantages = rlvr.group_advantages(torch.tensor([10.0, 0.0]), group_size=2)
-    loss, _ = rlvr.grpo_loss(logps, logps.detach(), logps.detach(), advantages, torch.ones(2, 2), 0.2, 0.01, 4)
+    loss, _ = rlvr.grpo_loss(logps, logps.detach(), logps.detach(), advantages, torch.ones(2, 2), 0.2, 0.2, 0.01, 4)
     loss.backward()
     assert abs(loss.item()) < 1e-6
-    torch.testing.assert_close(logps.grad, torch.tensor([[-0.25, -0.25], [0.25, 0.25]]))
+    # advantages +-1/sqrt(2) (unbiased std of {10, 0}: 7.07), each / 4 tokens
+    torch.testing.assert_close(logps.grad, torch.tensor([[-1.0, -1.0], [1.0, 1.0]]) / (4 * math.sqrt(2)))
 
 
 def test_ppo_token_rewards_put_the_score_on_the_last_response_token():

@@ -1,4 +1,5 @@
 """rlvr.Sampler: the batched static-cache decode loop agrees with model.generate and with the training forward."""
+import inspect
 import socket
 
 import pytest
@@ -37,6 +38,24 @@ def test_greedy_output_equals_model_generate(tiny):
         prompts, temperature=0, top_p=1.0, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     assert torch.equal(rollout.responses, hf_greedy(model, tokenizer, prompts, 24, tokenizer.eos_token_id))
     assert not rollout.stopped.any() and rollout.response_mask.all()  # the random model never says EOS
+
+
+def test_a_large_cache_attends_only_to_its_filled_part_and_gives_the_same_output(tiny):
+    tokenizer, model = tiny
+    prompts = prompts_of(tokenizer)  # at most 10 tokens: 140 new ones fill 150 of 2140 slots
+    sampler = rlvr.Sampler(model, max_prompt_length=2000, max_new_tokens=140)
+    expected = hf_greedy(model, tokenizer, prompts, 140, tokenizer.eos_token_id)
+    for _ in range(2):  # the second rollout reuses the views, and its prefill attends to 128 slots too
+        rollout = sampler.generate(prompts, 0, 1.0, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        assert torch.equal(rollout.responses, expected)
+        assert set(sampler.views) == {2140, 128, 256}  # powers of two covering the filled slots, and the whole
+        assert sampler.cache.layers[0].keys.shape[2] == 256
+
+
+def test_the_cache_keyword_is_found_in_the_models_forward(tiny):
+    _, model = tiny
+    assert rlvr.cache_keyword(model) in inspect.signature(model.forward).parameters
+    assert rlvr.cache_keyword(rlvr.HFModel(model)) == rlvr.cache_keyword(model)  # the FSDP root wraps the model
 
 
 def test_compiled_decode_step_gives_the_same_greedy_output(tiny):

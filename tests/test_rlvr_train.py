@@ -1,5 +1,6 @@
 """rlvr.py end to end on a tiny model: GRPO and PPO on one process and on 2 gloo ranks, resume, saves, errors."""
 import json
+import math
 import os
 
 import pytest
@@ -29,11 +30,12 @@ def run_rlvr(argv):
 
 
 def base_args(model_dir, data, output_dir, *extra):
-    # 4 prompts x 2 samples per step, 2 steps; responses of at most 6 tokens
+    # 4 prompts x 2 samples per step, 2 steps; responses of at most 6 tokens, which the random model never ends
+    # with EOS: without --no-non_stop_penalty, every reward would be the penalty
     return ["--model_name_or_path", model_dir, "--dataset_mixer_list", data, "1.0", "--output_dir", str(output_dir),
             "--num_unique_prompts_rollout", "4", "--num_samples_per_prompt", "2", "--total_episodes", "16",
             "--response_length", "6", "--max_seq_length", "64", "--per_device_train_batch_size", "2",
-            "--num_mini_batches", "2", "--learning_rate", "1e-3", *extra]
+            "--num_mini_batches", "2", "--learning_rate", "1e-3", "--no-non_stop_penalty", *extra]
 
 
 @pytest.mark.parametrize("algo", ["grpo", "ppo"])
@@ -133,6 +135,61 @@ def test_algorithm_defaults_follow_tulu():
                            "--algo", "ppo"])
     assert (grpo.beta, grpo.learning_rate, grpo.num_samples_per_prompt, grpo.lr_scheduler_type) == \
         (0.01, 5e-7, 16, "constant")
+    # Tülu 3.1: 2 mini-batches per rollout, a response cut at the length limit scores 0
+    assert (grpo.num_mini_batches, grpo.non_stop_penalty, grpo.penalty_reward_value) == (2, True, 0.0)
     assert (ppo.beta, ppo.learning_rate, ppo.ppo_epochs, ppo.lr_scheduler_type, ppo.gamma, ppo.lam, ppo.vf_coef) == \
         (0.05, 3e-7, 4, "linear", 1.0, 0.95, 0.1)
-    assert grpo.verification_reward == 10.0 and grpo.cliprange == 0.2 and grpo.temperature == 1.0
+    assert (ppo.num_mini_batches, ppo.non_stop_penalty, ppo.penalty_reward_value) == (1, True, -10.0)
+    assert grpo.verification_reward == 10.0 and grpo.temperature == 1.0
+    # the options added since Tülu 3.1 are off: symmetric clip, standard normalization, every token in a token mean
+    assert (grpo.clip_lower, grpo.clip_higher, grpo.advantage_normalization_type, grpo.loss_denominator) == \
+        (0.2, 0.2, "standard", "token")
+    assert not grpo.mask_truncated_completions and not grpo.filter_zero_std_samples
+
+
+@pytest.mark.parametrize("bad", [["--num_samples_per_prompt", "1"], ["--loss_denominator", "0"],
+                                 ["--loss_denominator", "tokens"], ["--algo", "ppo", "--filter_zero_std_samples"]])
+def test_options_that_cannot_work_are_refused(bad, tmp_path):
+    with pytest.raises(SystemExit):
+        rlvr.parse_args(["--model_name_or_path", "m", "--dataset_mixer_list", "d", "1", "--output_dir", "o", *bad])
+
+
+def test_beta_0_loads_no_reference_model_and_trains(tiny_model_dir, tmp_path, monkeypatch):
+    data = write_rlvr_data(tmp_path / "rlvr.jsonl")
+    loads = []
+    real_load_model = rlvr.load_model
+    monkeypatch.setattr(rlvr, "load_model", lambda *a, **k: loads.append(a[0]) or real_load_model(*a, **k))
+    run_rlvr(base_args(tiny_model_dir, data, tmp_path / "out", "--beta", "0", "--loss_denominator", "6",
+                       "--advantage_normalization_type", "centered", "--clip_higher", "0.28"))
+    assert loads == [tiny_model_dir]  # the policy only
+    metrics = read_metrics(tmp_path / "out")
+    assert all(math.isnan(m["kl"]) for m in metrics)  # no reference: no KL to report, not a false 0
+    trained, initial = (load_file(os.path.join(d, "model.safetensors")) for d in (tmp_path / "out", tiny_model_dir))
+    assert any(not torch.equal(trained[name], initial[name]) for name in initial)
+
+
+def test_masked_truncated_completions_give_no_gradient(tiny_model_dir, tmp_path):
+    # the random tiny model never says EOS in 6 tokens: every response is cut, so nothing is trained
+    data = write_rlvr_data(tmp_path / "rlvr.jsonl")
+    run_rlvr(base_args(tiny_model_dir, data, tmp_path / "out", "--total_episodes", "8",
+                       "--mask_truncated_completions", "--filter_zero_std_samples"))
+    metrics = read_metrics(tmp_path / "out")
+    assert metrics[0]["length_limit_fraction"] == 1.0
+    assert metrics[0]["loss"] == 0.0 and metrics[0]["grad_norm"] == 0.0
+
+
+def test_ppo_clips_the_policy_and_the_value_gradients_each_by_its_own_norm(tiny_model_dir, tmp_path, monkeypatch):
+    data = write_rlvr_data(tmp_path / "rlvr.jsonl")
+    clipped = []
+    real_clip = torch.nn.utils.clip_grad_norm_
+
+    def clip(parameters, max_norm):
+        parameters = list(parameters)
+        clipped.append({id(p) for p in parameters})
+        return real_clip(parameters, max_norm)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    run_rlvr(base_args(tiny_model_dir, data, tmp_path / "out", "--algo", "ppo", "--total_episodes", "8",
+                       "--ppo_epochs", "1", "--num_mini_batches", "1"))
+    assert len(clipped) == 2 and not clipped[0] & clipped[1]  # one optimizer step: two disjoint clips
+    metrics = read_metrics(tmp_path / "out")
+    assert metrics[0]["grad_norm"] > 0 and metrics[0]["value_grad_norm"] > 0
