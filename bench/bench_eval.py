@@ -34,6 +34,7 @@ def bench_eval(args) -> None:
         results = evaluation.main([
             "--model_name_or_path", args.model_name_or_path, "--tasks", args.tasks, "--limit", str(args.limit),
             "--max_new_tokens", str(args.max_new_tokens), "--output_dir", output_dir,
+            "--temperature", "0", "--humaneval_num_samples", "1", "--pass_at_k", "1",  # greedy, not OLMES's 20 samples
             "--per_device_eval_batch_size", str(args.per_device_eval_batch_size)])
     print(f"\n{'task':<14}{'examples':>9}{'seconds':>10}{'examples/s':>12}")
     for task, entry in next(iter(results.values())).items():

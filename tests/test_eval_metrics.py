@@ -41,18 +41,10 @@ def test_gsm8k_and_math_scoring_on_canned_responses():
     assert evaluation.score_example("gsm8k", gsm, "16 - 3 - 4 = 9, 9 * 2 = 18. So the answer is 18.")["correct"]
     wrong = evaluation.score_example("gsm8k", gsm, "So the answer is 17.")
     assert not wrong["correct"] and wrong["extracted"] == "17"
-    math = {"solution": r"So the answer is $\boxed{\frac{1}{2}}$."}
+    math = {"solution": r"So the answer is $\boxed{\frac{1}{2}}$.", "type": "Algebra"}
     right = evaluation.score_example("math", math, r"Final Answer: The final answer is $0.5$. I hope it is correct.")
     assert right["correct"] and right["gold"] == r"\frac{1}{2}"
     assert not evaluation.score_example("math", math, r"$\boxed{2}$")["correct"]
-
-
-def test_gsm8k_prompt_is_eight_shot_chat_and_math_four_shot():
-    messages, start = evaluation.build_prompt("gsm8k", {"question": "What is 2 + 2?"})
-    assert len(messages) == 17 and messages[-1] == {"role": "user", "content": "Question: What is 2 + 2?"}
-    assert messages[1]["content"].endswith("So the answer is 6.") and start == ""
-    messages, _ = evaluation.build_prompt("math500", {"problem": "1+1?"})
-    assert len(messages) == 9 and "Final Answer: The final answer is $24$." in messages[3]["content"]
 
 
 class Args:

@@ -26,8 +26,8 @@ def read_jsonl(path):
 def test_tiny_model_end_to_end_on_every_task(tiny_model_dir, benchmarks_dir, tmp_path, capsys, single_process):
     out = tmp_path / "eval"
     evaluation.main(["--model_name_or_path", tiny_model_dir, tiny_model_dir, "--tasks", ",".join(evaluation.ALL_TASKS),
-                     "--limit", "2", "--max_new_tokens", "6", "--benchmark_dir", benchmarks_dir,
-                     "--output_dir", str(out)])
+                     "--limit", "2", "--max_new_tokens", "6", "--humaneval_num_samples", "2", "--pass_at_k", "1,2",
+                     "--benchmark_dir", benchmarks_dir, "--output_dir", str(out)])
     results = json.loads((out / "results.json").read_text())
     names = list(results)
     assert len(names) == 2 and names[0] != names[1]  # the same directory twice still gets two columns
@@ -38,9 +38,15 @@ def test_tiny_model_end_to_end_on_every_task(tiny_model_dir, benchmarks_dir, tmp
         records = read_jsonl(out / "predictions" / names[0] / f"{task}.jsonl")
         assert [r["index"] for r in records] == [0, 1]
         assert all({"prompt", "response", "correct"} <= set(r) for r in records)
+        assert entry["settings"]["olmes"] == evaluation.TASKS[task]["olmes"]
+        assert ("subjects" in entry) == ("macro" in evaluation.TASKS[task])
     assert set(results[names[0]]["ifeval"]["metrics"]) == {"prompt_level_strict", "inst_level_strict",
                                                           "prompt_level_loose", "inst_level_loose"}
     assert "audit-guard" in results[names[0]]["humaneval"]["settings"]["sandbox"]
+    humaneval = results[names[0]]["humaneval"]
+    assert humaneval["settings"]["samples"] == 2 and humaneval["settings"]["temperature"] == 0.8
+    assert set(humaneval["metrics"]) == {"pass@1", "pass@2"}
+    assert set(results[names[0]]["math"]["subjects"]) == {"Algebra"}  # the first 2 problems are algebra
     table = capsys.readouterr().out.splitlines()
     header = next(line for line in table if names[0] in line and names[1] in line)
     assert any(line.startswith("ifeval prompt_level_loose") for line in table[table.index(header):])
@@ -81,7 +87,10 @@ def test_bundled_model_on_20_gsm8k_and_20_ifeval(bundled_model_dir, benchmarks_d
 
 @pytest.mark.parametrize("bad, message", [(["--max_new_tokens", "-1"], "must be at least 1"),
                                           (["--tasks", "gsm8k,bbh"], "unknown task"),
-                                          (["--pass_at_k", "1,5"], "needs --humaneval_num_samples >= 5")])
+                                          (["--pass_at_k", "1,5", "--humaneval_num_samples", "2"],
+                                           "needs --humaneval_num_samples >= 5"),
+                                          (["--humaneval_num_samples", "4", "--temperature", "0", "--pass_at_k", "1"],
+                                           "need --temperature > 0")])
 def test_bad_arguments_are_refused_by_name(bad, message, capsys):
     with pytest.raises(SystemExit):
         evaluation.parse_args(["--model_name_or_path", "m", "--output_dir", "o", *bad])
