@@ -189,6 +189,7 @@ def test_eval_batched_greedy_equals_each_prompt_alone(family):
 
     def responses(batch_size):
         args = evaluation.parse_args(["--model_name_or_path", family["model_dir"], "--tasks", "gsm8k", "--output_dir", "x",
+                                      "--temperature", "0", "--top_p", "1",
                                       "--per_device_eval_batch_size", str(batch_size)])
         return evaluation.generate(model, tokenizer, prompts, 12, [], args, torch.Generator().manual_seed(0))
     assert responses(4) == responses(1)
