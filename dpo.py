@@ -345,7 +345,8 @@ def record_run_config(args) -> str:
             previous = json.load(f)
         changed = sorted(k for k in run_config.keys() | previous.keys() if run_config.get(k) != previous.get(k))
         if changed:
-            return f"{args.output_dir} holds a different run (flags differ: {', '.join(changed)}); choose another --output_dir"
+            return (f"{args.output_dir} holds a different run (flags differ: {', '.join(changed)}); "
+                    "choose another --output_dir")
         return "" if args.resume else f"{args.output_dir} already holds this run; pass --resume to continue it"
     foreign = sorted(set(os.listdir(args.output_dir)) - {LOCK_FILE, "run_config.json.tmp"})
     if foreign:
@@ -390,11 +391,8 @@ def run_fingerprints(examples, model_path: str, rank: int) -> dict:
                        if name == "config.json" or name.endswith((".safetensors", ".bin", ".index.json")))
 
         def file_sha256(path):
-            digest = hashlib.sha256()
             with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 24), b""):
-                    digest.update(block)
-            return f"{os.path.basename(path)}:{digest.hexdigest()}"
+                return f"{os.path.basename(path)}:{hashlib.file_digest(f, 'sha256').hexdigest()}"
         with ThreadPoolExecutor() as pool:  # hashlib releases the GIL: one thread per file
             model = hashlib.sha256(" ".join(pool.map(file_sha256, files)).encode())
         fingerprints = [{"data": data.hexdigest(), "model": model.hexdigest()}]
@@ -405,7 +403,11 @@ def run_fingerprints(examples, model_path: str, rank: int) -> dict:
 def resume_checkpoint(output_dir: str, run_facts: dict, world_size: int):
     """The newest complete checkpoint, (path, trainer state) or None, if it continues this launch: same
     data and base model fingerprints, same sequences per optimizer step (however split)."""
-    done = [name for name in os.listdir(output_dir)
+    names = os.listdir(output_dir)
+    if {"checkpoint", "checkpoint.old", "checkpoint.tmp"} & set(names):
+        raise SystemExit(f"{output_dir}: a checkpoint in the format before checkpoint-<step>/ (torch.save files); "
+                         "finish this run with the version of this script that wrote it")
+    done = [name for name in names
             if name.startswith("checkpoint-") and os.path.exists(os.path.join(output_dir, name, CHECKPOINT_DONE))]
     if not done:
         return None
