@@ -336,7 +336,7 @@ def run_fingerprints(examples, model_path: str, rank: int) -> dict:
         for name in table.column_names:
             column = table.column(name).combine_chunks()
             data.update(name.encode())
-            if pa.types.is_list(column.type):  # token ids: each row's length, then all values
+            if pa.types.is_list(column.type) and pa.types.is_integer(column.type.value_type):  # token ids
                 data.update(pc.list_value_length(column).to_numpy().tobytes())
                 data.update(pc.list_flatten(column).to_numpy().tobytes())
             else:

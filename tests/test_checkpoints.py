@@ -45,6 +45,10 @@ def run_killed_at(main, argv, output_dir, kill_at: int | None) -> list[str]:
     """Run a stage in a forked child that dies (os._exit, like kill -9: no cleanup, no flush) just before its
     kill_at-th operation that changes output_dir (1-based). Returns the operations done before, as
     "event relative/path" lines, plus "killed" if the kill happened."""
+    return finish(start_killed_at(main, argv, output_dir, kill_at))
+
+
+def start_killed_at(main, argv, output_dir, kill_at: int | None):
     log = str(output_dir) + ".ops"
 
     def child():
@@ -79,6 +83,11 @@ def run_killed_at(main, argv, output_dir, kill_at: int | None) -> list[str]:
 
     process = multiprocessing.get_context("fork").Process(target=child)
     process.start()
+    return process, log
+
+
+def finish(started) -> list[str]:
+    process, log = started
     process.join()
     with open(log) as f:
         ops = f.read().split("\n")
@@ -148,18 +157,21 @@ def test_a_kill_at_any_file_operation_resumes_onto_the_uninterrupted_run(stage, 
     else:
         kill_points = [index for index, op in enumerate(ops, start=1) if op.startswith(STAGE_KILLS)]
         assert len(kill_points) == 3 + (stage == "dpo"), ops
-    for kill_at in kill_points:
-        out = tmp_path / f"killed-{kill_at}"
-        main, argv = STAGES[stage](tiny_model_dir, tmp_path, out)
-        done = run_killed_at(main, argv, out, kill_at)
-        assert done[-1] == "killed" and done[:-1] == ops[:kill_at - 1]
-        # No committed work is lost: the newest complete checkpoint is the last one whose marker was renamed in.
-        committed = [int(op.split("/")[0].removeprefix("os.rename checkpoint-")) for op in done
-                     if op.startswith("os.rename checkpoint-")]
-        if os.path.isdir(out):
-            assert newest_complete_checkpoint(out) == max(committed, default=0), (kill_at, done[-3:])
-        run_killed_at(main, argv, out, None)
-        assert_same_run(out, tmp_path / "straight")
+    for pair in [kill_points[i:i + 2] for i in range(0, len(kill_points), 2)]:  # two at a time: one per core
+        runs = {kill_at: STAGES[stage](tiny_model_dir, tmp_path, tmp_path / f"killed-{kill_at}") for kill_at in pair}
+        killed = {k: start_killed_at(main, argv, tmp_path / f"killed-{k}", k) for k, (main, argv) in runs.items()}
+        for kill_at, started in killed.items():
+            out, done = tmp_path / f"killed-{kill_at}", finish(started)
+            assert done[-1] == "killed" and done[:-1] == ops[:kill_at - 1]
+            # No committed work is lost: the newest complete checkpoint is the last one whose mark was renamed in.
+            committed = [int(op.split("/")[0].removeprefix("os.rename checkpoint-")) for op in done
+                         if op.startswith("os.rename checkpoint-")]
+            if os.path.isdir(out):
+                assert newest_complete_checkpoint(out) == max(committed, default=0), (kill_at, done[-3:])
+        resumed = [start_killed_at(main, argv, tmp_path / f"killed-{k}", None) for k, (main, argv) in runs.items()]
+        for kill_at, started in zip(runs, resumed):
+            finish(started)
+            assert_same_run(tmp_path / f"killed-{kill_at}", tmp_path / "straight")
 
 
 def test_truncated_metrics_drop_a_half_written_last_line_and_the_steps_after_the_checkpoint(tmp_path):
@@ -323,17 +335,18 @@ def launch_node(argv, endpoint):
                             stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
-def test_two_node_launch_trains_like_one_two_rank_launch_and_dies_with_either_node(tiny_model_dir, tmp_path):
+def test_two_node_launch_trains_like_one_launch_and_dies_with_either_node(tiny_model_dir, tmp_path):
+    """The weights equal a one-rank run's within fp32 tolerance (the same 4 sequences per step, split 1 x 2 x 2
+    ranks there and 2 x 2 x 1 here: the split-invariant loss makes the two equal, as a 2-rank launch would)."""
     data = test_sft.write_dataset(tmp_path / "data.jsonl")
     split = ("--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "2", "--max_train_steps", "2")
     nodes = [launch_node(test_sft.base_args(tiny_model_dir, data, tmp_path / "nodes", *split),
                          f"127.0.0.1:{port}") for port in [free_port()] * 2]
     assert [node.wait(timeout=300) for node in nodes] == [0, 0]
-    mp.spawn(two_rank_worker, nprocs=2, args=([free_port()], [
-        (test_sft.base_args(tiny_model_dir, data, tmp_path / "one", *split), False)]))
+    test_sft.run_sft(test_sft.base_args(tiny_model_dir, data, tmp_path / "one", "--max_train_steps", "2"))
     weights, reference = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("nodes", "one"))
     for name in reference:
-        torch.testing.assert_close(weights[name], reference[name], rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(weights[name], reference[name], rtol=1e-4, atol=1e-6)
 
     long_run = test_sft.base_args(tiny_model_dir, data, tmp_path / "long", *split[:-1], "100000")
     nodes = [launch_node(long_run, f"127.0.0.1:{port}") for port in [free_port()] * 2]
