@@ -184,6 +184,12 @@ def test_truncated_metrics_drop_a_half_written_last_line_and_the_steps_after_the
     assert path.read_text() == '{"step": 1}\n'
 
 
+def test_a_checkpoint_of_the_old_format_is_refused_rather_than_restarted_from_step_0(tmp_path):
+    (tmp_path / "checkpoint").mkdir()
+    with pytest.raises(SystemExit, match="format before checkpoint-<step>/"):
+        sft.resume_checkpoint(str(tmp_path), {}, 1)
+
+
 # ---------------------------------------------------------------------------------------------
 # One run per output directory
 
