@@ -25,34 +25,51 @@ temperature, the distribution sampled) of the policy before the update and of th
 Simplified relative to open-instruct: no vLLM (plain PyTorch sampling); the ratio's old log-probs come
 from a training forward before the first update (the sampler's feed only `sampling_logprob_diff`); the
 learning rate moves once per step; PPO whitens advantages per rank; the rollout's KV cache (a rank's
-rows x --max_seq_length) must fit beside the gathered policy; a resumed run needs the same ranks.
+rows x --max_seq_length) must fit beside the gathered policy; sampling seeds are per rank, so a run resumed
+on another number of ranks continues with other (equally valid) samples, not the uninterrupted curve.
 """
 import argparse
 import contextlib
+import ctypes
 import datetime
+import fcntl
 import functools
+import hashlib
 import inspect
+import itertools
 import json
 import math
 import os
 import shutil
+import signal
+import socket
+import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, PreTrainedModel, StaticCache
 from transformers.cache_utils import StaticLayer
+from transformers.utils import cached_file
 
 import data_mix
 import verifiers
 
-# Flags that may change when a run is resumed; every other flag must match the run in --output_dir.
-RESUMABLE_FLAGS = {"resume", "checkpointing_steps", "preprocessing_num_workers"}
+# Flags that may change when a run is resumed; every other flag must match the run in --output_dir. The two
+# batch flags may change only together with the number of ranks, keeping the sequences per optimizer step.
+RESUMABLE_FLAGS = {"resume", "checkpointing_steps", "preprocessing_num_workers", "per_device_train_batch_size",
+                   "gradient_accumulation_steps"}
 # Defaults that differ between the two algorithms (Tülu 3.1 GRPO: 2 mini-batches per rollout, a response cut at
 # the length limit scores 0; Tülu 3 8B PPO: one, and -10).
 ALGO_DEFAULTS = {"grpo": dict(learning_rate=5e-7, lr_scheduler_type="constant", beta=0.01, num_samples_per_prompt=16,
@@ -294,7 +311,6 @@ class ValueModel(torch.nn.Module):
 def saved_value_head(path: str):
     """The scalar head of a sequence-classification checkpoint (a reward model), or None for a plain LM."""
     from safetensors import safe_open
-    from transformers.utils import cached_file
 
     index = cached_file(path, "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False)
     if index:
@@ -495,6 +511,8 @@ def init_distributed():
     if "RANK" not in os.environ:  # plain python: a group of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 10000))
+    elif sys.platform == "linux":  # torchrun starts workers in their own session: a killed launcher would leave
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # them running; PR_SET_PDEATHSIG kills them with it instead
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
@@ -673,87 +691,179 @@ def save_hf_model(model, tokenizer, source: str, output_dir: str, rank: int) -> 
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints: each rank saves its own shards as plain tensors (loaded with weights_only=True)
+# Output directory, checkpoints, metrics. A kill at any instant leaves a directory from which the same
+# command (with --resume) continues at the newest complete checkpoint, on any number of ranks.
 
-def save_checkpoint(model, optimizer, scheduler, step: int, output_dir: str, rank: int, world_size: int) -> None:
-    """Write output_dir/checkpoint atomically: a new one fully replaces the old, or the old stays."""
-    final, tmp = os.path.join(output_dir, "checkpoint"), os.path.join(output_dir, "checkpoint.tmp")
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    dist.barrier()
-    shards, moments = {}, {}
-    for name, param in model.named_parameters():
-        shards[name] = param.detach().to_local().cpu()
-        state = optimizer.state.get(param, {})
-        if state:
-            moments[name] = {k: (v.to_local() if isinstance(v, DTensor) else v).cpu() for k, v in state.items()}
-    torch.save({"model": shards, "optimizer": moments, "rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
-               os.path.join(tmp, f"rank{rank}.pt"))
-    dist.barrier()
-    if rank == 0:
-        torch.save({"step": step, "world_size": world_size, "scheduler": scheduler.state_dict()},
-                   os.path.join(tmp, "trainer_state.pt"))
-        shutil.rmtree(final + ".old", ignore_errors=True)
-        if os.path.exists(final):
-            os.replace(final, final + ".old")
-        os.replace(tmp, final)
-        shutil.rmtree(final + ".old", ignore_errors=True)
-    dist.barrier()
+LOCK_FILE, CHECKPOINT_DONE = "run.lock", "trainer_state.json"
 
 
-def load_checkpoint(model, optimizer, scheduler, output_dir: str, rank: int, world_size: int) -> int:
-    """Restore weights, optimizer moments, scheduler and RNG; return the step to continue from."""
-    path = os.path.join(output_dir, "checkpoint")
-    trainer_state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=True)
-    if trainer_state["world_size"] != world_size:
-        raise SystemExit(f"{path} was written by {trainer_state['world_size']} ranks; resume with the same number")
-    saved = torch.load(os.path.join(path, f"rank{rank}.pt"), weights_only=True)
-    for name, param in model.named_parameters():
-        param.detach().to_local().copy_(saved["model"][name])
-        if name in saved["optimizer"]:
-            optimizer.state[param] = {
-                k: (DTensor.from_local(v.to(param.device), param.device_mesh, param.placements,
-                                       shape=param.shape, stride=param.stride()) if v.dim()
-                    else v.to(param.device) if optimizer.defaults.get("fused") else v)  # fused keeps `step` on device
-                for k, v in saved["optimizer"][name].items()}
-    scheduler.load_state_dict(trainer_state["scheduler"])
-    for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):  # the scheduler state alone
-        group["lr"] = lr                                                    # does not reach the optimizer
-    torch.set_rng_state(saved["rng"])
-    if saved["cuda_rng"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(saved["cuda_rng"])
-    return trainer_state["step"]
+@contextlib.contextmanager
+def claimed_output_dir(args, rank: int):
+    """Hold --output_dir for this run's life: one run per directory, and only this run's flags in it.
 
-
-def prepare_output_dir(args, rank: int) -> None:
-    """Refuse to mix two runs in one directory; remember this run's flags for --resume.
-
-    Every rank checks (so every rank stops on the same error); rank 0 writes after a barrier.
+    Rank 0 holds an flock on output_dir/run.lock. The kernel drops it when the process ends, however it
+    ends, so a killed run leaves no stale lock, and a second launch (or a resume while a killed launcher's
+    workers still run) stops here. A directory without run_config.json must be empty but for our own
+    leftovers; the run then starts, with or without --resume. Every rank stops on rank 0's verdict.
     """
-    run_config = {k: v for k, v in vars(args).items() if k not in RESUMABLE_FLAGS}
-    path = os.path.join(args.output_dir, "run_config.json")
+    check_model_path(args.model_name_or_path)
     if os.path.abspath(args.output_dir) == os.path.abspath(args.model_name_or_path):
         raise SystemExit("--output_dir must differ from --model_name_or_path")
+    verdict, lock = [""], None
+    if rank == 0:
+        os.makedirs(args.output_dir, exist_ok=True)
+        lock = open(os.path.join(args.output_dir, LOCK_FILE), "a+")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            lock.truncate(0)
+            lock.write(f"{socket.gethostname()} pid {os.getpid()}\n")
+            lock.flush()
+            verdict = [record_run_config(args)]
+        except BlockingIOError:
+            lock.seek(0)
+            verdict = [f"{args.output_dir} is in use by another run ({lock.read().strip()}, holding {LOCK_FILE}); "
+                       "wait for it to end or choose another --output_dir"]
+    dist.broadcast_object_list(verdict, src=0)
+    try:
+        if verdict[0]:
+            raise SystemExit(verdict[0])
+        yield
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def record_run_config(args) -> str:
+    """Why this run may not use output_dir ('' if it may); a new run's flags go to run_config.json."""
+    run_config = {k: v for k, v in vars(args).items() if k not in RESUMABLE_FLAGS}
+    path = os.path.join(args.output_dir, "run_config.json")
     if os.path.exists(path):
         with open(path) as f:
             previous = json.load(f)
         changed = sorted(k for k in run_config.keys() | previous.keys() if run_config.get(k) != previous.get(k))
         if changed:
-            raise SystemExit(f"{args.output_dir} holds a different run (flags differ: {', '.join(changed)}); "
-                             "choose another --output_dir")
-        if not args.resume:
-            raise SystemExit(f"{args.output_dir} already holds this run; pass --resume to continue it")
-    elif args.resume:
-        raise SystemExit(f"--resume: {args.output_dir} holds no run to resume")
-    elif os.path.isdir(args.output_dir) and os.listdir(args.output_dir):
-        raise SystemExit(f"{args.output_dir} is not empty and holds no run of this script; choose another --output_dir")
-    dist.barrier()
+            return (f"{args.output_dir} holds a different run (flags differ: {', '.join(changed)}); "
+                    "choose another --output_dir")
+        return "" if args.resume else f"{args.output_dir} already holds this run; pass --resume to continue it"
+    foreign = sorted(set(os.listdir(args.output_dir)) - {LOCK_FILE, "run_config.json.tmp"})
+    if foreign:
+        return f"{args.output_dir} holds no run of this script but {foreign[:3]}; choose another --output_dir"
+    write_durably(path, json.dumps(run_config, indent=2))
+    return ""
+
+
+def write_durably(path: str, text: str) -> None:
+    """Replace a file's content in one step: a kill leaves the old content or the new, never a mix."""
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+    directory = os.open(os.path.dirname(path), os.O_RDONLY)  # the rename itself survives a power loss too
+    os.fsync(directory)
+    os.close(directory)
+
+
+def run_fingerprints(examples, model_path: str, rank: int) -> dict:
+    """sha256 of the training data as tokenized and mixed (in order), and of the base model's files.
+
+    A resume checks both against its checkpoint. The model files are hashed whole rather than by size
+    and mtime: the same model copied to a new node's cache must pass, a retrained one in place must not.
+    Rank 0 hashes (the model files in parallel threads), the others receive its result.
+    """
+    fingerprints = [None]
     if rank == 0:
-        os.makedirs(args.output_dir, exist_ok=True)
-        data_mix.save_json(path, run_config)
+        data = hashlib.sha256()
+        table = examples.with_format("arrow")[:]
+        for name in table.column_names:
+            column = table.column(name).combine_chunks()
+            data.update(name.encode())
+            if pa.types.is_list(column.type) and pa.types.is_integer(column.type.value_type):  # token ids
+                data.update(pc.list_value_length(column).to_numpy().tobytes())
+                data.update(pc.list_flatten(column).to_numpy().tobytes())
+            else:
+                data.update(json.dumps(column.to_pylist()).encode())
+        model_dir = model_path if os.path.isdir(model_path) else os.path.dirname(cached_file(model_path, "config.json"))
+        files = sorted(os.path.join(model_dir, name) for name in os.listdir(model_dir)
+                       if name == "config.json" or name.endswith((".safetensors", ".bin", ".index.json")))
+
+        def file_sha256(path):
+            with open(path, "rb") as f:
+                return f"{os.path.basename(path)}:{hashlib.file_digest(f, 'sha256').hexdigest()}"
+        with ThreadPoolExecutor() as pool:  # hashlib releases the GIL: one thread per file
+            model = hashlib.sha256(" ".join(pool.map(file_sha256, files)).encode())
+        fingerprints = [{"data": data.hexdigest(), "model": model.hexdigest()}]
+    dist.broadcast_object_list(fingerprints, src=0)
+    return fingerprints[0]
+
+
+def resume_checkpoint(output_dir: str, run_facts: dict, world_size: int):
+    """The newest complete checkpoint, (path, trainer state) or None, if it continues this launch: same
+    data and base model fingerprints, same sequences per optimizer step (however split)."""
+    names = os.listdir(output_dir)
+    if {"checkpoint", "checkpoint.old", "checkpoint.tmp"} & set(names):
+        raise SystemExit(f"{output_dir}: a checkpoint in the format before checkpoint-<step>/ (torch.save files); "
+                         "finish this run with the version of this script that wrote it")
+    done = [name for name in names
+            if name.startswith("checkpoint-") and os.path.exists(os.path.join(output_dir, name, CHECKPOINT_DONE))]
+    if not done:
+        return None
+    path = os.path.join(output_dir, max(done, key=lambda name: int(name.removeprefix("checkpoint-"))))
+    with open(os.path.join(path, CHECKPOINT_DONE)) as f:
+        saved = json.load(f)
+    changed = [name for name in ("data", "model") if saved[name] != run_facts[name]]
+    if changed:
+        raise SystemExit(f"--resume: the {' and the '.join(changed)} changed since {path} was written "
+                         f"(sha256 {', '.join(f'{n} {saved[n][:12]} -> {run_facts[n][:12]}' for n in changed)}); "
+                         "restore them or train into a new --output_dir")
+    batch = saved["optimizer_batch"]
+    if batch != run_facts["optimizer_batch"]:
+        splits = [f"{p} x {batch // world_size // p}" for p in range(1, batch // world_size + 1)
+                  if batch % world_size == 0 and batch // world_size % p == 0][:4]
+        raise SystemExit(f"--resume: {path} trained on {batch} sequences per optimizer step, this launch would use "
+                         f"{run_facts['optimizer_batch']}; on {world_size} ranks keep {batch} with "
+                         "--per_device_train_batch_size x --gradient_accumulation_steps = "
+                         + (" or ".join(splits) if splits else f"(none: {batch} is not a multiple of {world_size})"))
+    return path, saved
+
+
+def save_checkpoint(model, optimizer, scheduler, step: int, output_dir: str, rank: int, run_facts: dict) -> None:
+    """output_dir/checkpoint-{step}: each rank writes its own shards of the weights and AdamW moments (DCP,
+    safetensors, fsynced); then rank 0 writes the trainer state, the mark of a complete checkpoint, and only
+    then removes the older ones. The data position and the global RNG are functions of the step."""
+    path = os.path.join(output_dir, f"checkpoint-{step}")
+    state = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)["state"]}
+    dcp.save(state, storage_writer=HuggingFaceStorageWriter(path, save_distributed=True))
+    if rank == 0:  # dcp.save returns on rank 0 after every rank has reported its files written
+        write_durably(os.path.join(path, CHECKPOINT_DONE),
+                      json.dumps({"step": step, "scheduler": scheduler.state_dict(), **run_facts}))
+        remove_checkpoints(output_dir, keep=path)
     dist.barrier()
+
+
+def load_checkpoint(model, optimizer, scheduler, checkpoint) -> int:
+    """Restore weights, AdamW moments and scheduler, resharded onto this launch's ranks; return the step."""
+    path, saved = checkpoint
+    optimizer_state = get_optimizer_state_dict(model, optimizer)  # creates the moments to load into
+    state = {"model": get_model_state_dict(model), "optimizer": optimizer_state["state"]}
+    dcp.load(state, storage_reader=HuggingFaceStorageReader(path))  # each rank reads the slices of its shards
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, optimizer, optimizer_state)
+    scheduler.load_state_dict(saved["scheduler"])
+    for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):  # the scheduler state alone
+        group["lr"] = lr                                                    # does not reach the optimizer
+    return saved["step"]
+
+
+def remove_checkpoints(output_dir: str, keep: str | None) -> None:
+    """Delete every checkpoint directory but `keep`, its mark of completeness first, so that a kill
+    mid-delete never leaves a directory that looks complete without its shards."""
+    for name in os.listdir(output_dir):
+        path = os.path.join(output_dir, name)
+        if name.startswith("checkpoint-") and path != keep:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(path, CHECKPOINT_DONE))
+            shutil.rmtree(path)
 
 
 def append_metrics(path: str, metrics: dict) -> None:
@@ -762,12 +872,12 @@ def append_metrics(path: str, metrics: dict) -> None:
 
 
 def truncate_metrics(path: str, step: int) -> None:
-    """On resume, forget steps logged after the checkpoint so the curve has no duplicates."""
+    """On resume, keep the steps the checkpoint covers: a killed run's later steps are repeated, and its
+    last line may be half-written. Rewritten durably, so a kill here loses nothing."""
     if os.path.exists(path):
         with open(path) as f:
-            kept = [line for line in f if json.loads(line)["step"] <= step]
-        with open(path, "w") as f:
-            f.writelines(kept)
+            kept = itertools.takewhile(lambda line: line.endswith("\n") and json.loads(line)["step"] <= step, f)
+            write_durably(path, "".join(kept))
 
 
 def make_scheduler(optimizer, kind: str, warmup_steps: int, total_steps: int):
@@ -797,7 +907,7 @@ def load_rlvr_data(args, tokenizer, rank: int):
     if len(prompts) == 0:
         raise SystemExit(f"no prompts left: all {too_long} are longer than --max_seq_length - --response_length")
     report = {"datasets": mixture, "too_long_dropped": too_long, "prompts": len(prompts)}
-    return prompts.to_list(), report
+    return prompts, report
 
 
 def score_responses(responses: list[str], rows: list[dict], stopped, args):
@@ -930,15 +1040,19 @@ def main(argv=None):
     args = parse_args(argv)
     rank, world_size, device = init_distributed()
     try:
-        train(args, rank, world_size, device)
+        with claimed_output_dir(args, rank):
+            train(args, rank, world_size, device)
     finally:
         dist.destroy_process_group()
 
 
 def train(args, rank: int, world_size: int, device) -> None:
     torch.manual_seed(args.seed)
-    check_model_path(args.model_name_or_path)
-    prepare_output_dir(args, rank)
+    if os.path.exists(os.path.join(args.output_dir, "config.json")):  # the final save moves it in last
+        if rank == 0:  # (a kill may have left its emptied temporary directory)
+            shutil.rmtree(os.path.join(args.output_dir, "model.tmp"), ignore_errors=True)
+            print(f"{args.output_dir} holds this run's final model already: nothing to do")
+        return
     tokenizer = data_mix.load_tokenizer(args.model_name_or_path, args.chat_template_name)
     prompts, data_report = load_rlvr_data(args, tokenizer, rank)
 
@@ -950,6 +1064,10 @@ def train(args, rank: int, world_size: int, device) -> None:
     if steps_per_epoch == 0 or total_steps == 0:
         raise SystemExit(f"{len(prompts)} prompts, --total_episodes {args.total_episodes}: not one step of "
                          f"{batch_prompts} prompts x {group} samples")
+    run_facts = {"optimizer_batch": batch_prompts * group,  # fixed by flags a resume may not change
+                 **run_fingerprints(prompts, args.model_name_or_path, rank)}
+    checkpoint = resume_checkpoint(args.output_dir, run_facts, world_size)
+    prompts = prompts.to_list()  # rows are read one at a time below
     if rank == 0:
         data_mix.save_json(os.path.join(args.output_dir, "mixture.json"), data_report)
 
@@ -971,18 +1089,16 @@ def train(args, rank: int, world_size: int, device) -> None:
     scheduler = make_scheduler(optimizer, args.lr_scheduler_type, math.ceil(args.warmup_ratio * total_steps),
                                total_steps)
     metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
-    start_step = 0
-    if args.resume and os.path.exists(os.path.join(args.output_dir, "checkpoint")):
-        start_step = load_checkpoint(trained, optimizer, scheduler, args.output_dir, rank, world_size)
-        if rank == 0:
-            truncate_metrics(metrics_path, start_step)
-    elif args.resume and rank == 0:  # interrupted before its first checkpoint: start over cleanly
-        truncate_metrics(metrics_path, 0)
+    start_step = load_checkpoint(trained, optimizer, scheduler, checkpoint) if checkpoint else 0
+    if rank == 0:  # forget what the checkpoint does not cover: later steps' metrics, incomplete checkpoints
+        truncate_metrics(metrics_path, start_step)
+        remove_checkpoints(args.output_dir, keep=checkpoint and checkpoint[0])
 
     compile_decode = device.type == "cuda" and world_size == 1 if args.compile_sampling is None else args.compile_sampling
     sampler = Sampler(policy, args.max_seq_length - args.response_length, args.response_length, compile_decode)
     progress = tqdm(total=total_steps, initial=start_step, desc=f"rlvr {args.algo}", disable=rank != 0)
     for step in range(start_step, total_steps):
+        torch.manual_seed(args.seed + 7919 * step + rank)  # the global RNG (dropout) is a function of the step
         epoch, index = divmod(step, steps_per_epoch)
         # The prompt order is a function of (seed, epoch): a resumed run sees the same prompts.
         order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed + epoch)).tolist()
@@ -1020,7 +1136,7 @@ def train(args, rank: int, world_size: int, device) -> None:
             progress.set_postfix(reward=f"{metrics['reward_mean']:.2f}", kl=f"{metrics['kl']:.4f}")
             progress.update()
         if (step + 1) % args.checkpointing_steps == 0 and step + 1 < total_steps:
-            save_checkpoint(trained, optimizer, scheduler, step + 1, args.output_dir, rank, world_size)
+            save_checkpoint(trained, optimizer, scheduler, step + 1, args.output_dir, rank, run_facts)
     progress.close()
     save_hf_model(policy, tokenizer, args.model_name_or_path, args.output_dir, rank)
 

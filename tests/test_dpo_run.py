@@ -127,6 +127,7 @@ def gradient_worker(rank, world_size, port, model_dir, data, cache_dir, out_path
     tokenizer = data_mix.load_tokenizer(model_dir)
     rows, _ = data_mix.mix_datasets([data, "1.0"], seed=0, validate=data_mix.validate_preference_record)
     examples, _ = data_mix.tokenize_preference_dataset(rows, tokenizer, 128)
+    fingerprints = dpo.run_fingerprints(examples, model_dir, rank)
     results = {}
     for packing in (True, False):
         for loss_type in ("dpo_norm", "dpo"):
@@ -138,7 +139,7 @@ def gradient_worker(rank, world_size, port, model_dir, data, cache_dir, out_path
             # scored with 3 pairs per micro-batch: on 2 ranks the last group leaves a rank a stand-in pair
             args.per_device_train_batch_size = 3
             reference = dpo.cached_reference_logps(model, examples, args, rank, world_size, device,
-                                                   tokenizer.pad_token_id)
+                                                   tokenizer.pad_token_id, fingerprints)
             results[(packing, loss_type, "reference")] = [table.clone() for table in reference]
             for per_device, accumulation in SPLITS[world_size]:
                 args.per_device_train_batch_size = per_device

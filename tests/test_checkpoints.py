@@ -1,0 +1,370 @@
+"""Checkpoints of all three stages: a kill at any file operation, one run per output directory, the
+inputs a resume checks, and resuming on another number of ranks."""
+import json
+import multiprocessing
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+import dpo
+import rlvr
+import sft
+import test_dpo_run
+import test_rlvr_train
+import test_sft
+from conftest import ROOT, build_tiny_model, free_port, read_metrics, run_in_process
+
+KILLED = 77  # a child's exit status when the fault hook killed it
+WRITE_EVENTS = ("open", "os.rename", "os.remove", "os.rmdir", "os.mkdir", "shutil.rmtree")
+
+
+def changes_disk(event, args) -> str | None:
+    """The path an audited operation changes, or None (reads, file descriptors)."""
+    if event not in WRITE_EVENTS or isinstance(args[0], int):
+        return None
+    path, dir_fd = args[0], (args[-1] if event not in ("open", "os.rename") else None)
+    if event == "open":
+        mode, flags = args[1], args[2]
+        if not (set(mode) & set("wax+") if mode is not None else flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)):
+            return None
+    path = os.fsdecode(path)
+    if dir_fd is not None and not os.path.isabs(path):  # shutil.rmtree unlinks names relative to a directory fd
+        path = os.path.join(os.readlink(f"/proc/self/fd/{dir_fd}"), path)
+    return os.path.realpath(path)
+
+
+def run_killed_at(main, argv, output_dir, kill_at: int | None) -> list[str]:
+    """Run a stage in a forked child that dies (os._exit, like kill -9: no cleanup, no flush) just before its
+    kill_at-th operation that changes output_dir (1-based). Returns the operations done before, as
+    "event relative/path" lines, plus "killed" if the kill happened."""
+    return finish(start_killed_at(main, argv, output_dir, kill_at))
+
+
+def start_killed_at(main, argv, output_dir, kill_at: int | None):
+    log = str(output_dir) + ".ops"
+
+    def child():
+        torch.set_num_threads(1)
+        sys.stdout = sys.stderr = open(os.devnull, "w")
+        root, ops, busy = os.path.realpath(output_dir), [], [False]
+
+        def hook(event, args):
+            if busy[0]:
+                return
+            busy[0] = True  # the hook's own file operations are not audited
+            try:
+                path = changes_disk(event, args)
+                if path is not None and (path + "/").startswith(root + "/"):
+                    if len(ops) + 1 == kill_at:
+                        with open(log, "w") as f:
+                            f.write("\n".join(ops + ["killed"]))
+                        os._exit(KILLED)
+                    ops.append(f"{event} {os.path.relpath(path, root)}")
+            finally:
+                busy[0] = False
+        sys.addaudithook(hook)
+        try:
+            run_in_process(main, argv)
+        except BaseException as error:  # noqa: BLE001 (reported to the parent through the log)
+            with open(log, "w") as f:
+                f.write(f"error {error!r}")
+            os._exit(1)
+        with open(log, "w") as f:
+            f.write("\n".join(ops))
+        os._exit(0)
+
+    process = multiprocessing.get_context("fork").Process(target=child)
+    process.start()
+    return process, log
+
+
+def finish(started) -> list[str]:
+    process, log = started
+    process.join()
+    with open(log) as f:
+        ops = f.read().split("\n")
+    assert process.exitcode in (0, KILLED), ops
+    return ops
+
+
+def newest_complete_checkpoint(output_dir) -> int:
+    steps = [int(name.removeprefix("checkpoint-")) for name in os.listdir(output_dir)
+             if name.startswith("checkpoint-") and os.path.exists(os.path.join(output_dir, name, "trainer_state.json"))]
+    return max(steps, default=0)
+
+
+def assert_same_run(output_dir, reference_dir):
+    """Same per-step losses and final weights as the uninterrupted run, and nothing left half-done."""
+    ran, expected = read_metrics(output_dir), read_metrics(reference_dir)
+    assert [m["step"] for m in ran] == [m["step"] for m in expected]
+    for a, b in zip(ran, expected):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-7) and a["lr"] == b["lr"], (a, b)
+    weights, reference = (load_file(os.path.join(d, "model.safetensors")) for d in (output_dir, reference_dir))
+    for name in reference:
+        torch.testing.assert_close(weights[name], reference[name], rtol=1e-6, atol=1e-7)
+    assert sorted(os.listdir(output_dir)) == sorted(os.listdir(reference_dir))
+
+
+STAGES = {  # the stage's main and its arguments for a 3-step run with a checkpoint after steps 1 and 2
+    "sft": lambda model, tmp, out: (sft.main, test_sft.base_args(
+        model, test_sft.write_dataset(tmp / "data.jsonl"), out, "--per_device_train_batch_size", "4",
+        "--gradient_accumulation_steps", "1", "--max_train_steps", "3", "--checkpointing_steps", "1", "--resume")),
+    "dpo": lambda model, tmp, out: (dpo.main, [
+        "--model_name_or_path", model, "--dataset_mixer_list", test_dpo_run.write_pairs(tmp / "pairs.jsonl"), "1.0",
+        "--output_dir", str(out), "--max_seq_length", "128", "--per_device_train_batch_size", "2",
+        "--gradient_accumulation_steps", "1", "--learning_rate", "1e-3", "--dpo_beta", "0.5",
+        "--max_train_steps", "3", "--checkpointing_steps", "1", "--resume"]),
+    "rlvr": lambda model, tmp, out: (rlvr.main, test_rlvr_train.base_args(
+        model, test_rlvr_train.write_rlvr_data(tmp / "rlvr.jsonl"), out, "--total_episodes", "24",
+        "--checkpointing_steps", "1", "--resume")),
+}
+
+
+def kind(op: str) -> str:
+    """An operation with step numbers and the file names inside model.tmp/ left out."""
+    return re.sub(r"model\.tmp/.*", "model.tmp/*", re.sub(r"checkpoint-\d+", "checkpoint-N", op))
+
+
+# Where DPO and RLVR are killed: the checkpoint they replace is still complete, then half deleted (the
+# instants of the old two-rename window), the final model is all in but its config.json, and DPO's
+# reference cache is written but not yet moved in.
+STAGE_KILLS = ("os.remove checkpoint-1/trainer_state.json", "os.remove checkpoint-1/shard-00001-model-00001-of-00001"
+               ".safetensors", "os.rename model.tmp/config.json", "os.rename reference_logps/")
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_a_kill_at_any_file_operation_resumes_onto_the_uninterrupted_run(stage, tiny_model_dir, tmp_path):
+    """SFT is killed before the first and the last operation of each kind (28 of its 37), DPO and RLVR at the
+    instants of STAGE_KILLS; each killed run is resumed by the same command and must reach the uninterrupted
+    run's losses and weights, never resuming from an older checkpoint than the newest committed."""
+    main, argv = STAGES[stage](tiny_model_dir, tmp_path, tmp_path / "straight")
+    ops = run_killed_at(main, argv, tmp_path / "straight", None)  # --resume on a new directory starts the run
+    assert "os.rename checkpoint-2/trainer_state.json.tmp" in ops and "shutil.rmtree checkpoint-1" in ops
+    if stage == "sft":  # before the first and the last operation of each kind
+        first, last = {}, {}
+        for index, op in enumerate(ops, start=1):
+            first.setdefault(kind(op), index)
+            last[kind(op)] = index
+        kill_points = sorted(set(first.values()) | set(last.values()))
+    else:
+        kill_points = [index for index, op in enumerate(ops, start=1) if op.startswith(STAGE_KILLS)]
+        assert len(kill_points) == 3 + (stage == "dpo"), ops
+    for pair in [kill_points[i:i + 2] for i in range(0, len(kill_points), 2)]:  # two at a time: one per core
+        runs = {kill_at: STAGES[stage](tiny_model_dir, tmp_path, tmp_path / f"killed-{kill_at}") for kill_at in pair}
+        killed = {k: start_killed_at(main, argv, tmp_path / f"killed-{k}", k) for k, (main, argv) in runs.items()}
+        for kill_at, started in killed.items():
+            out, done = tmp_path / f"killed-{kill_at}", finish(started)
+            assert done[-1] == "killed" and done[:-1] == ops[:kill_at - 1]
+            # No committed work is lost: the newest complete checkpoint is the last one whose mark was renamed in.
+            committed = [int(op.split("/")[0].removeprefix("os.rename checkpoint-")) for op in done
+                         if op.startswith("os.rename checkpoint-")]
+            if os.path.isdir(out):
+                assert newest_complete_checkpoint(out) == max(committed, default=0), (kill_at, done[-3:])
+        resumed = [start_killed_at(main, argv, tmp_path / f"killed-{k}", None) for k, (main, argv) in runs.items()]
+        for kill_at, started in zip(runs, resumed):
+            finish(started)
+            assert_same_run(tmp_path / f"killed-{kill_at}", tmp_path / "straight")
+
+
+def test_truncated_metrics_drop_a_half_written_last_line_and_the_steps_after_the_checkpoint(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"step": 4, "lo')
+    sft.truncate_metrics(str(path), 2)
+    assert path.read_text() == '{"step": 1}\n{"step": 2}\n'
+    path.write_text('{"step": 1}\n{"step": 2, "lo')
+    sft.truncate_metrics(str(path), 2)
+    assert path.read_text() == '{"step": 1}\n'
+
+
+def test_a_checkpoint_of_the_old_format_is_refused_rather_than_restarted_from_step_0(tmp_path):
+    (tmp_path / "checkpoint").mkdir()
+    with pytest.raises(SystemExit, match="format before checkpoint-<step>/"):
+        sft.resume_checkpoint(str(tmp_path), {}, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# One run per output directory
+
+def test_a_second_run_is_refused_while_the_first_lives_and_resumes_once_it_is_killed(tiny_model_dir, tmp_path):
+    main, argv = STAGES["sft"](tiny_model_dir, tmp_path, tmp_path / "out")
+    ready = tmp_path / "ready"
+
+    def stalled_run():  # a live run, stopped just before its first metrics line
+        def hook(event, args):
+            if event == "open" and str(args[0]).endswith("metrics.jsonl"):
+                ready.write_text("")
+                time.sleep(600)
+        sys.addaudithook(hook)
+        torch.set_num_threads(1)
+        run_in_process(main, argv)
+    first = multiprocessing.get_context("fork").Process(target=stalled_run)
+    first.start()
+    try:
+        for _ in range(600):
+            if ready.exists() or not first.is_alive():
+                break
+            time.sleep(0.1)
+        assert ready.exists()
+        with pytest.raises(SystemExit, match=f"in use by another run .*pid {first.pid}"):
+            run_in_process(main, argv)
+    finally:
+        os.kill(first.pid, signal.SIGKILL)  # the kernel drops its lock: no stale lock file to delete
+        first.join()
+    run_in_process(main, argv)
+    assert [m["step"] for m in read_metrics(tmp_path / "out")] == [1, 2, 3]
+
+
+def test_killing_the_torchrun_launcher_also_ends_its_workers(tiny_model_dir, tmp_path):
+    _, argv = STAGES["sft"](tiny_model_dir, tmp_path, tmp_path / "out")
+    argv[argv.index("--max_train_steps") + 1] = "100000"
+    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1",
+                                 "--master_port", free_port(), os.path.join(ROOT, "sft.py"), *argv],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ,
+                                                                                          "OMP_NUM_THREADS": "1"})
+    lock, worker = tmp_path / "out" / "run.lock", None
+    try:
+        for _ in range(1200):  # the worker writes its pid into the lock file once it holds it
+            if lock.exists() and "pid" in lock.read_text():
+                worker = int(lock.read_text().split("pid")[1])
+                break
+            time.sleep(0.1)
+        assert worker is not None and launcher.poll() is None
+    finally:
+        launcher.kill()
+        launcher.wait()
+    for _ in range(100):
+        if not os.path.exists(f"/proc/{worker}") or open(f"/proc/{worker}/stat").read().split()[2] == "Z":
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(worker, signal.SIGKILL)
+        pytest.fail(f"worker {worker} outlived its killed launcher")
+
+
+# ---------------------------------------------------------------------------------------------
+# What a resume checks
+
+def interrupted_sft_run(model_dir, data, output_dir, monkeypatch, *flags):
+    """An SFT run of 4 steps killed (an exception) at step 3, after its checkpoint at step 2."""
+    with monkeypatch.context() as patch:
+        test_sft.interrupt_at_step(patch, 3)
+        with pytest.raises(test_sft.Interrupt):
+            test_sft.run_sft(test_sft.base_args(model_dir, data, output_dir, "--checkpointing_steps", "2", *flags))
+
+
+def test_a_resume_with_other_data_or_another_base_model_is_refused(tiny_model_dir, tiny_tokenizer, tmp_path,
+                                                                    monkeypatch):
+    model = tmp_path / "model"
+    build_tiny_model(tiny_tokenizer).save_pretrained(model)
+    tiny_tokenizer.save_pretrained(model)
+    data = tmp_path / "data.jsonl"
+    test_sft.write_dataset(data)
+    interrupted_sft_run(str(model), str(data), tmp_path / "out", monkeypatch)
+    resume = test_sft.base_args(str(model), str(data), tmp_path / "out", "--checkpointing_steps", "2", "--resume")
+
+    original = data.read_text()
+    data.write_text(original.replace("40 plus 1", "40 plus 2"))
+    with pytest.raises(SystemExit, match="the data changed since .*checkpoint-2"):
+        test_sft.run_sft(resume)
+    data.write_text(original)
+    build_tiny_model(tiny_tokenizer, seed=1).save_pretrained(model)
+    with pytest.raises(SystemExit, match="the model changed since .*checkpoint-2"):
+        test_sft.run_sft(resume)
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume on another number of ranks
+
+def two_rank_worker(rank, ports, runs):
+    """Each (argv, interrupted) in runs as one launch of `torchrun --nproc_per_node 2 sft.py argv`."""
+    torch.set_num_threads(1)
+    for port, (argv, interrupted) in zip(ports, runs):
+        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=port)
+        if interrupted:
+            with pytest.MonkeyPatch.context() as patch:
+                test_sft.interrupt_at_step(patch, 3)
+                with pytest.raises(test_sft.Interrupt):
+                    sft.main(argv)
+        else:
+            sft.main(argv)
+
+
+def test_a_run_resumed_on_another_number_of_ranks_continues_the_same_curve(tiny_model_dir, tmp_path, monkeypatch):
+    data = test_sft.write_dataset(tmp_path / "data.jsonl")
+    one_rank = ("--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2")  # 4 sequences a step
+    two_ranks = ("--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "2")  # 1 x 2 x 2 ranks
+
+    def args(output_dir, split, *flags):
+        return test_sft.base_args(tiny_model_dir, data, tmp_path / output_dir, "--checkpointing_steps", "2", *split,
+                                  *flags)
+    test_sft.run_sft(args("straight", one_rank))
+    interrupted_sft_run(tiny_model_dir, data, tmp_path / "one-to-two", monkeypatch, *one_rank)
+    ports = [free_port()]
+    while len(ports) < 2:  # a fresh rendezvous port per launch
+        ports += [port for port in [free_port()] if port not in ports]
+    mp.spawn(two_rank_worker, nprocs=2, args=(ports, [
+        (args("two-to-one", two_ranks), True), (args("one-to-two", two_ranks, "--resume"), False)]))
+    with pytest.raises(SystemExit, match="trained on 4 sequences per optimizer step, this launch would use 2; "
+                                         "on 1 ranks keep 4 with .* = 1 x 4 or 2 x 2 or 4 x 1"):
+        test_sft.run_sft(args("two-to-one", two_ranks, "--resume"))
+    test_sft.run_sft(args("two-to-one", one_rank, "--resume"))
+
+    straight = read_metrics(tmp_path / "straight")
+    reference = load_file(str(tmp_path / "straight" / "model.safetensors"))
+    for resumed in ("two-to-one", "one-to-two"):
+        metrics = read_metrics(tmp_path / resumed)
+        assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+        for a, b in zip(metrics, straight):
+            assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["lr"] == b["lr"]
+        weights = load_file(str(tmp_path / resumed / "model.safetensors"))
+        for name in reference:
+            torch.testing.assert_close(weights[name], reference[name], rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Several nodes: the README's launch lines, two launchers on one machine
+
+def launch_node(argv, endpoint):
+    """One `torchrun --nnodes 2 --nproc_per_node 1` node of a c10d rendezvous at endpoint."""
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                             "--rdzv_backend", "c10d", "--rdzv_id", "test", "--rdzv_endpoint", endpoint,
+                             os.path.join(ROOT, "sft.py"), *argv], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_two_node_launch_trains_like_one_launch_and_dies_with_either_node(tiny_model_dir, tmp_path):
+    """The weights equal a one-rank run's within fp32 tolerance (the same 4 sequences per step, split 1 x 2 x 2
+    ranks there and 2 x 2 x 1 here: the split-invariant loss makes the two equal, as a 2-rank launch would)."""
+    data = test_sft.write_dataset(tmp_path / "data.jsonl")
+    split = ("--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "2", "--max_train_steps", "2")
+    nodes = [launch_node(test_sft.base_args(tiny_model_dir, data, tmp_path / "nodes", *split),
+                         f"127.0.0.1:{port}") for port in [free_port()] * 2]
+    assert [node.wait(timeout=300) for node in nodes] == [0, 0]
+    test_sft.run_sft(test_sft.base_args(tiny_model_dir, data, tmp_path / "one", "--max_train_steps", "2"))
+    weights, reference = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("nodes", "one"))
+    for name in reference:
+        torch.testing.assert_close(weights[name], reference[name], rtol=1e-4, atol=1e-6)
+
+    long_run = test_sft.base_args(tiny_model_dir, data, tmp_path / "long", *split[:-1], "100000")
+    nodes = [launch_node(long_run, f"127.0.0.1:{port}") for port in [free_port()] * 2]
+    try:
+        for _ in range(1200):  # until training started (rank 0 holds the lock)
+            if (tmp_path / "long" / "metrics.jsonl").exists():
+                break
+            time.sleep(0.1)
+        nodes[0].kill()
+        started = time.monotonic()
+        nodes[1].wait(timeout=60)
+        assert time.monotonic() - started < 30
+    finally:
+        for node in nodes:
+            node.kill()
