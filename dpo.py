@@ -76,11 +76,19 @@ def parse_args(argv=None):
     parser.add_argument("--compile", action="store_true", help="torch.compile each decoder layer")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
                         help="compute dtype; auto = bf16 on GPU, fp32 on CPU (master weights stay fp32)")
-    parser.add_argument("--attn_implementation", default="sdpa")
+    parser.add_argument("--attn_implementation", default="sdpa",
+                        help=f"a transformers attention implementation, or {data_mix.PACKED_ATTENTION}: packed rows "
+                             "attend within each example without a [T, T] mask")
+    parser.add_argument("--max_tokens_per_micro_batch", type=int, default=None, metavar="N",
+                        help="pack each rank's share of the optimizer batch into as few rows of <= N tokens as fit "
+                             "(replaces --per_device_train_batch_size as the micro-batch; same gradient)")
     parser.add_argument("--checkpointing_steps", type=int, default=500, help="write a resumable checkpoint every N steps")
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --output_dir")
     parser.add_argument("--seed", type=int, default=123)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.max_tokens_per_micro_batch is not None and (args.max_tokens_per_micro_batch < 1 or not args.packing):
+        parser.error("--max_tokens_per_micro_batch takes a positive number of tokens and needs --packing")
+    return args
 
 
 # ---------------------------------------------------------------------------------------------
@@ -407,10 +415,10 @@ def load_preference_data(args, tokenizer, rank: int):
 
 def micro_batches(examples, order: list[int], args, rank: int, world_size: int, pad_token_id: int):
     """This rank's share of one optimizer batch, split into collated micro-batches."""
-    mine = order[rank::world_size]
-    size = args.per_device_train_batch_size
-    for start in range(0, len(mine), size):
-        yield data_mix.collate_preference_pairs(examples, mine[start:start + size], pad_token_id, args.packing)
+    pair_length = lambda i: len(examples[i]["chosen_input_ids"]) + len(examples[i]["rejected_input_ids"])  # noqa: E731
+    for pairs in data_mix.micro_batch_indices(order[rank::world_size], args.per_device_train_batch_size,
+                                              args.max_tokens_per_micro_batch, pair_length):
+        yield data_mix.collate_preference_pairs(examples, pairs, pad_token_id, args.packing)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -486,7 +494,13 @@ def accumulate_gradients(model, reference, examples, batch: list[int], args, ran
     mean = args.dpo_loss_type != "dpo"  # dpo_norm, simpo and ipo compare mean per-token log-probs
     totals = torch.zeros(6, device=device)
     input_tokens = torch.zeros((), device=device)
-    for micro in micro_batches(examples, batch, args, rank, world_size, pad_token_id):
+    micros = list(micro_batches(examples, batch, args, rank, world_size, pad_token_id))
+    # FSDP's collectives pair up across ranks, so every rank runs as many micro-batches as the busiest one
+    # (token budgets pack ranks unevenly): a rank with fewer repeats its first with weight 0.
+    most = torch.tensor(len(micros), device=device)
+    dist.all_reduce(most, op=dist.ReduceOp.MAX)
+    for number, micro in enumerate(micros + micros[:1] * (int(most) - len(micros))):
+        weight = float(number < len(micros))
         micro = {k: v.to(device) for k, v in micro.items()}
         chosen_logps, rejected_logps = concatenated_logps(model, micro, mean)
         ref_chosen_logps, ref_rejected_logps = None, None  # simpo
@@ -500,12 +514,13 @@ def accumulate_gradients(model, reference, examples, batch: list[int], args, ran
             beta=args.dpo_beta, label_smoothing=args.dpo_label_smoothing, gamma_beta_ratio=args.dpo_gamma_beta_ratio)
         # The mean over the optimizer batch's pairs: a divisor known before any forward.
         # FSDP averages gradients over ranks; multiplying by world_size turns that average into a sum.
-        loss = losses.sum() / len(batch) * world_size
+        loss = losses.sum() / len(batch) * world_size * weight
         loss.backward()
-        totals += torch.stack([losses.sum(), chosen_rewards.sum(), rejected_rewards.sum(),
-                               (chosen_rewards > rejected_rewards).sum(), chosen_logps.sum(), rejected_logps.sum()]
-                              ).detach()
-        input_tokens += micro["attention_mask"].sum() if "attention_mask" in micro else micro["input_ids"].numel()
+        totals += weight * torch.stack([losses.sum(), chosen_rewards.sum(), rejected_rewards.sum(),
+                                        (chosen_rewards > rejected_rewards).sum(), chosen_logps.sum(),
+                                        rejected_logps.sum()]).detach()
+        input_tokens += weight * (micro["attention_mask"].sum() if "attention_mask" in micro
+                                  else micro["input_ids"].numel())
     dist.all_reduce(totals)
     dist.all_reduce(input_tokens)
     return totals, input_tokens
@@ -536,6 +551,7 @@ def train(args, rank: int, world_size: int, device) -> None:
     if rank == 0:
         data_mix.save_json(os.path.join(args.output_dir, "mixture.json"), data_report)
 
+    data_mix.register_packed_attention()  # --attn_implementation packed_varlen
     model = load_model(args.model_name_or_path, args, device, rank)
     # The reference is the initial model: scored before any update (and before a resume loads trained weights).
     reference = None  # simpo has none

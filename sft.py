@@ -68,11 +68,19 @@ def parse_args(argv=None):
     parser.add_argument("--compile", action="store_true", help="torch.compile each decoder layer")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
                         help="compute dtype; auto = bf16 on GPU, fp32 on CPU (master weights stay fp32)")
-    parser.add_argument("--attn_implementation", default="sdpa")
+    parser.add_argument("--attn_implementation", default="sdpa",
+                        help=f"a transformers attention implementation, or {data_mix.PACKED_ATTENTION}: packed rows "
+                             "attend within each example without a [T, T] mask")
+    parser.add_argument("--max_tokens_per_micro_batch", type=int, default=None, metavar="N",
+                        help="pack each rank's share of the optimizer batch into as few rows of <= N tokens as fit "
+                             "(replaces --per_device_train_batch_size as the micro-batch; same gradient)")
     parser.add_argument("--checkpointing_steps", type=int, default=500, help="write a resumable checkpoint every N steps")
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --output_dir")
     parser.add_argument("--seed", type=int, default=123)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.max_tokens_per_micro_batch is not None and (args.max_tokens_per_micro_batch < 1 or not args.packing):
+        parser.error("--max_tokens_per_micro_batch takes a positive number of tokens and needs --packing")
+    return args
 
 
 # ---------------------------------------------------------------------------------------------
@@ -359,10 +367,10 @@ def load_sft_data(args, tokenizer, rank: int):
 
 def micro_batches(examples, order: list[int], args, rank: int, world_size: int, pad_token_id: int):
     """This rank's share of one optimizer batch, split into collated micro-batches."""
-    mine = order[rank::world_size]
-    size = args.per_device_train_batch_size
-    for start in range(0, len(mine), size):
-        rows = [examples[i] for i in mine[start:start + size]]
+    length = lambda i: len(examples[i]["input_ids"])  # noqa: E731
+    for indices in data_mix.micro_batch_indices(order[rank::world_size], args.per_device_train_batch_size,
+                                                args.max_tokens_per_micro_batch, length):
+        rows = [examples[i] for i in indices]
         yield data_mix.collate_packed(rows) if args.packing else data_mix.collate_padded(rows, pad_token_id)
 
 
@@ -385,13 +393,19 @@ def accumulate_gradients(model, examples, batch: list[int], args, rank: int, wor
     denominator = len(batch) if args.loss_reduction == "sum" else trained_tokens
     summed_nll = torch.zeros((), device=device)
     input_tokens = torch.zeros((), device=device)
-    for micro in micros:
+    # FSDP's collectives pair up across ranks, so every rank runs as many micro-batches as the busiest one
+    # (token budgets pack ranks unevenly): a rank with fewer repeats its first with weight 0.
+    most = torch.tensor(len(micros), device=device)
+    dist.all_reduce(most, op=dist.ReduceOp.MAX)
+    for number, micro in enumerate(micros + micros[:1] * (int(most) - len(micros))):
+        weight = float(number < len(micros))
         label_logprobs = model(**micro)
         # FSDP averages gradients over ranks; multiplying by world_size turns that average into a sum.
-        loss = sft_loss(label_logprobs, micro["labels"], denominator) * world_size
+        loss = sft_loss(label_logprobs, micro["labels"], denominator) * world_size * weight
         loss.backward()
         summed_nll += loss.detach() * denominator / world_size
-        input_tokens += micro["attention_mask"].sum() if "attention_mask" in micro else micro["input_ids"].numel()
+        input_tokens += weight * (micro["attention_mask"].sum() if "attention_mask" in micro
+                                  else micro["input_ids"].numel())
     dist.all_reduce(summed_nll)
     dist.all_reduce(input_tokens)
     return summed_nll, trained_tokens, input_tokens
@@ -422,6 +436,7 @@ def train(args, rank: int, world_size: int, device) -> None:
     if rank == 0:
         data_mix.save_json(os.path.join(args.output_dir, "mixture.json"), data_report)
 
+    data_mix.register_packed_attention()  # --attn_implementation packed_varlen
     model = load_model(args.model_name_or_path, args, device, rank)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay,
                                   fused=device.type == "cuda")
