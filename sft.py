@@ -17,7 +17,8 @@ token losses by the number of sequences in the optimizer batch (Tülu 3); `mean`
 number of trained tokens in the optimizer batch, counted over all ranks before the forward. Either
 way the divisor is a property of the whole optimizer batch, so the gradient does not depend on how
 the batch is split into micro-batches and ranks (averaging per micro-batch would over-weight short
-examples).
+examples). That is what lets --max_tokens_per_micro_batch regroup each rank's share into a few full rows
+(fewer FSDP gathers and reductions per step) without changing the gradient.
 
 Simplified relative to open-instruct: no LoRA, no DeepSpeed, no logging services; the last partial
 optimizer batch of an epoch is dropped; a resumed run needs the same number of ranks.
