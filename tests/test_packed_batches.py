@@ -160,7 +160,9 @@ def test_packed_attention_gives_the_dense_mask_outputs_and_gradients_without_a_d
     data_mix.register_packed_attention()
     model = build_tiny_model(tiny_tokenizer)
     dense_logits, dense_grads, dense_shapes = packed_forward_backward(model, "sdpa")
+    data_mix.document_bounds.cache_clear()
     logits, grads, shapes = packed_forward_backward(model, data_mix.PACKED_ATTENTION)
+    assert data_mix.document_bounds.cache_info().misses == 1  # the documents are found once, not once per layer
     torch.testing.assert_close(logits, dense_logits, rtol=1e-5, atol=1e-5)
     for name, grad in grads.items():
         torch.testing.assert_close(grad, dense_grads[name], rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
