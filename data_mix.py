@@ -342,8 +342,9 @@ def document_bounds(position_ids, rows: int, version: int):  # position_ids, so 
 
 def packed_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
                      position_ids=None, **kwargs):
-    """Causal attention within each document of packed rows. query, key, value [B, H or Hkv, T, E] -> [B, T, H, E]. CUDA (bf16/fp16): one variable-length flash kernel (torch.nn.attention.varlen) over all
-    documents; elsewhere one SDPA call per document (each sees only its own keys)."""
+    """Causal attention within each document of packed rows: query, key, value [B, H or Hkv, T, E] -> [B, T, H, E].
+    CUDA (bf16/fp16): one variable-length flash kernel (torch.nn.attention.varlen) over all documents;
+    elsewhere one SDPA call per document (each sees only its own keys)."""
     batch, heads, length = query.shape[:3]
     if position_ids is None or attention_mask is not None or key.shape[2] != length \
             or not getattr(module, "is_causal", False):

@@ -202,16 +202,17 @@ def baseline_runner(path, run_args, examples, rank, world_size, device):
     update = make_update(model.train(), run_args, device)
     size = run_args.per_device_train_batch_size
 
-    def plan(batch):
-        return [[data_mix.collate_padded([examples[i] for i in batch[r::world_size][start:start + size]], 0)
-                 for start in range(0, len(batch[r::world_size]), size)] for r in range(world_size)]
+    def micro_batches(batch, r):
+        mine = batch[r::world_size]
+        return [data_mix.collate_padded([examples[i] for i in mine[start:start + size]], pad_token_id=0)
+                for start in range(0, len(mine), size)]
 
     def step(batch):
-        for micro in plan(batch)[rank]:
+        for micro in micro_batches(batch, rank):
             micro = {k: v.to(device) for k, v in micro.items()}
             model(**micro).loss.backward()
         update()
-    return step, plan, model
+    return step, lambda batch: [micro_batches(batch, r) for r in range(world_size)], model
 
 
 def sft_runner(path, run_args, examples, rank, world_size, device):
@@ -240,7 +241,8 @@ def dpo_runner(path, run_args, examples, rank, world_size, device):
         return interleave([[i // 2 for i in batch[r::world_size][0::2]] for r in range(world_size)])
 
     def plan(batch):
-        return [list(dpo.micro_batches(pairs, pair_batch(batch), run_args, r, world_size, 0)) for r in range(world_size)]
+        return [list(dpo.micro_batches(pairs, pair_batch(batch), run_args, r, world_size, 0))
+                for r in range(world_size)]
 
     def step(batch):
         dpo.accumulate_gradients(model, reference, pairs, pair_batch(batch), run_args, rank, world_size, device, 0)
@@ -248,7 +250,8 @@ def dpo_runner(path, run_args, examples, rank, world_size, device):
     return step, plan, model
 
 
-# name: (runner, script whose argparse defaults apply, packing, micro-batches of pairs)
+# name: (runner, script whose argparse defaults apply, packing, micro-batches of pairs). A runner returns
+# step(batch), plan(batch) (every rank's micro-batches of that step, as the script builds them) and the model.
 VARIANTS = {"baseline": (baseline_runner, sft, False, False), "sft_padded": (sft_runner, sft, False, False),
             "sft_packed": (sft_runner, sft, True, False), "sft_budget": (sft_runner, sft, True, False),
             "dpo_packed": (dpo_runner, dpo, True, True), "dpo_budget": (dpo_runner, dpo, True, True)}

@@ -18,7 +18,7 @@ from test_sft import conversations
 
 # None: --per_device_train_batch_size 1 (the Tülu 3 recipe's flags). The tiny examples have 40 to 68 tokens
 # (pairs 70 to 99): 170 and 200 pack two ranks' shares into different numbers of micro-batches.
-BUDGETS = (None, 170, 200, 4096)
+BUDGETS = (None, 170, 200)
 
 
 # ---------------------------------------------------------------------------------------------
