@@ -413,11 +413,14 @@ def load_preference_data(args, tokenizer, rank: int):
     return examples, report
 
 
-def micro_batches(examples, order: list[int], args, rank: int, world_size: int, pad_token_id: int):
-    """This rank's share of one optimizer batch, split into collated micro-batches."""
-    pair_length = lambda i: len(examples[i]["chosen_input_ids"]) + len(examples[i]["rejected_input_ids"])  # noqa: E731
-    for pairs in data_mix.micro_batch_indices(order[rank::world_size], args.per_device_train_batch_size,
-                                              args.max_tokens_per_micro_batch, pair_length):
+def micro_batches(examples, order: list[int], args, rank: int, world_size: int, pad_token_id: int,
+                  stand_in: bool = False):
+    """This rank's share of one optimizer batch, split into collated micro-batches (stand_in: its shortest
+    pair alone, the cheapest micro-batch for a rank that must run one that trains nothing)."""
+    length = lambda i: len(examples[i]["chosen_input_ids"]) + len(examples[i]["rejected_input_ids"])  # noqa: E731
+    mine = order[rank::world_size]
+    for pairs in [[min(mine, key=length)]] if stand_in else data_mix.micro_batch_indices(
+            mine, args.per_device_train_batch_size, args.max_tokens_per_micro_batch, length):
         yield data_mix.collate_preference_pairs(examples, pairs, pad_token_id, args.packing)
 
 
@@ -496,10 +499,11 @@ def accumulate_gradients(model, reference, examples, batch: list[int], args, ran
     input_tokens = torch.zeros((), device=device)
     micros = list(micro_batches(examples, batch, args, rank, world_size, pad_token_id))
     # FSDP's collectives pair up across ranks, so every rank runs as many micro-batches as the busiest one
-    # (token budgets pack ranks unevenly): a rank with fewer repeats its first with weight 0.
+    # (token budgets pack ranks unevenly): a rank with fewer adds stand-ins with weight 0.
     most = torch.tensor(len(micros), device=device)
     dist.all_reduce(most, op=dist.ReduceOp.MAX)
-    for number, micro in enumerate(micros + micros[:1] * (int(most) - len(micros))):
+    stand_ins = list(micro_batches(examples, batch, args, rank, world_size, pad_token_id, stand_in=True))
+    for number, micro in enumerate(micros + stand_ins * (int(most) - len(micros))):
         weight = float(number < len(micros))
         micro = {k: v.to(device) for k, v in micro.items()}
         chosen_logps, rejected_logps = concatenated_logps(model, micro, mean)

@@ -366,11 +366,14 @@ def load_sft_data(args, tokenizer, rank: int):
     return examples, report
 
 
-def micro_batches(examples, order: list[int], args, rank: int, world_size: int, pad_token_id: int):
-    """This rank's share of one optimizer batch, split into collated micro-batches."""
+def micro_batches(examples, order: list[int], args, rank: int, world_size: int, pad_token_id: int,
+                  stand_in: bool = False):
+    """This rank's share of one optimizer batch, split into collated micro-batches (stand_in: its shortest
+    example alone, the cheapest micro-batch for a rank that must run one that trains nothing)."""
     length = lambda i: len(examples[i]["input_ids"])  # noqa: E731
-    for indices in data_mix.micro_batch_indices(order[rank::world_size], args.per_device_train_batch_size,
-                                                args.max_tokens_per_micro_batch, length):
+    mine = order[rank::world_size]
+    for indices in [[min(mine, key=length)]] if stand_in else data_mix.micro_batch_indices(
+            mine, args.per_device_train_batch_size, args.max_tokens_per_micro_batch, length):
         rows = [examples[i] for i in indices]
         yield data_mix.collate_packed(rows) if args.packing else data_mix.collate_padded(rows, pad_token_id)
 
@@ -395,10 +398,12 @@ def accumulate_gradients(model, examples, batch: list[int], args, rank: int, wor
     summed_nll = torch.zeros((), device=device)
     input_tokens = torch.zeros((), device=device)
     # FSDP's collectives pair up across ranks, so every rank runs as many micro-batches as the busiest one
-    # (token budgets pack ranks unevenly): a rank with fewer repeats its first with weight 0.
+    # (token budgets pack ranks unevenly): a rank with fewer adds stand-ins with weight 0.
     most = torch.tensor(len(micros), device=device)
     dist.all_reduce(most, op=dist.ReduceOp.MAX)
-    for number, micro in enumerate(micros + micros[:1] * (int(most) - len(micros))):
+    stand_ins = [{k: v.to(device) for k, v in micro.items()}
+                 for micro in micro_batches(examples, batch, args, rank, world_size, pad_token_id, stand_in=True)]
+    for number, micro in enumerate(micros + stand_ins * (int(most) - len(micros))):
         weight = float(number < len(micros))
         label_logprobs = model(**micro)
         # FSDP averages gradients over ranks; multiplying by world_size turns that average into a sum.

@@ -5,6 +5,7 @@
     torchrun --nproc_per_node 1 bench/bench_train.py --models llama1b --compile
     torchrun --nproc_per_node 2 bench/bench_train.py --lengths tulu3 --length_scale 0.25 --num_hidden_layers 2 \
         --max_tokens_per_micro_batch 2048 --steps 2          # CPU: what the token budget changes
+    python bench/bench_train.py --lengths tulu3 --plan_ranks 8 --steps 200   # micro-batches at full scale
 
 Per model (random weights in a temporary directory, read by the scripts' own loaders), one process
 times each variant in turn on the same random-token examples:
@@ -83,6 +84,8 @@ def parse_args():
     parser.add_argument("--length_scale", type=float, default=1.0, help="tulu3: multiply every length")
     parser.add_argument("--gradient_accumulation_steps", type=int, default=16, help="tulu3: sequences per rank")
     parser.add_argument("--max_tokens_per_micro_batch", type=int, default=16384, help="the *_budget variants")
+    parser.add_argument("--plan_ranks", type=int, default=None,
+                        help="tulu3: only count SFT's micro-batches for this many ranks (no model, no timing)")
     parser.add_argument("--warmup_steps", type=int, default=2 if gpu else 1)
     parser.add_argument("--steps", type=int, default=5 if gpu else 1, help="timed steps")
     parser.add_argument("--gradient_checkpointing", action="store_true")
@@ -212,7 +215,7 @@ def baseline_runner(path, run_args, examples, rank, world_size, device):
             micro = {k: v.to(device) for k, v in micro.items()}
             model(**micro).loss.backward()
         update()
-    return step, lambda batch: [micro_batches(batch, r) for r in range(world_size)], model
+    return step, lambda batch: [(micro_batches(batch, r), None) for r in range(world_size)], model  # equal counts
 
 
 def sft_runner(path, run_args, examples, rank, world_size, device):
@@ -220,7 +223,9 @@ def sft_runner(path, run_args, examples, rank, world_size, device):
     update = make_update(model, run_args, device)
 
     def plan(batch):
-        return [list(sft.micro_batches(examples, batch, run_args, r, world_size, 0)) for r in range(world_size)]
+        return [(list(sft.micro_batches(examples, batch, run_args, r, world_size, 0)),
+                 next(sft.micro_batches(examples, batch, run_args, r, world_size, 0, stand_in=True)))
+                for r in range(world_size)]
 
     def step(batch):
         sft.accumulate_gradients(model, examples, batch, run_args, rank, world_size, device, pad_token_id=0)
@@ -241,7 +246,8 @@ def dpo_runner(path, run_args, examples, rank, world_size, device):
         return interleave([[i // 2 for i in batch[r::world_size][0::2]] for r in range(world_size)])
 
     def plan(batch):
-        return [list(dpo.micro_batches(pairs, pair_batch(batch), run_args, r, world_size, 0))
+        return [(list(dpo.micro_batches(pairs, pair_batch(batch), run_args, r, world_size, 0)),
+                 next(dpo.micro_batches(pairs, pair_batch(batch), run_args, r, world_size, 0, stand_in=True)))
                 for r in range(world_size)]
 
     def step(batch):
@@ -284,14 +290,14 @@ def step_shape(plan, steps) -> dict:
     runs = real_micro_batches = real_tokens = computed_tokens = 0
     for batch in steps:
         per_rank = plan(batch)
-        most = max(map(len, per_rank))  # every rank runs this many (the others are weight-0 stand-ins)
+        most = max(len(micros) for micros, _ in per_rank)  # every rank runs this many, the rest weight-0 stand-ins
         runs += most
-        for micros in per_rank:
+        for micros, stand_in in per_rank:
             real_micro_batches += len(micros)
             real_tokens += sum(int(m["attention_mask"].sum()) if "attention_mask" in m else m["input_ids"].numel()
                                for m in micros)
-            computed_tokens += (sum(m["input_ids"].numel() for m in micros)
-                                + (most - len(micros)) * micros[0]["input_ids"].numel())
+            computed_tokens += sum(m["input_ids"].numel() for m in micros)
+            computed_tokens += (most - len(micros)) * (stand_in["input_ids"].numel() if stand_in else 0)
     return {"micro_batches_per_step": runs / len(steps), "tokens_per_micro_batch": real_tokens / real_micro_batches,
             "padding": 1 - real_tokens / computed_tokens, "runs": runs}
 
@@ -385,8 +391,25 @@ def markdown(rows) -> str:
     return "\n".join(lines)
 
 
+def plan_only(args) -> None:
+    """SFT's micro-batches per step for --plan_ranks ranks, with and without the budget: no model, no timing."""
+    examples, steps = tulu3_steps(args.steps, args, 1000, args.plan_ranks)
+    print(f"{args.plan_ranks} ranks x {args.gradient_accumulation_steps} sequences, {args.steps} steps, "
+          f"length_scale={args.length_scale}, max_tokens_per_micro_batch={args.max_tokens_per_micro_batch}")
+    for name in ("sft_packed", "sft_budget"):
+        run_args = variant_args(name, "unused", args)
+        shape = step_shape(lambda batch: [
+            (list(sft.micro_batches(examples, batch, run_args, r, args.plan_ranks, 0)),
+             next(sft.micro_batches(examples, batch, run_args, r, args.plan_ranks, 0, stand_in=True)))
+            for r in range(args.plan_ranks)], steps)
+        print(f"{name}: {shape['micro_batches_per_step']:.2f} micro-batches per step and rank, "
+              f"{shape['tokens_per_micro_batch']:,.0f} tokens per micro-batch, padding {100 * shape['padding']:.1f}%")
+
+
 def main():
     args = parse_args()
+    if args.plan_ranks:
+        return plan_only(args)
     rank, world_size, device = sft.init_distributed()
     data_mix.register_packed_attention()  # --attn_implementation packed_varlen
     try:
