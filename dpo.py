@@ -91,11 +91,18 @@ def parse_args(argv=None):
     parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
                         help="compute dtype; auto = bf16 on GPU, fp32 on CPU (master weights stay fp32)")
     parser.add_argument("--attn_implementation", default=None,
-                        help="e.g. sdpa, eager; default: the model's own choice (sdpa where it supports it)")
+                        help=f"e.g. sdpa, eager, or {data_mix.PACKED_ATTENTION}: packed rows attend within each example "
+                             "without a [T, T] mask; default: the model's own choice (sdpa where it supports it)")
+    parser.add_argument("--max_tokens_per_micro_batch", type=int, default=None, metavar="N",
+                        help="pack each rank's share of the optimizer batch into as few rows of <= N tokens as fit "
+                             "(replaces --per_device_train_batch_size as the micro-batch; same gradient)")
     parser.add_argument("--checkpointing_steps", type=int, default=500, help="write a resumable checkpoint every N steps")
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --output_dir")
     parser.add_argument("--seed", type=int, default=123)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.max_tokens_per_micro_batch is not None and (args.max_tokens_per_micro_batch < 1 or not args.packing):
+        parser.error("--max_tokens_per_micro_batch takes a positive number of tokens and needs --packing")
+    return args
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,7 +359,8 @@ def logprob_gap(model, path: str, input_ids, stage_logprobs, rank: int) -> tuple
         verbosity = transformers.logging.get_verbosity()
         transformers.logging.set_verbosity_error()  # not a word on the layers it leaves out
         try:
-            plain = AutoModelForCausalLM.from_pretrained(path, config=reference_config, dtype=torch.float32)
+            plain = AutoModelForCausalLM.from_pretrained(path, config=reference_config, dtype=torch.float32,
+                                                         attn_implementation="eager")  # the plainest kernel
         finally:
             transformers.logging.set_verbosity(verbosity)
         with torch.no_grad():
@@ -625,12 +633,15 @@ def load_preference_data(args, tokenizer, rank: int):
     return examples, report
 
 
-def micro_batches(examples, order: list[int], args, rank: int, world_size: int, pad_token_id: int):
-    """This rank's share of one optimizer batch, split into collated micro-batches."""
+def micro_batches(examples, order: list[int], args, rank: int, world_size: int, pad_token_id: int,
+                  stand_in: bool = False):
+    """This rank's share of one optimizer batch, split into collated micro-batches (stand_in: its shortest
+    pair alone, the cheapest micro-batch for a rank that must run one that trains nothing)."""
+    length = lambda i: len(examples[i]["chosen_input_ids"]) + len(examples[i]["rejected_input_ids"])  # noqa: E731
     mine = order[rank::world_size]
-    size = args.per_device_train_batch_size
-    for start in range(0, len(mine), size):
-        yield data_mix.collate_preference_pairs(examples, mine[start:start + size], pad_token_id, args.packing)
+    for pairs in [[min(mine, key=length)]] if stand_in else data_mix.micro_batch_indices(
+            mine, args.per_device_train_batch_size, args.max_tokens_per_micro_batch, length):
+        yield data_mix.collate_preference_pairs(examples, pairs, pad_token_id, args.packing)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -691,7 +702,14 @@ def accumulate_gradients(model, reference, examples, batch: list[int], args, ran
     mean = args.dpo_loss_type != "dpo"  # dpo_norm, simpo and ipo compare mean per-token log-probs
     totals = torch.zeros(6, device=device)
     input_tokens = torch.zeros((), device=device)
-    for micro in micro_batches(examples, batch, args, rank, world_size, pad_token_id):
+    micros = list(micro_batches(examples, batch, args, rank, world_size, pad_token_id))
+    # FSDP's collectives pair up across ranks, so every rank runs as many micro-batches as the busiest one
+    # (token budgets pack ranks unevenly): a rank with fewer adds stand-ins with weight 0.
+    most = torch.tensor(len(micros), device=device)
+    dist.all_reduce(most, op=dist.ReduceOp.MAX)
+    stand_ins = list(micro_batches(examples, batch, args, rank, world_size, pad_token_id, stand_in=True))
+    for number, micro in enumerate(micros + stand_ins * (int(most) - len(micros))):
+        weight = float(number < len(micros))
         micro = {k: v.to(device) for k, v in micro.items()}
         chosen_logps, rejected_logps = concatenated_logps(model, micro, mean)
         ref_chosen_logps, ref_rejected_logps = None, None  # simpo
@@ -705,12 +723,13 @@ def accumulate_gradients(model, reference, examples, batch: list[int], args, ran
             beta=args.dpo_beta, label_smoothing=args.dpo_label_smoothing, gamma_beta_ratio=args.dpo_gamma_beta_ratio)
         # The mean over the optimizer batch's pairs: a divisor known before any forward.
         # FSDP averages gradients over ranks; multiplying by world_size turns that average into a sum.
-        loss = losses.sum() / len(batch) * world_size
+        loss = losses.sum() / len(batch) * world_size * weight
         loss.backward()
-        totals += torch.stack([losses.sum(), chosen_rewards.sum(), rejected_rewards.sum(),
-                               (chosen_rewards > rejected_rewards).sum(), chosen_logps.sum(), rejected_logps.sum()]
-                              ).detach()
-        input_tokens += micro["attention_mask"].sum() if "attention_mask" in micro else micro["input_ids"].numel()
+        totals += weight * torch.stack([losses.sum(), chosen_rewards.sum(), rejected_rewards.sum(),
+                                        (chosen_rewards > rejected_rewards).sum(), chosen_logps.sum(),
+                                        rejected_logps.sum()]).detach()
+        input_tokens += weight * (micro["attention_mask"].sum() if "attention_mask" in micro
+                                  else micro["input_ids"].numel())
     dist.all_reduce(totals)
     dist.all_reduce(input_tokens)
     return totals, input_tokens
@@ -747,6 +766,7 @@ def train(args, rank: int, world_size: int, device) -> None:
     if rank == 0:
         data_mix.save_json(os.path.join(args.output_dir, "mixture.json"), data_report)
 
+    data_mix.register_packed_attention()  # --attn_implementation packed_varlen
     model = load_model(args.model_name_or_path, args, device, rank)
     first_pair = examples[torch.randperm(len(examples), generator=torch.Generator().manual_seed(args.seed))[0].item()]
     check_loaded_model(model, args.model_name_or_path, torch.tensor([first_pair["chosen_input_ids"][:64]], device=device),

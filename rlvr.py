@@ -637,7 +637,8 @@ def logprob_gap(model, path: str, input_ids, stage_logprobs, rank: int) -> tuple
         verbosity = transformers.logging.get_verbosity()
         transformers.logging.set_verbosity_error()  # not a word on the layers it leaves out
         try:
-            plain = AutoModelForCausalLM.from_pretrained(path, config=reference_config, dtype=torch.float32)
+            plain = AutoModelForCausalLM.from_pretrained(path, config=reference_config, dtype=torch.float32,
+                                                         attn_implementation="eager")  # the plainest kernel
         finally:
             transformers.logging.set_verbosity(verbosity)
         with torch.no_grad():

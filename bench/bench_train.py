@@ -3,6 +3,9 @@
     python bench/bench_train.py              # CPU: the bundled model's shape, short rows
     python bench/bench_train.py --models llama1b llama3b --gradient_checkpointing     # one GPU
     torchrun --nproc_per_node 1 bench/bench_train.py --models llama1b --compile
+    torchrun --nproc_per_node 2 bench/bench_train.py --lengths tulu3 --length_scale 0.25 --num_hidden_layers 2 \
+        --max_tokens_per_micro_batch 2048 --steps 2          # CPU: what the token budget changes
+    python bench/bench_train.py --lengths tulu3 --plan_ranks 8 --steps 200   # micro-batches at full scale
 
 Per model (random weights in a temporary directory, read by the scripts' own loaders), one process
 times each variant in turn on the same random-token examples:
@@ -13,9 +16,21 @@ times each variant in turn on the same random-token examples:
 - dpo_packed: dpo.load_model + dpo.accumulate_gradients on the same tokens (neighbouring examples of
               a row are a chosen/rejected pair, so a micro-batch is again one row), with constant
               reference log-probs in place of dpo.py's cached table.
-A row of --row_tokens tokens is split into --examples_per_row examples of random lengths (weights
-uniform in [1, 8)), labels on each example's last 70%. A padded micro-batch is one row's examples
-padded to the longest; a packed one is the row itself. A variant that runs out of memory reads OOM.
+- sft_budget / dpo_budget: the same with --max_tokens_per_micro_batch (rows of at most that many tokens).
+--lengths rows: a row of --row_tokens tokens is split into --examples_per_row examples of random lengths
+(weights uniform in [1, 8)); a padded micro-batch is one row's examples padded to the longest, a packed one
+is the row itself. --lengths tulu3: the recipe's flags (1 sequence per micro-batch, --gradient_accumulation_steps
+16 per rank) on lengths shaped like the Tülu 3 SFT mixture: lognormal, median 470 tokens, sigma 1 (mean 775),
+cut at 4096, all times --length_scale. The mean is the dataset card's size (2.91 GB of messages for 939,343
+rows, 3.1 kB a row, about 4 bytes a token); the spread is an assumption (a few-hundred-token median with a
+long tail of multi-turn and code rows). DPO pairs neighbouring examples, so its step holds half as many
+pairs as SFT has sequences, on the same tokens. Labels are on each example's last 70%. A variant that
+runs out of memory reads OOM.
+
+Per step and rank (counted on the step's real micro-batches, the ones sft/dpo build): micro-batches run
+(with the weight-0 stand-ins that keep ranks in step), real tokens per micro-batch, padding (tokens computed
+that train nothing: pad positions and stand-ins, as a fraction), and FSDP collective bytes (what FSDP hands
+to all_gather_single and reduce_scatter_single, counted during the timed steps).
 
 Model FLOPs (the work training needs, whatever a variant executes: padding and recompute count 0):
     6 * P_linear * tokens                 P_linear: weights of the decoder layers' nn.Linear modules
@@ -65,6 +80,12 @@ def parse_args():
     parser.add_argument("--row_tokens", type=int, default=8192 if gpu else 256, help="tokens per packed row")
     parser.add_argument("--examples_per_row", type=int, default=4, help="even: dpo pairs neighbours")
     parser.add_argument("--rows_per_step", type=int, default=4 if gpu else 1, help="micro-batches per step")
+    parser.add_argument("--lengths", default="rows", choices=["rows", "tulu3"], help="see the module docstring")
+    parser.add_argument("--length_scale", type=float, default=1.0, help="tulu3: multiply every length")
+    parser.add_argument("--gradient_accumulation_steps", type=int, default=16, help="tulu3: sequences per rank")
+    parser.add_argument("--max_tokens_per_micro_batch", type=int, default=16384, help="the *_budget variants")
+    parser.add_argument("--plan_ranks", type=int, default=None,
+                        help="tulu3: only count SFT's micro-batches for this many ranks (no model, no timing)")
     parser.add_argument("--warmup_steps", type=int, default=2 if gpu else 1)
     parser.add_argument("--steps", type=int, default=5 if gpu else 1, help="timed steps")
     parser.add_argument("--gradient_checkpointing", action="store_true")
@@ -77,6 +98,8 @@ def parse_args():
     args = parser.parse_args()
     if args.examples_per_row % 2 or args.row_tokens < 4 * args.examples_per_row or args.steps < 1:
         parser.error("--examples_per_row must be even, --row_tokens >= 4 per example, --steps >= 1")
+    if args.gradient_accumulation_steps % 2 or not 0 < args.length_scale <= 1:
+        parser.error("--gradient_accumulation_steps must be even (dpo pairs neighbours), --length_scale in (0, 1]")
     return args
 
 
@@ -108,6 +131,25 @@ def make_steps(num_steps: int, args, vocab_size: int, world_size: int):
                 prompt = int(length * 0.3)
                 examples.append({"input_ids": ids, "labels": [data_mix.IGNORE_INDEX] * prompt + ids[prompt:]})
         steps.append(interleave([sum(rows[r::world_size], []) for r in range(world_size)]))
+    return examples, steps
+
+
+def tulu3_steps(num_steps: int, args, vocab_size: int, world_size: int):
+    """Examples with Tülu 3 SFT-shaped lengths (module docstring); each rank's share of a step is consecutive."""
+    generator = torch.Generator().manual_seed(0)
+    examples, steps = [], []
+    cap = int(4096 * args.length_scale)
+    for _ in range(num_steps):
+        per_rank = []
+        for _ in range(world_size):
+            normal = torch.randn(args.gradient_accumulation_steps, generator=generator)
+            lengths = (470 * args.length_scale * normal.exp()).long().clamp(4, cap)  # lognormal(log 470, 1)
+            per_rank.append(list(range(len(examples), len(examples) + len(lengths))))
+            for length in lengths.tolist():
+                ids = torch.randint(0, vocab_size, (length,), generator=generator).tolist()
+                prompt = int(length * 0.3)
+                examples.append({"input_ids": ids, "labels": [data_mix.IGNORE_INDEX] * prompt + ids[prompt:]})
+        steps.append(interleave(per_rank))
     return examples, steps
 
 
@@ -163,24 +205,32 @@ def baseline_runner(path, run_args, examples, rank, world_size, device):
     update = make_update(model.train(), run_args, device)
     size = run_args.per_device_train_batch_size
 
+    def micro_batches(batch, r):
+        mine = batch[r::world_size]
+        return [data_mix.collate_padded([examples[i] for i in mine[start:start + size]], pad_token_id=0)
+                for start in range(0, len(mine), size)]
+
     def step(batch):
-        mine = batch[rank::world_size]
-        for start in range(0, len(mine), size):
-            micro = data_mix.collate_padded([examples[i] for i in mine[start:start + size]], pad_token_id=0)
+        for micro in micro_batches(batch, rank):
             micro = {k: v.to(device) for k, v in micro.items()}
             model(**micro).loss.backward()
         update()
-    return step
+    return step, lambda batch: [(micro_batches(batch, r), None) for r in range(world_size)], model  # equal counts
 
 
 def sft_runner(path, run_args, examples, rank, world_size, device):
     model = sft.load_model(path, run_args, device, rank).train()
     update = make_update(model, run_args, device)
 
+    def plan(batch):
+        return [(list(sft.micro_batches(examples, batch, run_args, r, world_size, 0)),
+                 next(sft.micro_batches(examples, batch, run_args, r, world_size, 0, stand_in=True)))
+                for r in range(world_size)]
+
     def step(batch):
         sft.accumulate_gradients(model, examples, batch, run_args, rank, world_size, device, pad_token_id=0)
         update()
-    return step
+    return step, plan, model
 
 
 def dpo_runner(path, run_args, examples, rank, world_size, device):
@@ -192,17 +242,25 @@ def dpo_runner(path, run_args, examples, rank, world_size, device):
     model = dpo.load_model(path, run_args, device, rank).train()
     update = make_update(model, run_args, device)
 
+    def pair_batch(batch):  # rank r's examples are batch[r::world_size] in order; examples 2j, 2j+1 are pair j
+        return interleave([[i // 2 for i in batch[r::world_size][0::2]] for r in range(world_size)])
+
+    def plan(batch):
+        return [(list(dpo.micro_batches(pairs, pair_batch(batch), run_args, r, world_size, 0)),
+                 next(dpo.micro_batches(pairs, pair_batch(batch), run_args, r, world_size, 0, stand_in=True)))
+                for r in range(world_size)]
+
     def step(batch):
-        # Rank r's examples are batch[r::world_size], row by row; examples 2j and 2j+1 form pair j.
-        pair_batch = interleave([[i // 2 for i in batch[r::world_size][0::2]] for r in range(world_size)])
-        dpo.accumulate_gradients(model, reference, pairs, pair_batch, run_args, rank, world_size, device, 0)
+        dpo.accumulate_gradients(model, reference, pairs, pair_batch(batch), run_args, rank, world_size, device, 0)
         update()
-    return step
+    return step, plan, model
 
 
-# name: (runner, script whose argparse defaults apply, packing, micro-batches of pairs)
+# name: (runner, script whose argparse defaults apply, packing, micro-batches of pairs). A runner returns
+# step(batch), plan(batch) (every rank's micro-batches of that step, as the script builds them) and the model.
 VARIANTS = {"baseline": (baseline_runner, sft, False, False), "sft_padded": (sft_runner, sft, False, False),
-            "sft_packed": (sft_runner, sft, True, False), "dpo_packed": (dpo_runner, dpo, True, True)}
+            "sft_packed": (sft_runner, sft, True, False), "sft_budget": (sft_runner, sft, True, False),
+            "dpo_packed": (dpo_runner, dpo, True, True), "dpo_budget": (dpo_runner, dpo, True, True)}
 
 
 def variant_args(name: str, path: str, args):
@@ -210,27 +268,72 @@ def variant_args(name: str, path: str, args):
     _, module, packing, pairs = VARIANTS[name]
     run_args = module.parse_args(["--model_name_or_path", path, "--dataset_mixer_list", "unused", "1.0",
                                   "--output_dir", os.path.join(path, "unused")])
-    run_args.per_device_train_batch_size = args.examples_per_row // (2 if pairs else 1)
+    run_args.per_device_train_batch_size = 1 if args.lengths == "tulu3" else args.examples_per_row // (1 + pairs)
+    if name.endswith("_budget"):
+        run_args.max_tokens_per_micro_batch = args.max_tokens_per_micro_batch
     run_args.packing, run_args.attn_implementation = packing, args.attn_implementation
     run_args.gradient_checkpointing, run_args.compile = args.gradient_checkpointing, args.compile
     return run_args
 
 
-def measure(name: str, path: str, args, examples, steps, rank, world_size, device) -> tuple[float, float]:
-    """(seconds of the timed steps, peak memory in GiB) of one variant; its model is freed on return."""
+def counting(collective, position: int, keyword: str, total: list):
+    """collective, adding the bytes of its argument `keyword` (or args[position]) to total[0]."""
+    def counted(*args, **kwargs):
+        tensor = kwargs[keyword] if keyword in kwargs else args[position]
+        total[0] += tensor.numel() * tensor.element_size()
+        return collective(*args, **kwargs)
+    return counted
+
+
+def step_shape(plan, steps) -> dict:
+    """What the steps' micro-batches hold, from every rank's plan (the micro-batches sft/dpo build)."""
+    runs = real_micro_batches = real_tokens = computed_tokens = 0
+    for batch in steps:
+        per_rank = plan(batch)
+        most = max(len(micros) for micros, _ in per_rank)  # every rank runs this many, the rest weight-0 stand-ins
+        runs += most
+        for micros, stand_in in per_rank:
+            real_micro_batches += len(micros)
+            real_tokens += sum(int(m["attention_mask"].sum()) if "attention_mask" in m else m["input_ids"].numel()
+                               for m in micros)
+            computed_tokens += sum(m["input_ids"].numel() for m in micros)
+            computed_tokens += (most - len(micros)) * (stand_in["input_ids"].numel() if stand_in else 0)
+    return {"micro_batches_per_step": runs / len(steps), "tokens_per_micro_batch": real_tokens / real_micro_batches,
+            "padding": 1 - real_tokens / computed_tokens, "runs": runs}
+
+
+def measure(name: str, path: str, args, examples, steps, rank, world_size, device) -> dict:
+    """Seconds of the timed steps, peak memory (GiB), the steps' shape and FSDP bytes of one variant; its model is
+    freed on return."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    step = VARIANTS[name][0](path, variant_args(name, path, args), examples, rank, world_size, device)
-    for index, batch in enumerate(steps):
-        if index == args.warmup_steps:
-            started = synced_clock(device)
-        step(batch)
-    seconds = synced_clock(device) - started
+    step, plan, model = VARIANTS[name][0](path, variant_args(name, path, args), examples, rank, world_size, device)
+    forwards, collective_bytes = [0], [0]
+    model.register_forward_pre_hook(lambda module, inputs: forwards.__setitem__(0, forwards[0] + 1))
+    originals = dist.all_gather_single, dist.reduce_scatter_single
+    try:
+        for index, batch in enumerate(steps):
+            if index == args.warmup_steps:  # count the timed steps' (FSDP looks these up at each call)
+                started = synced_clock(device)
+                forwards[0] = 0
+                dist.all_gather_single = counting(originals[0], 0, "output_tensor", collective_bytes)  # gathered
+                dist.reduce_scatter_single = counting(originals[1], 1, "input", collective_bytes)     # full grads
+            step(batch)
+        seconds = synced_clock(device) - started
+    finally:
+        dist.all_gather_single, dist.reduce_scatter_single = originals
+    timed = steps[args.warmup_steps:]
+    shape = step_shape(plan, timed)
+    if forwards[0] != shape.pop("runs"):  # the shape must describe what really ran
+        raise RuntimeError(f"{name}: {forwards[0]} forwards in the timed steps, the plan says otherwise")
     if device.type == "cuda":
-        return seconds, torch.cuda.max_memory_allocated(device) / 2**30
-    return seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB
+        memory = torch.cuda.max_memory_allocated(device) / 2**30
+    else:
+        memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB
+    return {"seconds": seconds, "peak_memory_gib": memory, **shape,
+            "collective_gb_per_step": collective_bytes[0] / len(timed) / 1e9}
 
 
 def bench_model(model_name: str, args, rank, world_size, device):
@@ -243,16 +346,20 @@ def bench_model(model_name: str, args, rank, world_size, device):
             AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(paths[0])
     dist.barrier()
     path = paths[0]
-    examples, steps = make_steps(args.warmup_steps + args.steps, args, config.vocab_size, world_size)
+    make = tulu3_steps if args.lengths == "tulu3" else make_steps
+    examples, steps = make(args.warmup_steps + args.steps, args, config.vocab_size, world_size)
     timed = [i for batch in steps[args.warmup_steps:] for i in batch]
     flops, tokens = model_flops(config, examples, timed), sum(len(examples[i]["input_ids"]) for i in timed)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     peak = args.peak_flops or next((v for key, v in PEAK_BF16.items() if key in device_name), None)
     results = []
     for name in args.variants:
-        row = {"model": model_name, "variant": name, "tokens_per_s": None, "mfu": None, "peak_memory_gib": None}
+        row = {"model": model_name, "variant": name, "tokens_per_s": None, "mfu": None, "peak_memory_gib": None,
+               "micro_batches_per_step": None, "tokens_per_micro_batch": None, "padding": None,
+               "collective_gb_per_step": None}
         try:
-            seconds, row["peak_memory_gib"] = measure(name, path, args, examples, steps, rank, world_size, device)
+            row.update(measure(name, path, args, examples, steps, rank, world_size, device))
+            seconds = row.pop("seconds")
             row.update(tokens_per_s=tokens / seconds, mfu=flops / (seconds * peak * world_size) if peak else None)
         except torch.OutOfMemoryError:
             row["error"] = "OOM"
@@ -270,27 +377,51 @@ def bench_model(model_name: str, args, rank, world_size, device):
 def markdown(rows) -> str:
     def fmt(value, spec):
         return "n/a" if value is None else format(value, spec)
-    lines = ["| model | variant | tokens/s | MFU | peak memory (GiB) | ratio to baseline |", "|---" * 6 + "|"]
+    lines = ["| model | variant | tokens/s | MFU | peak memory (GiB) | ratio to baseline | micro-batches/step "
+             "| tokens/micro-batch | padding | FSDP GB/step |", "|---" * 10 + "|"]
     for row in rows:
         speed = row["tokens_per_s"]
         cells = [row["model"], row["variant"], row.get("error") or fmt(speed, ",.0f" if (speed or 0) >= 100 else ".3g"),
                  "n/a" if row["mfu"] is None else f"{100 * row['mfu']:.1f}%",
-                 fmt(row["peak_memory_gib"], ".2f"), fmt(row["ratio_to_baseline"], ".2f")]
+                 fmt(row["peak_memory_gib"], ".2f"), fmt(row["ratio_to_baseline"], ".2f"),
+                 fmt(row["micro_batches_per_step"], ".1f"), fmt(row["tokens_per_micro_batch"], ",.0f"),
+                 "n/a" if row["padding"] is None else f"{100 * row['padding']:.1f}%",
+                 fmt(row["collective_gb_per_step"], ".3g")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
+def plan_only(args) -> None:
+    """SFT's micro-batches per step for --plan_ranks ranks, with and without the budget: no model, no timing."""
+    examples, steps = tulu3_steps(args.steps, args, 1000, args.plan_ranks)
+    print(f"{args.plan_ranks} ranks x {args.gradient_accumulation_steps} sequences, {args.steps} steps, "
+          f"length_scale={args.length_scale}, max_tokens_per_micro_batch={args.max_tokens_per_micro_batch}")
+    for name in ("sft_packed", "sft_budget"):
+        run_args = variant_args(name, "unused", args)
+        shape = step_shape(lambda batch: [
+            (list(sft.micro_batches(examples, batch, run_args, r, args.plan_ranks, 0)),
+             next(sft.micro_batches(examples, batch, run_args, r, args.plan_ranks, 0, stand_in=True)))
+            for r in range(args.plan_ranks)], steps)
+        print(f"{name}: {shape['micro_batches_per_step']:.2f} micro-batches per step and rank, "
+              f"{shape['tokens_per_micro_batch']:,.0f} tokens per micro-batch, padding {100 * shape['padding']:.1f}%")
+
+
 def main():
     args = parse_args()
+    if args.plan_ranks:
+        return plan_only(args)
     rank, world_size, device = sft.init_distributed()
+    data_mix.register_packed_attention()  # --attn_implementation packed_varlen
     try:
-        if args.rows_per_step % world_size:
+        if args.lengths == "rows" and args.rows_per_step % world_size:
             raise SystemExit(f"--rows_per_step {args.rows_per_step} must be a multiple of the {world_size} ranks")
         rows = [row for name in args.models for row in bench_model(name, args, rank, world_size, device)]
         if rank == 0:
             name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-            shown = ("row_tokens", "examples_per_row", "rows_per_step", "warmup_steps", "steps", "compile",
-                     "gradient_checkpointing", "attn_implementation")
+            shown = (("row_tokens", "examples_per_row", "rows_per_step") if args.lengths == "rows" else
+                     ("length_scale", "gradient_accumulation_steps")) + (
+                "lengths", "max_tokens_per_micro_batch", "warmup_steps", "steps", "compile", "gradient_checkpointing",
+                "attn_implementation")
             print(f"\n{name} x{world_size}, {sft.resolve_dtype('auto', device)}, "
                   + ", ".join(f"{key}={getattr(args, key)}" for key in shown) + "\n")
             print(markdown(rows))

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The GPU figures for the README's performance section in one call on one H100 / H200 (about 9 minutes):
+# The GPU figures for the README's performance section in one call on one H100 / H200 (about 12 minutes):
 # rlvr.Sampler vs model.generate and one GRPO step (Llama-3.2-1B shape), then sft.py / dpo.py training
 # throughput and MFU against plain transformers (1B; 1B with torch.compile; 1B with flex attention;
-# 3B with activation checkpointing).
+# 3B with activation checkpointing; 1B on Tülu 3-shaped lengths with and without --max_tokens_per_micro_batch),
+# and packed_varlen attention against the dense mask.
 #
 #   make gpu-carry          # here, once: the bundled tokenizer and the langdetect wheel into .cache/gpu
 #   bash bench/gpu_check.sh # there, from the repository root, with .cache/gpu carried along
@@ -38,3 +39,29 @@ part train_1b_compile 110 python3 bench/bench_train.py --models llama1b --compil
 part train_1b_flex 60 python3 bench/bench_train.py --models llama1b --attn_implementation flex_attention \
     --variants sft_packed
 part train_3b 120 python3 bench/bench_train.py --models llama3b --gradient_checkpointing
+# --max_tokens_per_micro_batch and packed_varlen attention: the recipe's flags on Tülu 3-shaped lengths, then
+# varlen flash attention against the dense-mask path on one packed row (bf16: differences near 1e-2 are rounding).
+part train_1b_budget 150 python3 bench/bench_train.py --models llama1b --lengths tulu3 --gradient_checkpointing \
+    --attn_implementation packed_varlen --variants sft_packed sft_budget dpo_packed dpo_budget
+part packed_attention 60 python3 - <<'PY'
+import torch, data_mix
+from transformers import LlamaConfig, LlamaForCausalLM
+data_mix.register_packed_attention()
+torch.manual_seed(0)
+config = LlamaConfig(vocab_size=1000, hidden_size=512, intermediate_size=1024, num_hidden_layers=2,
+                     num_attention_heads=8, num_key_value_heads=2)
+model = LlamaForCausalLM(config).cuda().to(torch.bfloat16)
+lengths = [700, 35, 1200, 64, 9, 2000]
+input_ids = torch.randint(0, 1000, (1, sum(lengths)), device="cuda")
+position_ids = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0).cuda()
+results = {}
+for attention in ("sdpa", data_mix.PACKED_ATTENTION):
+    model.set_attn_implementation(attention)
+    model.zero_grad(set_to_none=True)
+    logits = model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits.float()
+    logits.log_softmax(-1)[..., 0].mean().backward()
+    results[attention] = logits.detach(), model.model.layers[0].self_attn.q_proj.weight.grad.float()
+(dense, dense_grad), (packed, packed_grad) = results.values()
+print("logits max |packed - dense|", (packed - dense).abs().max().item(), "of max", dense.abs().max().item())
+print("q_proj grad relative difference", ((packed_grad - dense_grad).norm() / dense_grad.norm()).item())
+PY
