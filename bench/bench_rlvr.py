@@ -11,7 +11,8 @@
      (--no-compile to time it eager), twice: with the cache that rlvr.py allocates for --max_seq_length
      (4096 as in Tülu's flags: prompt room + --new_tokens) and with a cache that fits the need
      (--prompt_length + --new_tokens).
-   Each is run once to warm up (compilation, CUDA graph capture), then timed over --repeats runs;
+   Each is run once to warm up (compilation, CUDA graph capture), then timed over --repeats rounds (the three
+   interleaved in each, so a shared machine's load drifts alike over them; the best round counts);
    new tokens/s = batch * new_tokens / seconds.
 2. One RL step (--rl_step). rlvr.main itself, on one process, for two GRPO steps on bundled demo
    prompts (the random llama1b answers nothing correctly, so its rewards are 0 but every phase runs);
@@ -72,18 +73,22 @@ def build_model(name, device, num_hidden_layers=None):
         return LlamaForCausalLM(config).to(dtype).eval()
 
 
-def timed(run, repeats, device):
-    run()  # warm-up: compilation, CUDA graph capture, allocator
-    seconds = []
+def timed(runs, repeats, device):
+    """Best seconds of each run over `repeats` rounds, the runs interleaved within each round, so that the load
+    of a shared machine drifts alike over all of them."""
+    for run in runs:
+        run()  # warm-up: compilation, CUDA graph capture, allocator
+    seconds = [[] for _ in runs]
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        run()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds.append(time.perf_counter() - started)
-    return min(seconds)
+        for run, times in zip(runs, seconds):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            started = time.perf_counter()
+            run()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - started)
+    return [min(times) for times in seconds]
 
 
 def bench_sampling(args, model, device):
@@ -109,9 +114,8 @@ def bench_sampling(args, model, device):
 
     new_tokens = args.batch_size * args.new_tokens
     with torch.no_grad():
-        hf_seconds = timed(hf_generate, args.repeats, device)
-        allocated_seconds = timed(ours(args.max_seq_length - args.new_tokens), args.repeats, device)
-        fitting_seconds = timed(ours(args.prompt_length), args.repeats, device)
+        hf_seconds, allocated_seconds, fitting_seconds = timed(
+            [hf_generate, ours(args.max_seq_length - args.new_tokens), ours(args.prompt_length)], args.repeats, device)
     return {"generate_tokens_per_s": new_tokens / hf_seconds,
             "sampler_tokens_per_s": new_tokens / allocated_seconds, "speedup": hf_seconds / allocated_seconds,
             "fitting_cache_tokens_per_s": new_tokens / fitting_seconds,
