@@ -72,6 +72,18 @@ def verify(response: str, ground_truth, dataset: str, *, timeout_s: float = SYMB
     return sum(check(answer) for check in checks) / len(checks)
 
 
+def check_ground_truth(ground_truth: str, dataset: str) -> None:
+    """Raise ValueError, saying why, where verify() would raise or no response could ever be right:
+    IFEval constraints the checkers do not accept, a GSM8K answer with no number, a blank one."""
+    kind = _dataset_kind(dataset)
+    if not isinstance(ground_truth, str) or not ground_truth.strip():
+        raise ValueError(f"expected a non-empty string, got {ground_truth!r:.100}")
+    if kind == "gsm8k" and gsm8k_last_number(ground_truth) is None:
+        raise ValueError(f"no number in the GSM8K answer {ground_truth!r:.100}")
+    if kind == "ifeval":
+        _ifeval_ground_truth_checks(ground_truth)
+
+
 def extract_answer(response: str, dataset: str) -> str | None:
     """The answer the verifier compares, for prediction logs: GSM8K's last number, MATH's first
     flex candidate (normalized), None where there is none (and always for IFEval)."""
@@ -686,12 +698,15 @@ _IFEVAL = {
     "startend:quotation": (lambda t: len(t.strip()) >= 2 and t.strip()[0] == t.strip()[-1] == '"', ()),
 }
 _INTEGER_ARGUMENTS = {"frequency", "let_frequency", "num_sentences", "num_paragraphs", "num_words", "nth_paragraph",
-                      "num_placeholders", "num_bullets", "num_highlights", "num_sections", "capital_frequency"}
+                      "num_placeholders", "num_bullets", "num_highlights", "num_sections", "capital_frequency", "N", "i"}
+_LIST_ARGUMENTS = {"keywords", "forbidden_words", "keyword_list"}  # lists of strings; `options` may be either
 
 
 def _validated_arguments(where: str, kwargs: dict | None, required: tuple) -> dict:
     """The non-null arguments, checked: all required present, none unknown, counts non-negative
-    integers, relations "less than" / "at least". Raises ValueError naming `where` and the argument."""
+    integers, word lists lists of strings, the others strings; relations "less than" / "at least" and
+    quantifiers matched without surrounding spaces ("at least " occurs in the data).
+    Raises ValueError naming `where` and the argument."""
     if kwargs is not None and not isinstance(kwargs, dict):
         raise ValueError(f"{where}: arguments must be a dict, got {type(kwargs).__name__}")
     arguments = {name: value for name, value in (kwargs or {}).items() if value is not None}
@@ -700,21 +715,29 @@ def _validated_arguments(where: str, kwargs: dict | None, required: tuple) -> di
     if missing or unknown:
         raise ValueError(f"{where}: missing arguments {missing}, unexpected arguments {unknown}")
     for name, value in arguments.items():
-        if name in _INTEGER_ARGUMENTS or name == "N" or name == "i":
+        if name in _INTEGER_ARGUMENTS:
             try:
                 arguments[name] = int(value)
             except (TypeError, ValueError):
                 raise ValueError(f"{where}: argument {name}={value!r} is not an integer") from None
             if arguments[name] < 0:
                 raise ValueError(f"{where}: argument {name}={value!r} is negative")
-        if name == "quantifier" and value not in ("at least", "at most", "around"):
-            raise ValueError(f"{where}: argument quantifier={value!r} must be 'at least', 'at most' or 'around'")
-        if name.endswith("relation") and value not in ("less than", "at least"):
-            raise ValueError(f"{where}: argument {name}={value!r} must be 'less than' or 'at least'")
+        elif name in _LIST_ARGUMENTS or name == "options" and not isinstance(value, str):
+            if not isinstance(value, list) or not all(isinstance(word, str) for word in value):
+                raise ValueError(f"{where}: argument {name}={value!r:.100} must be a list of strings")
+        elif not isinstance(value, str):
+            raise ValueError(f"{where}: argument {name}={value!r:.100} must be a string")
+        elif name == "quantifier" or name.endswith("relation"):
+            arguments[name] = value.strip()
+    if arguments.get("quantifier", "at least") not in ("at least", "at most", "around"):
+        raise ValueError(f"{where}: argument quantifier={kwargs['quantifier']!r} must be 'at least', 'at most' or 'around'")
+    for name in ("relation", "let_relation", "capital_relation"):
+        if arguments.get(name, "at least") not in ("less than", "at least"):
+            raise ValueError(f"{where}: argument {name}={kwargs[name]!r} must be 'less than' or 'at least'")
     if "nth_paragraph" in arguments and not 1 <= arguments["nth_paragraph"] <= arguments["num_paragraphs"]:
         raise ValueError(f"{where}: nth_paragraph={arguments['nth_paragraph']} is not in 1..num_paragraphs")
-    for name in ("section_splitter", "word", "postscript_marker", "end_phrase"):
-        if name in arguments and not str(arguments[name]).strip():
+    for name in ("section_splitter", "section_spliter", "word", "postscript_marker", "end_phrase"):
+        if name in arguments and not arguments[name].strip():
             raise ValueError(f"{where}: argument {name} is empty")
     if "letter" in arguments and len(arguments["letter"]) != 1:
         raise ValueError(f"{where}: argument letter={arguments['letter']!r} must be a single character")
@@ -722,7 +745,7 @@ def _validated_arguments(where: str, kwargs: dict | None, required: tuple) -> di
 
 
 def _ifeval_checker(instruction_id: str, kwargs: dict | None):
-    if instruction_id not in _IFEVAL:
+    if not isinstance(instruction_id, str) or instruction_id not in _IFEVAL:
         raise ValueError(f"unknown IFEval instruction id {instruction_id!r}")
     check, required = _IFEVAL[instruction_id]
     arguments = _validated_arguments(f"IFEval instruction {instruction_id!r}", kwargs, required)
@@ -745,6 +768,8 @@ def _followed(check, candidates: list[str]) -> bool:
 def ifeval_check(response: str, instruction_id_list: list[str], kwargs_list: list[dict], loose: bool = False) -> list[bool]:
     """Whether `response`, as given (no thinking section stripped), follows each instruction:
     IFEval strict, or loose if `loose`."""
+    if not isinstance(instruction_id_list, list) or not isinstance(kwargs_list, list):
+        raise ValueError("IFEval: instruction_id_list and kwargs must be lists")
     if len(instruction_id_list) != len(kwargs_list):
         raise ValueError(f"IFEval: {len(instruction_id_list)} instruction ids but {len(kwargs_list)} kwargs dicts")
     checks = [_ifeval_checker(i, kwargs) for i, kwargs in zip(instruction_id_list, kwargs_list)]
@@ -854,7 +879,7 @@ _TULU = {
 
 def _tulu_checker(record: dict):
     name = record["func_name"]
-    if name not in _TULU:
+    if not isinstance(name, str) or name not in _TULU:
         raise ValueError(f"unknown Tülu 3 IFEval func_name {name!r}")
     check, required = _TULU[name]
     arguments = {key: value for key, value in record.items() if key != "func_name"}
@@ -875,9 +900,12 @@ def _ifeval_ground_truth_checks(ground_truth) -> list:
     checks = []
     for record in records:
         if isinstance(record, dict) and "instruction_id_list" in record:
-            ids, kwargs_list = record["instruction_id_list"], record.get("kwargs") or [{}] * len(record["instruction_id_list"])
-            if len(ids) != len(kwargs_list):
-                raise ValueError(f"IFEval ground truth: {len(ids)} instruction ids but {len(kwargs_list)} kwargs dicts")
+            ids, kwargs_list = record["instruction_id_list"], record.get("kwargs")
+            if kwargs_list is None and isinstance(ids, list):
+                kwargs_list = [{}] * len(ids)
+            if not isinstance(ids, list) or not isinstance(kwargs_list, list) or len(ids) != len(kwargs_list):
+                raise ValueError(f"IFEval ground truth: instruction_id_list and kwargs must be lists of one length, "
+                                 f"got {str(ids)[:100]!r} and {str(kwargs_list)[:100]!r}")
             checks += [_ifeval_checker(i, kwargs) for i, kwargs in zip(ids, kwargs_list)]
         elif isinstance(record, dict) and "func_name" in record:
             checks.append(_tulu_checker(record))
