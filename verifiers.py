@@ -927,7 +927,7 @@ def _ifeval_ground_truth_checks(ground_truth) -> list:
 #                  file is at most 16 MB (RLIMIT_FSIZE)
 #   pid-namespace  it sees and can signal only its own processes, and all of them die with it
 #   own-uid        a uid no other sample has (as root; otherwise a user namespace of its own), so
-#                  RLIMIT_NPROC counts only its own threads and processes (256: threads work,
+#                  RLIMIT_NPROC counts only its own threads and processes (64: threads work,
 #                  fork bombs stop) and no other sample's files or processes are its own
 #   no-capabilities, rlimits (address space, CPU seconds, file size, processes, no core file)
 #   audit-guard    a Python audit hook refusing sockets, subprocesses, ctypes and writes outside the
@@ -1013,10 +1013,16 @@ def _sandbox(scratch: str, memory_mb: str, timeout_s: str, python_guard: str, ui
     program = open(os.path.join(scratch, "program.py")).read()
     # NEWNET | NEWNS | NEWIPC | NEWPID (| NEWUSER when not root: the other namespaces need it)
     namespaces = libc.unshare(0x40000000 | 0x20000 | 0x8000000 | 0x20000000 | (0 if root else 0x10000000)) == 0
+    if namespaces and not root:  # map our uid and gid to root inside the new user namespace
+        outer_uid, outer_gid = os.getuid(), os.getgid()
+        for name, text in (("setgroups", "deny"), ("uid_map", f"0 {outer_uid} 1"), ("gid_map", f"0 {outer_gid} 1")):
+            with open(f"/proc/self/{name}", "w") as f:
+                f.write(text)
     pid = os.fork()  # in the new PID namespace, this child is PID 1
     if pid == 0:
         _sandboxed_program(program, scratch, int(memory_mb), float(timeout_s), python_guard == "1", int(uid),
-                           int(nonce_fd), int(result_fd), required.split(",") if required else [], namespaces, libc)
+                           int(nonce_fd), int(result_fd), required.split(",") if required else [], namespaces, root,
+                           libc)
     os.close(int(nonce_fd))
     os.close(int(result_fd))
     child = os.pidfd_open(pid)
@@ -1028,13 +1034,13 @@ def _sandbox(scratch: str, memory_mb: str, timeout_s: str, python_guard: str, ui
 
 
 def _sandboxed_program(program, scratch, memory_mb, timeout_s, python_guard, uid, nonce_fd, result_fd,
-                       required, namespaces, libc) -> None:
+                       required, namespaces, root, libc) -> None:
     """PID 1 of the sample's namespace: contain this process, then run the program and echo the nonce."""
     import ctypes
     import math
     import resource
 
-    layers, root = [], os.geteuid() == 0
+    layers = []  # `root`: started as root (not merely root inside a user namespace of our own)
     stdlib = os.path.dirname(os.__file__)
     if namespaces:
         layers.append("no-network")
@@ -1075,7 +1081,7 @@ def _sandboxed_program(program, scratch, memory_mb, timeout_s, python_guard, uid
     if libc.capset((ctypes.c_uint32 * 2)(0x20080522, 0), (ctypes.c_uint32 * 6)()) == 0:  # v3 header, all zero
         layers.append("no-capabilities")
     for limit, value in ((resource.RLIMIT_AS, memory_mb << 20), (resource.RLIMIT_CPU, math.ceil(timeout_s)),
-                         (resource.RLIMIT_FSIZE, 16 << 20), (resource.RLIMIT_NPROC, 256), (resource.RLIMIT_CORE, 0)):
+                         (resource.RLIMIT_FSIZE, 16 << 20), (resource.RLIMIT_NPROC, 64), (resource.RLIMIT_CORE, 0)):
         resource.setrlimit(limit, (value, value))
     layers.append("rlimits")
     if python_guard:
@@ -1088,10 +1094,12 @@ def _sandboxed_program(program, scratch, memory_mb, timeout_s, python_guard, uid
         os._exit(90)
     for module in [m for m in sys.modules if m.startswith("ctypes")]:  # a new import must dlopen (refused)
         del sys.modules[module]
+    pid = os.getpid()
     exec(compile(program, "program.py", "exec"), {"__name__": "__main__"})
     sys.stdout.flush()
     sys.stderr.flush()
-    os.write(result_fd, os.read(nonce_fd, 64))  # reached only when the program's last line has returned
+    if os.getpid() == pid:  # not a forked copy that tried other answers
+        os.write(result_fd, os.read(nonce_fd, 64))  # reached only when the program's last line has returned
     os._exit(0)
 
 

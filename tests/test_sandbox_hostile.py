@@ -4,12 +4,12 @@ audit guard (python_guard=False), so the OS layers are what contains them."""
 import json
 import os
 import tempfile
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from eval import humaneval_program
+import verifiers
 from verifiers import REQUIRED_ISOLATION, SANDBOX_DISK_MB, run_program
 
 
@@ -81,25 +81,30 @@ def test_a_write_through_dir_fd_stays_inside_even_where_the_audit_guard_is_foole
     assert not (tmp_path / "escaped").exists()
 
 
+def sandbox_processes() -> list[str]:
+    """Processes of this checkout's sandbox (its supervisor, the program and anything they started)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                command = f.read()
+        except OSError:
+            continue
+        if b"31.4159" in command or (b"--sandbox" in command and os.path.abspath(verifiers.__file__).encode() in command):
+            found.append(pid)
+    return found
+
+
 def test_no_process_outlives_its_sample():
     daemon = ("import os\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n"
               "        os.execv('/bin/sleep', ['sleep', '31.4159'])\n")
     assert run_program(daemon, python_guard=False)["status"] == "passed"
-    time.sleep(0.2)
-    leftovers = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                leftovers += [pid] if b"31.4159" in f.read() else []
-        except OSError:
-            pass
-    assert leftovers == []
+    assert sandbox_processes() == []
 
 
 def test_a_fork_bomb_ends_with_its_sample():
-    start = time.monotonic()
     result = run_program("import os\nwhile True:\n    os.fork()\n", timeout_s=2.0, python_guard=False)
-    assert result["status"] != "passed" and time.monotonic() - start < 10
+    assert result["status"] != "passed" and sandbox_processes() == []
 
 
 def test_the_eval_process_cannot_be_signalled():
@@ -108,8 +113,6 @@ def test_the_eval_process_cannot_be_signalled():
 
 
 def test_without_isolation_the_program_is_refused_unless_allowed(monkeypatch):
-    import verifiers
-
     monkeypatch.setattr(verifiers, "REQUIRED_ISOLATION", REQUIRED_ISOLATION + ("a-layer-no-machine-has",))
     refused = verifiers.run_program("pass\n")
     assert refused["status"] == "refused" and "a-layer-no-machine-has" in refused["output"]
@@ -118,8 +121,12 @@ def test_without_isolation_the_program_is_refused_unless_allowed(monkeypatch):
 
 def test_eval_refuses_humaneval_without_isolation_before_loading_a_model(monkeypatch, tmp_path):
     import eval
-    import verifiers
 
     monkeypatch.setattr(verifiers, "missing_isolation", lambda: ["pid-namespace"])
     with pytest.raises(SystemExit, match="missing: pid-namespace.*--allow_unsandboxed_code"):
         eval.main(["--model_name_or_path", "no/such-model", "--tasks", "humaneval", "--output_dir", str(tmp_path)])
+
+
+def test_forked_copies_trying_other_answers_do_not_pass():
+    program = "import os\nanswer = 1 if os.fork() == 0 else 2\nassert answer == 1\n"  # only the child is right
+    assert run_program(program, python_guard=False)["status"] == "failed"
