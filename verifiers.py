@@ -1,12 +1,16 @@
-"""Verifiable rewards and benchmark metrics for GSM8K, MATH and IFEval.
+"""Verifiable rewards and benchmark metrics for GSM8K, MATH and IFEval, and HumanEval's sandbox.
 
 RLVR's reward and eval.py's metrics both come from here:
 
     verify(response, ground_truth, dataset)        -> 1.0 / 0.0 (gsm8k, math); fraction of
                                                       instructions followed, strict (ifeval)
+    check_ground_truth(ground_truth, dataset)      -> ValueError where verify() would raise or
+                                                      nothing could be right (data loading uses it)
     ifeval_check(response, ids, kwargs_list, loose) -> one bool per instruction
     extract_answer(response, dataset)              -> the answer string that was compared (logs)
     last_boxed(text)                               -> contents of the last \\boxed{...} / \\fbox{...}
+    run_program(program, timeout_s, memory_mb)     -> passed / failed / timed out / refused, for a
+                                                      HumanEval program run in an OS sandbox
 
 verify() first drops a leading thinking section (everything up to the last `</think>`) and
 `<answer>` tags, so a reasoning model is judged on its answer only. IFEval ground truth is a dict or
