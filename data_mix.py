@@ -115,7 +115,7 @@ def read_json_records(path: str) -> list[tuple[str, object]]:
         try:
             records = json.loads(data)
         except UnicodeDecodeError as error:
-            raise InvalidRecord(f"dataset {path}: not UTF-8 text (byte {error.start})") from None
+            raise InvalidRecord(f"dataset {path}: not UTF-8 text (byte {error.start + 1} of the file)") from None
         except json.JSONDecodeError as error:
             if error.msg != "Extra data":  # "Extra data" after the first value: JSON Lines in a .json file
                 raise InvalidRecord(f"dataset {path}, line {error.lineno}, column {error.colno}: not JSON "
@@ -129,9 +129,10 @@ def read_json_records(path: str) -> list[tuple[str, object]]:
     for number, line in enumerate(data.split(b"\n"), 1):
         if line.strip():
             try:
-                record = json.loads(line.decode("utf-8"))
+                record = json.loads(line.decode("utf-8-sig"))  # -sig: a byte-order mark is not data
             except UnicodeDecodeError as error:
-                record = InvalidRecord(f"dataset {path}, line {number}: not UTF-8 text (byte {error.start + 1})")
+                record = InvalidRecord(f"dataset {path}, line {number}: not UTF-8 text (byte {error.start + 1} "
+                                       f"of the line)")
             except json.JSONDecodeError as error:
                 record = InvalidRecord(f"dataset {path}, line {number}, column {error.colno}: not JSON ({error.msg})")
             pairs.append((f"line {number}", record))

@@ -54,6 +54,12 @@ def test_a_json_array_names_its_rows_and_json_lines_in_a_json_file_are_read(tmp_
     assert len(mix(lines)[0]) == 2
 
 
+def test_a_byte_order_mark_is_not_part_of_the_first_record(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(SFT).encode() + b"\r\n" + json.dumps(SFT).encode() + b"\r\n")
+    assert len(mix(str(path))[0]) == 2
+
+
 def test_an_empty_file_is_named(tmp_path):
     path = tmp_path / "empty.jsonl"
     path.write_text("\n")
