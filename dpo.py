@@ -54,19 +54,23 @@ def parse_args(argv=None):
     parser.add_argument("--model_name_or_path", required=True, help="Hugging Face model directory or hub name")
     data_mix.add_data_args(parser, max_seq_length=2048)
     parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--per_device_train_batch_size", type=data_mix.POSITIVE_INT, default=1, help="sequences per micro-batch")
+    parser.add_argument("--per_device_train_batch_size", type=data_mix.POSITIVE_INT, default=1,
+                        help="sequences per micro-batch")
     parser.add_argument("--gradient_accumulation_steps", type=data_mix.POSITIVE_INT, default=16)
     parser.add_argument("--learning_rate", type=data_mix.POSITIVE, default=5e-7)
     parser.add_argument("--lr_scheduler_type", default="linear", choices=["linear", "constant"])
     parser.add_argument("--warmup_ratio", type=data_mix.FRACTION, default=0.1)
     parser.add_argument("--weight_decay", type=data_mix.NON_NEGATIVE, default=0.0)
-    parser.add_argument("--max_grad_norm", type=data_mix.bounded(float), default=1.0, help="clip the gradient norm; <= 0 disables")
+    parser.add_argument("--max_grad_norm", type=data_mix.bounded(float), default=1.0,
+                        help="clip the gradient norm; <= 0 disables")
     parser.add_argument("--num_train_epochs", type=data_mix.POSITIVE_INT, default=1)
-    parser.add_argument("--max_train_steps", type=data_mix.POSITIVE_INT, default=None, help="overrides --num_train_epochs")
+    parser.add_argument("--max_train_steps", type=data_mix.POSITIVE_INT, default=None,
+                        help="overrides --num_train_epochs")
     parser.add_argument("--dpo_loss_type", default="dpo_norm", choices=LOSS_TYPES)
     parser.add_argument("--dpo_beta", type=data_mix.POSITIVE, default=5.0)
     parser.add_argument("--dpo_label_smoothing", type=data_mix.bounded(float, 0.0, 0.5, high_open=True), default=0.0)
-    parser.add_argument("--dpo_gamma_beta_ratio", type=data_mix.NON_NEGATIVE, default=0.3, help="simpo's margin gamma / beta")
+    parser.add_argument("--dpo_gamma_beta_ratio", type=data_mix.NON_NEGATIVE, default=0.3,
+                        help="simpo's margin gamma / beta")
     parser.add_argument("--reference", default="cached", choices=["cached", "live"], help="log-probs or a frozen model")
     parser.add_argument("--reference_cache_dir", default=None, help="default: OUTPUT_DIR/reference_logps")
     parser.add_argument("--last_turn_only", action="store_true", help="score only each side's final assistant turn")
@@ -77,7 +81,8 @@ def parse_args(argv=None):
     parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
                         help="compute dtype; auto = bf16 on GPU, fp32 on CPU (master weights stay fp32)")
     parser.add_argument("--attn_implementation", default="sdpa")
-    parser.add_argument("--checkpointing_steps", type=data_mix.POSITIVE_INT, default=500, help="write a resumable checkpoint every N steps")
+    parser.add_argument("--checkpointing_steps", type=data_mix.POSITIVE_INT, default=500,
+                        help="write a resumable checkpoint every N steps")
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --output_dir")
     parser.add_argument("--seed", type=int, default=123)
     args = parser.parse_args(argv)

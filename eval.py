@@ -56,22 +56,29 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_name_or_path", nargs="+", required=True, help="one or more models to compare")
     parser.add_argument("--tasks", default="gsm8k,math500,ifeval,humaneval,mmlu", help=f"comma list of {ALL_TASKS}")
-    parser.add_argument("--limit", type=data_mix.POSITIVE_INT, default=None, help="only the first N examples of each task")
+    parser.add_argument("--limit", type=data_mix.POSITIVE_INT, default=None,
+                        help="only the first N examples of each task")
     parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--benchmark_dir", default=None, help="dir of <benchmark>.jsonl (default: .cache/benchmarks or hub)")
+    parser.add_argument("--benchmark_dir", default=None,
+                        help="dir of <benchmark>.jsonl (default: .cache/benchmarks or hub)")
     parser.add_argument("--chat_template_name", default=None, choices=["tulu"],
                         help="render with the Tülu template instead of the model's own")
     parser.add_argument("--per_device_eval_batch_size", type=data_mix.POSITIVE_INT, default=16)
-    parser.add_argument("--max_new_tokens", type=data_mix.POSITIVE_INT, default=None, help="override every task's default")
+    parser.add_argument("--max_new_tokens", type=data_mix.POSITIVE_INT, default=None,
+                        help="override every task's default")
     parser.add_argument("--temperature", type=data_mix.NON_NEGATIVE, default=0.0, help="0 = greedy")
     parser.add_argument("--top_p", type=data_mix.bounded(float, 0.0, 1.0, low_open=True), default=1.0)
-    parser.add_argument("--humaneval_num_samples", type=data_mix.POSITIVE_INT, default=1, help="n samples per problem for pass@k")
+    parser.add_argument("--humaneval_num_samples", type=data_mix.POSITIVE_INT, default=1,
+                        help="n samples per problem for pass@k")
     parser.add_argument("--pass_at_k", default="1", help="comma list of k (each <= --humaneval_num_samples)")
-    parser.add_argument("--code_timeout_s", type=data_mix.POSITIVE, default=10.0, help="wall-clock limit per HumanEval program")
-    parser.add_argument("--code_memory_mb", type=data_mix.POSITIVE_INT, default=1024, help="address-space limit per HumanEval program")
+    parser.add_argument("--code_timeout_s", type=data_mix.POSITIVE, default=10.0,
+                        help="wall-clock limit per HumanEval program")
+    parser.add_argument("--code_memory_mb", type=data_mix.POSITIVE_INT, default=1024,
+                        help="address-space limit per HumanEval program")
     parser.add_argument("--allow_unsandboxed_code", action="store_true",
                         help="run HumanEval's model-written code even where the sandbox's OS isolation is missing")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="auto = bf16 on GPU, fp32 on CPU")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
+                        help="auto = bf16 on GPU, fp32 on CPU")
     parser.add_argument("--seed", type=int, default=123)
     args = parser.parse_args(argv)
     args.tasks = args.tasks.split(",")

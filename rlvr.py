@@ -60,34 +60,43 @@ def parse_args(argv=None):
     data_mix.add_data_args(parser, max_seq_length=4096)
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--algo", default="grpo", choices=["grpo", "ppo"])
-    parser.add_argument("--total_episodes", type=data_mix.POSITIVE_INT, default=100000, help="sampled responses over the whole run")
-    parser.add_argument("--num_unique_prompts_rollout", type=data_mix.POSITIVE_INT, default=48, help="prompts per step (all ranks)")
-    parser.add_argument("--num_samples_per_prompt", type=data_mix.POSITIVE_INT, default=None, help="G; default 16 (grpo), 1 (ppo)")
+    parser.add_argument("--total_episodes", type=data_mix.POSITIVE_INT, default=100000,
+                        help="sampled responses over the whole run")
+    parser.add_argument("--num_unique_prompts_rollout", type=data_mix.POSITIVE_INT, default=48,
+                        help="prompts per step (all ranks)")
+    parser.add_argument("--num_samples_per_prompt", type=data_mix.POSITIVE_INT, default=None,
+                        help="G; default 16 (grpo), 1 (ppo)")
     parser.add_argument("--response_length", type=data_mix.POSITIVE_INT, default=2048,
                         help="max new tokens; prompts longer than max_seq_length - response_length are dropped")
     parser.add_argument("--temperature", type=data_mix.POSITIVE, default=1.0)
     parser.add_argument("--top_p", type=data_mix.bounded(float, 0.0, 1.0, low_open=True), default=1.0)
     parser.add_argument("--stop_strings", nargs="*", default=[], help="end a response at any of these strings")
-    parser.add_argument("--verification_reward", type=data_mix.bounded(float), default=10.0, help="reward of a correct answer")
+    parser.add_argument("--verification_reward", type=data_mix.bounded(float), default=10.0,
+                        help="reward of a correct answer")
     parser.add_argument("--non_stop_penalty", action="store_true",
                         help="give --penalty_reward_value to responses cut at --response_length")
     parser.add_argument("--penalty_reward_value", type=data_mix.bounded(float), default=-10.0)
-    parser.add_argument("--beta", type=data_mix.NON_NEGATIVE, default=None, help="KL coefficient; default 0.01 (grpo), 0.05 (ppo)")
+    parser.add_argument("--beta", type=data_mix.NON_NEGATIVE, default=None,
+                        help="KL coefficient; default 0.01 (grpo), 0.05 (ppo)")
     parser.add_argument("--cliprange", type=data_mix.POSITIVE, default=0.2)
-    parser.add_argument("--num_mini_batches", type=data_mix.POSITIVE_INT, default=1, help="optimizer steps per pass over a rollout")
-    parser.add_argument("--ppo_epochs", type=data_mix.POSITIVE_INT, default=None, help="passes over a rollout; default 1 (grpo), 4 (ppo)")
+    parser.add_argument("--num_mini_batches", type=data_mix.POSITIVE_INT, default=1,
+                        help="optimizer steps per pass over a rollout")
+    parser.add_argument("--ppo_epochs", type=data_mix.POSITIVE_INT, default=None,
+                        help="passes over a rollout; default 1 (grpo), 4 (ppo)")
     parser.add_argument("--value_model_name_or_path", default=None, help="ppo: value model init (default: the policy)")
     parser.add_argument("--vf_coef", type=data_mix.NON_NEGATIVE, default=0.1)
     parser.add_argument("--cliprange_value", type=data_mix.POSITIVE, default=0.2)
     parser.add_argument("--gamma", type=data_mix.FRACTION, default=1.0)
     parser.add_argument("--lam", type=data_mix.FRACTION, default=0.95)
-    parser.add_argument("--per_device_train_batch_size", type=data_mix.POSITIVE_INT, default=1, help="sequences per micro-batch")
+    parser.add_argument("--per_device_train_batch_size", type=data_mix.POSITIVE_INT, default=1,
+                        help="sequences per micro-batch")
     parser.add_argument("--learning_rate", type=data_mix.POSITIVE, default=None, help="default 5e-7 (grpo), 3e-7 (ppo)")
     parser.add_argument("--lr_scheduler_type", default=None, choices=["linear", "constant"],
                         help="default constant (grpo), linear (ppo)")
     parser.add_argument("--warmup_ratio", type=data_mix.FRACTION, default=0.0)
     parser.add_argument("--weight_decay", type=data_mix.NON_NEGATIVE, default=0.0)
-    parser.add_argument("--max_grad_norm", type=data_mix.bounded(float), default=1.0, help="clip the gradient norm; <= 0 disables")
+    parser.add_argument("--max_grad_norm", type=data_mix.bounded(float), default=1.0,
+                        help="clip the gradient norm; <= 0 disables")
     parser.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward")
     parser.add_argument("--compile", action="store_true", help="torch.compile each decoder layer")
     parser.add_argument("--compile_sampling", action=argparse.BooleanOptionalAction, default=None,
@@ -95,7 +104,8 @@ def parse_args(argv=None):
     parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
                         help="compute dtype; auto = bf16 on GPU, fp32 on CPU (master weights stay fp32)")
     parser.add_argument("--attn_implementation", default="sdpa")
-    parser.add_argument("--checkpointing_steps", type=data_mix.POSITIVE_INT, default=500, help="write a resumable checkpoint every N steps")
+    parser.add_argument("--checkpointing_steps", type=data_mix.POSITIVE_INT, default=500,
+                        help="write a resumable checkpoint every N steps")
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --output_dir")
     parser.add_argument("--seed", type=int, default=123)
     args = parser.parse_args(argv)
