@@ -57,7 +57,7 @@ def parse_args(argv=None):
     parser.add_argument("--per_device_train_batch_size", type=data_mix.POSITIVE_INT, default=1,
                         help="sequences per micro-batch")
     parser.add_argument("--gradient_accumulation_steps", type=data_mix.POSITIVE_INT, default=16)
-    parser.add_argument("--learning_rate", type=data_mix.POSITIVE, default=5e-7)
+    parser.add_argument("--learning_rate", type=data_mix.NON_NEGATIVE, default=5e-7)
     parser.add_argument("--lr_scheduler_type", default="linear", choices=["linear", "constant"])
     parser.add_argument("--warmup_ratio", type=data_mix.FRACTION, default=0.1)
     parser.add_argument("--weight_decay", type=data_mix.NON_NEGATIVE, default=0.0)

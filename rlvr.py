@@ -90,7 +90,7 @@ def parse_args(argv=None):
     parser.add_argument("--lam", type=data_mix.FRACTION, default=0.95)
     parser.add_argument("--per_device_train_batch_size", type=data_mix.POSITIVE_INT, default=1,
                         help="sequences per micro-batch")
-    parser.add_argument("--learning_rate", type=data_mix.POSITIVE, default=None, help="default 5e-7 (grpo), 3e-7 (ppo)")
+    parser.add_argument("--learning_rate", type=data_mix.NON_NEGATIVE, default=None, help="default 5e-7 (grpo), 3e-7 (ppo)")
     parser.add_argument("--lr_scheduler_type", default=None, choices=["linear", "constant"],
                         help="default constant (grpo), linear (ppo)")
     parser.add_argument("--warmup_ratio", type=data_mix.FRACTION, default=0.0)
