@@ -9,13 +9,17 @@ taken, and every row keeps a `source` column naming the dataset it came from.
 Rendering follows Tülu 3: the loss covers each assistant turn's content plus its EOS token, and
 nothing else (system and user turns, the assistant header, the newline after EOS are label -100).
 """
+import argparse
 import functools
 import inspect
 import json
+import math
 import os
 import re
 
 import torch
+
+import verifiers
 
 IGNORE_INDEX = -100  # label of a token that is not trained (torch's cross_entropy default)
 ROLES = ("system", "user", "assistant")
@@ -38,21 +42,46 @@ class InvalidRecord(ValueError):
     """A training record that does not have the expected shape; the message names where it is."""
 
 
+def bounded(kind, low=None, high=None, *, low_open=False, high_open=False):
+    """An argparse `type=` that parses `kind` (int or float) and checks low <= value <= high (< with *_open),
+    so a bad flag stops at parse time with argparse's "argument --flag: ..." instead of mid-run."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        too_low = low is not None and (value <= low if low_open else value < low)
+        too_high = high is not None and (value >= high if high_open else value > high)
+        if too_low or too_high or not math.isfinite(value):
+            bounds = [f"{'>' if low_open else '>='} {low}" if low is not None else "",
+                      f"{'<' if high_open else '<='} {high}" if high is not None else ""]
+            raise argparse.ArgumentTypeError(f"{text} must be {' and '.join(b for b in bounds if b) or 'finite'}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+POSITIVE_INT = bounded(int, 1)
+NON_NEGATIVE = bounded(float, 0.0)
+POSITIVE = bounded(float, 0.0, low_open=True)
+FRACTION = bounded(float, 0.0, 1.0)
+
+
 def add_data_args(parser, max_seq_length: int) -> None:
     """The data flags every stage shares (names as in Tülu 3's open-instruct)."""
     parser.add_argument("--dataset_mixer_list", nargs="+", required=True, metavar="NAME AMOUNT",
                         help="pairs of dataset (hub name or local .jsonl/.json/.parquet) and amount "
                              "(fraction, >1.0 upsamples, or integer row count)")
-    parser.add_argument("--max_seq_length", type=int, default=max_seq_length, help="right-truncate to this")
+    parser.add_argument("--max_seq_length", type=POSITIVE_INT, default=max_seq_length, help="right-truncate to this")
     parser.add_argument("--chat_template_name", default=None, choices=["tulu"],
                         help="render with the Tülu template instead of the model's own")
     parser.add_argument("--skip_invalid_rows", action="store_true",
                         help="drop malformed records (counted and reported) instead of stopping")
-    parser.add_argument("--preprocessing_num_workers", type=int, default=1, help="processes for tokenization")
+    parser.add_argument("--preprocessing_num_workers", type=POSITIVE_INT, default=1, help="processes for tokenization")
     parser.add_argument("--decontaminate_against", default=None, metavar="gsm8k,math,ifeval,humaneval,mmlu",
                         help="drop training rows whose prompts share n-grams with these benchmarks' prompts")
-    parser.add_argument("--decontaminate_ngram_size", type=int, default=8)
-    parser.add_argument("--decontaminate_threshold", type=float, default=0.5,
+    parser.add_argument("--decontaminate_ngram_size", type=POSITIVE_INT, default=8)
+    parser.add_argument("--decontaminate_threshold", type=bounded(float, 0.0, 1.0, high_open=True), default=0.5,
                         help="drop a row when more than this fraction of its prompt n-grams are benchmark n-grams")
 
 
@@ -60,18 +89,92 @@ def add_data_args(parser, max_seq_length: int) -> None:
 # Loading and mixing
 
 def load_rows(name_or_path: str):
-    """A hub dataset's train split, or a local .jsonl / .json / .parquet file, as a datasets.Dataset."""
+    """A hub dataset's train split or a local .parquet file as a datasets.Dataset (with its own types)."""
     import datasets
 
-    ext = os.path.splitext(name_or_path)[1].lower()
-    if ext in (".jsonl", ".json", ".parquet"):
+    if name_or_path.lower().endswith(".parquet"):
         if not os.path.exists(name_or_path):
             raise FileNotFoundError(f"dataset file not found: {name_or_path}")
-        builder = "parquet" if ext == ".parquet" else "json"
-        return datasets.load_dataset(builder, data_files=name_or_path, split="train")
+        return datasets.load_dataset("parquet", data_files=name_or_path, split="train")
     if os.path.exists(name_or_path):
         raise ValueError(f"{name_or_path}: local datasets must be .jsonl, .json or .parquet files")
     return datasets.load_dataset(name_or_path, split="train")
+
+
+def read_json_records(path: str) -> list[tuple[str, object]]:
+    """(place, record) pairs of a .jsonl file's lines ("line N") or a .json file's array ("row N").
+
+    Parsed with the json module, which keeps every string as written: datasets' JSON loader infers
+    column types, so in a column mixing strings and lists "5" became 5 and "null" None. A line that
+    does not parse gives an InvalidRecord in place of its record, for --skip_invalid_rows to count.
+    Lines are split on "\n" only (str.splitlines would also split inside a string holding U+2028).
+    """
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"dataset file not found: {path}")
+    with open(path, "rb") as f:
+        data = f.read()
+    if path.lower().endswith(".json"):
+        try:
+            records = json.loads(data)
+        except UnicodeDecodeError as error:
+            raise InvalidRecord(f"dataset {path}: not UTF-8 text (byte {error.start + 1} of the file)") from None
+        except json.JSONDecodeError as error:
+            if error.msg != "Extra data":  # "Extra data" after the first value: JSON Lines in a .json file
+                raise InvalidRecord(f"dataset {path}, line {error.lineno}, column {error.colno}: not JSON "
+                                    f"({error.msg})") from None
+        else:
+            if not isinstance(records, list):
+                raise InvalidRecord(f"dataset {path}: a .json dataset must be a JSON array of records (or JSON "
+                                    f"Lines), got a {type(records).__name__}")
+            return [(f"row {index}", record) for index, record in enumerate(records)]
+    pairs = []
+    for number, line in enumerate(data.split(b"\n"), 1):
+        if line.strip():
+            try:
+                record = json.loads(line.decode("utf-8-sig"))  # -sig: a byte-order mark is not data
+            except UnicodeDecodeError as error:
+                record = InvalidRecord(f"dataset {path}, line {number}: not UTF-8 text (byte {error.start + 1} "
+                                       f"of the line)")
+            except json.JSONDecodeError as error:
+                record = InvalidRecord(f"dataset {path}, line {number}, column {error.colno}: not JSON ({error.msg})")
+            pairs.append((f"line {number}", record))
+    if not pairs:
+        raise ValueError(f"dataset {path} is empty")
+    return pairs
+
+
+def load_valid_rows(name: str, validate=None, skip_invalid: bool = False):
+    """A dataset's rows that `validate(row, where)` accepts, and how many it rejected (skip_invalid) or
+    the first InvalidRecord. A JSON file's rows become the records `validate` returns (the fields the
+    stage reads, in one shape per field), so that Arrow needs to infer no type."""
+    import datasets
+
+    if not name.lower().endswith((".jsonl", ".json")):
+        rows, skipped = load_rows(name), []
+        for index, row in enumerate(rows if validate is not None else []):
+            try:
+                validate(row, f"dataset {name}, row {index}")
+            except InvalidRecord:
+                if not skip_invalid:
+                    raise
+                skipped.append(index)
+        if skipped:
+            bad = set(skipped)
+            rows = rows.select([i for i in range(len(rows)) if i not in bad])
+        return rows, len(skipped)
+    kept, skipped = [], 0
+    for place, record in read_json_records(name):
+        try:
+            if isinstance(record, InvalidRecord):
+                raise record
+            if not isinstance(record, dict):
+                raise InvalidRecord(f"dataset {name}, {place}: expected a JSON object, got {type(record).__name__}")
+            kept.append(record if validate is None else validate(record, f"dataset {name}, {place}"))
+        except InvalidRecord:
+            if not skip_invalid:
+                raise
+            skipped += 1
+    return datasets.Dataset.from_list(kept), skipped
 
 
 def parse_mixer_list(items: list[str]) -> list[tuple[str, float]]:
@@ -105,26 +208,14 @@ def mix_datasets(dataset_mixer_list: list[str], seed: int, validate=None, skip_i
     """Load, validate, sample and concatenate a mixture.
 
     `validate(row, where)` raises InvalidRecord for a malformed row; the error names the dataset and
-    row, or with `skip_invalid` the row is dropped and counted. Returns the mixed dataset (with a
+    row (a JSON file's line), or with `skip_invalid` the row is dropped and counted. Returns the mixed dataset (with a
     `source` column) and a report {name: {"rows", "available", "skipped_invalid"}} to save with the run.
     """
     import datasets
 
     parts, report = [], {}
     for name, amount in parse_mixer_list(dataset_mixer_list):
-        rows = load_rows(name)
-        skipped = []
-        if validate is not None:
-            for index, row in enumerate(rows):
-                try:
-                    validate(row, f"dataset {name}, row {index}")
-                except InvalidRecord:
-                    if not skip_invalid:
-                        raise
-                    skipped.append(index)
-            if skipped:
-                bad = set(skipped)
-                rows = rows.select([i for i in range(len(rows)) if i not in bad])
+        rows, skipped = load_valid_rows(name, validate, skip_invalid)
         available = len(rows)
         if available == 0:
             raise ValueError(f"dataset {name} has no usable rows")
@@ -134,7 +225,7 @@ def mix_datasets(dataset_mixer_list: list[str], seed: int, validate=None, skip_i
         if "source" in rows.column_names:  # keep the dataset's own provenance column under another name
             rows = rows.rename_column("source", "original_source")
         parts.append(rows.add_column("source", [name] * len(rows)))
-        report[name] = {"rows": len(rows), "available": available, "skipped_invalid": len(skipped)}
+        report[name] = {"rows": len(rows), "available": available, "skipped_invalid": skipped}
     columns = set.intersection(*(set(p.column_names) for p in parts))
     parts = [p.select_columns(sorted(columns)) for p in parts]
     return datasets.concatenate_datasets(parts), report
@@ -159,8 +250,10 @@ def load_mixture(args, validate):
 # ---------------------------------------------------------------------------------------------
 # Validation
 
-def validate_messages(messages, where: str) -> None:
-    """Raise InvalidRecord unless `messages` is a list of {role, content} turns with an assistant turn."""
+def validate_messages(messages, where: str, needs_assistant: bool = True) -> list[dict]:
+    """The turns as [{"content", "role"}] (other keys dropped: templates render role and content), or
+    InvalidRecord unless `messages` is a list of such turns whose assistant turns are not blank
+    (an empty target trains the EOS alone) and, if `needs_assistant`, hold one to train on."""
     if not isinstance(messages, list) or not messages:
         raise InvalidRecord(f"{where}: expected a non-empty list of messages, got {type(messages).__name__}")
     for i, message in enumerate(messages):
@@ -171,14 +264,17 @@ def validate_messages(messages, where: str) -> None:
         if not isinstance(message.get("content"), str):
             raise InvalidRecord(f"{where}, field messages[{i}].content: expected a string, "
                                 f"got {type(message.get('content')).__name__}")
-    if not any(m["role"] == "assistant" for m in messages):
+        if message["role"] == "assistant" and not message["content"].strip():
+            raise InvalidRecord(f"{where}, field messages[{i}].content: empty assistant turn")
+    if needs_assistant and not any(m["role"] == "assistant" for m in messages):
         raise InvalidRecord(f"{where}, field messages: no assistant turn to train on")
+    return [{"content": m["content"], "role": m["role"]} for m in messages]
 
 
-def validate_sft_record(row: dict, where: str) -> None:
+def validate_sft_record(row: dict, where: str) -> dict:
     if row.get("messages") is None:  # a JSON file whose other rows have the field loads it as None
         raise InvalidRecord(f"{where}: no 'messages' field (has {sorted(k for k, v in row.items() if v is not None)})")
-    validate_messages(row["messages"], f"{where}, field messages")
+    return {"messages": validate_messages(row["messages"], f"{where}, field messages")}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -415,12 +511,10 @@ def preference_side(row: dict, side: str, where: str) -> list[dict]:
             raise InvalidRecord(f"{where}, field prompt: {side} is a response only, so a non-empty prompt "
                                 f"(string or list of messages) is needed, got {prompt!r}")
         response = prompt + response
-    validate_messages(response, f"{where}, field {side}")
+    response = validate_messages(response, f"{where}, field {side}")
     if response[-1]["role"] != "assistant":
         raise InvalidRecord(f"{where}, field {side}: the last turn must be the assistant response, "
                             f"got {response[-1]['role']!r}")
-    if not response[-1]["content"].strip():
-        raise InvalidRecord(f"{where}, field {side}: empty response")
     return response
 
 
@@ -428,13 +522,17 @@ def preference_messages(row: dict, where: str) -> tuple[list[dict], list[dict]]:
     """(chosen_messages, rejected_messages) of a record; InvalidRecord names dataset, row and field."""
     chosen = preference_side(row, "chosen", where)
     rejected = preference_side(row, "rejected", where)
+    if chosen[:-1] != rejected[:-1]:  # DPO compares two answers to one prompt
+        turn = next((i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b), min(len(chosen), len(rejected)) - 1)
+        raise InvalidRecord(f"{where}, field rejected: its prompt turns differ from chosen's at turn {turn}")
     if chosen == rejected:  # no preference to learn: the DPO margin is 0 whatever the model does
         raise InvalidRecord(f"{where}, field rejected: identical to chosen")
     return chosen, rejected
 
 
-def validate_preference_record(row: dict, where: str) -> None:
-    preference_messages(row, where)
+def validate_preference_record(row: dict, where: str) -> dict:
+    chosen, rejected = preference_messages(row, where)
+    return {"chosen": chosen, "rejected": rejected}
 
 
 def tokenize_preference(tokenizer, row: dict, max_seq_length: int, last_turn_only: bool = False) -> dict:
@@ -641,26 +739,24 @@ def rlvr_prompt_messages(row: dict, where: str) -> list[dict]:
         messages = messages[:-1]
     if not isinstance(messages, list) or not messages:
         raise InvalidRecord(f"{where}, field messages: expected a non-empty list of prompt turns, got {messages!r}")
-    # validate_messages checks every turn and wants an assistant turn: the response about to be sampled.
-    validate_messages(messages + [{"role": "assistant", "content": ""}], where)
-    return messages
+    return validate_messages(messages, where, needs_assistant=False)  # the response is about to be sampled
 
 
-def validate_rlvr_record(row: dict, where: str) -> None:
-    rlvr_prompt_messages(row, where)
+def validate_rlvr_record(row: dict, where: str) -> dict:
+    """The record, checked down to what its verifier needs, so that no reward raises mid-run."""
+    messages = rlvr_prompt_messages(row, where)
     dataset = row.get("dataset")
     if not isinstance(dataset, str) or dataset.lower() not in RLVR_DATASETS:
         raise InvalidRecord(f"{where}, field dataset: {dataset!r} has no verifier (expected one of "
                             f"{RLVR_DATASETS}, any case)")
     ground_truth = row.get("ground_truth")
-    if ground_truth is None or (isinstance(ground_truth, str) and not ground_truth.strip()):
-        raise InvalidRecord(f"{where}, field ground_truth: missing or empty")
-    if dataset.lower() == "ifeval" and isinstance(ground_truth, str):
-        try:
-            json.loads(ground_truth)
-        except json.JSONDecodeError as error:
-            raise InvalidRecord(f"{where}, field ground_truth: IFEval constraints are not valid JSON ({error})") \
-                from None
+    if not isinstance(ground_truth, str) or not ground_truth.strip():
+        raise InvalidRecord(f"{where}, field ground_truth: expected a non-empty string, got {ground_truth!r:.100}")
+    try:
+        verifiers.check_ground_truth(ground_truth, dataset)
+    except ValueError as error:
+        raise InvalidRecord(f"{where}, field ground_truth: {error}") from None
+    return {"messages": messages, "ground_truth": ground_truth, "dataset": dataset}
 
 
 def tokenize_rlvr_dataset(dataset, tokenizer, max_prompt_token_length: int, num_proc: int = 1):

@@ -7,7 +7,8 @@
 The story: arguments; distributed init (each rank holds a whole model and takes every world_size-th
 example, rank 0 gathers); the tasks (one declarative entry each, with the OLMES config it reproduces:
 shots, turn format, stop sequences, token limit, sampling, metric, averaging; exemplars and prompt
-texts in data/olmes/); a batched sampling loop; the HumanEval sandbox; the run (results.json with
+texts in data/olmes/); a batched sampling loop; HumanEval programs (run in verifiers.run_program's sandbox, which passes a program only if
+its tests ran to the end; where the OS cannot isolate it, eval refuses unless --allow_unsandboxed_code); the run (results.json with
 each task's settings and per-subject scores, a predictions JSONL per task and model, a table with
 one column per model). `--tasks tulu3` is the part of OLMES's tulu_3_dev suite with offline data.
 A batch's shared few-shot prefix is encoded once and its KV cache copied to every row.
@@ -24,10 +25,6 @@ import json
 import math
 import os
 import re
-import shutil
-import subprocess
-import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -47,30 +44,42 @@ def parse_args(argv=None):
     parser.add_argument("--model_name_or_path", nargs="+", required=True, help="one or more models to compare")
     parser.add_argument("--tasks", default="gsm8k,math500,ifeval,humaneval,mmlu",
                         help=f"comma list of {ALL_TASKS}, or a suite: {SUITES}")
-    parser.add_argument("--limit", type=int, default=None, help="only the first N examples of each task")
+    parser.add_argument("--limit", type=data_mix.POSITIVE_INT, default=None,
+                        help="only the first N examples of each task")
     parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--benchmark_dir", default=None, help="dir of <benchmark>.jsonl (default: .cache/benchmarks or hub)")
+    parser.add_argument("--benchmark_dir", default=None,
+                        help="dir of <benchmark>.jsonl (default: .cache/benchmarks or hub)")
     parser.add_argument("--chat_template_name", default=None, choices=["tulu"],
                         help="render with the Tülu template instead of the model's own")
-    parser.add_argument("--per_device_eval_batch_size", type=int, default=16)
+    parser.add_argument("--per_device_eval_batch_size", type=data_mix.POSITIVE_INT, default=16)
     # the generation flags override every task's own (OLMES) setting; unset, each task keeps its own
-    parser.add_argument("--max_new_tokens", type=int, default=None)
-    parser.add_argument("--temperature", type=float, default=None, help="0 = greedy")
-    parser.add_argument("--top_p", type=float, default=None)
-    parser.add_argument("--humaneval_num_samples", type=int, default=None, help="n samples per problem (OLMES: 20)")
+    parser.add_argument("--max_new_tokens", type=data_mix.POSITIVE_INT, default=None)
+    parser.add_argument("--temperature", type=data_mix.NON_NEGATIVE, default=None, help="0 = greedy")
+    parser.add_argument("--top_p", type=data_mix.bounded(float, 0.0, 1.0, low_open=True), default=None)
+    parser.add_argument("--humaneval_num_samples", type=data_mix.POSITIVE_INT, default=None,
+                        help="n samples per problem (OLMES: 20)")
     parser.add_argument("--pass_at_k", default=None, help="comma list of k, each <= the samples (OLMES: 1,10)")
-    parser.add_argument("--code_timeout_s", type=float, default=10.0, help="wall-clock limit per HumanEval program")
-    parser.add_argument("--code_memory_mb", type=int, default=1024, help="address-space limit per HumanEval program")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="auto = bf16 on GPU, fp32 on CPU")
+    parser.add_argument("--code_timeout_s", type=data_mix.POSITIVE, default=10.0,
+                        help="wall-clock limit per HumanEval program")
+    parser.add_argument("--code_memory_mb", type=data_mix.POSITIVE_INT, default=1024,
+                        help="address-space limit per HumanEval program")
+    parser.add_argument("--allow_unsandboxed_code", action="store_true",
+                        help="run HumanEval's model-written code even where the sandbox's OS isolation is missing")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
+                        help="auto = bf16 on GPU, fp32 on CPU")
     parser.add_argument("--seed", type=int, default=123)
     args = parser.parse_args(argv)
     args.tasks = list(dict.fromkeys(t for name in args.tasks.split(",") for t in SUITES.get(name, [name])))
-    args.pass_at_k = [int(k) for k in args.pass_at_k.split(",")] if args.pass_at_k else None
+    try:
+        args.pass_at_k = [data_mix.POSITIVE_INT(k) for k in args.pass_at_k.split(",")] if args.pass_at_k else None
+    except argparse.ArgumentTypeError as error:
+        parser.error(f"argument --pass_at_k: {error}")
     unknown = [t for t in args.tasks if t not in ALL_TASKS]
     if unknown:
         parser.error(f"unknown task(s) {unknown}; known: {', '.join(ALL_TASKS)} and the suites {', '.join(SUITES)}")
-    if args.max_new_tokens is not None and args.max_new_tokens < 1:
-        parser.error(f"--max_new_tokens {args.max_new_tokens} must be at least 1")
+    for path in args.model_name_or_path:
+        if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")):
+            parser.error(f"--model_name_or_path {path}: not a model directory (it has no config.json)")
     for task in args.tasks:
         try:
             task_settings(task, args)
@@ -479,121 +488,7 @@ def choose_letters(model, tokenizer, prompts, args) -> list[int]:
 
 
 # ---------------------------------------------------------------------------------------------
-# HumanEval sandbox
-#
-# Every program runs in its own process, started as a fresh interpreter (`python -I -B`) in a new
-# session in a scratch directory. Before it runs the candidate code, the child contains itself, with
-# each layer tried and the ones that took effect recorded:
-#   no-network       a new network namespace (no interface is up, not even loopback)
-#   read-only-fs     a new mount namespace in which every mount is read-only but the scratch dir
-#   user-nobody      when started as root, the program runs as uid 65534: it cannot write root's
-#                    files and RLIMIT_NPROC (1) stops it forking (Linux never applies that to root)
-#   no-capabilities  all capabilities dropped, so nothing can undo the mounts
-#   rlimits          address space (--code_memory_mb), CPU seconds, file size, processes, no core
-#   audit-guard      a Python audit hook refusing sockets, subprocesses, fork/exec, ctypes, and writes
-#                    outside the scratch dir. It is a guard, not a jail: the OS layers above are the
-#                    containment where the kernel allows them (namespaces need root or user namespaces).
-# The parent enforces a wall-clock limit and kills the whole process group when the program ends.
-
-SANDBOX_CHILD = r'''
-import ctypes, os, resource, sys
-scratch, memory_mb, cpu_seconds, python_guard = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
-program = open(os.path.join(scratch, "program.py")).read()
-layers, libc = [], ctypes.CDLL(None, use_errno=True)
-root = os.geteuid() == 0
-stdlib = os.path.dirname(os.__file__)
-if libc.unshare(0x40000000 | 0x20000 | (0 if root else 0x10000000)) == 0:  # NEWNET | NEWNS (| NEWUSER)
-    layers.append("no-network")
-    view = os.path.join(scratch, ".stdlib")  # the stdlib, readable by `nobody` wherever it is installed
-    os.mkdir(view)
-    ok = libc.mount(None, b"/", None, 0x4000 | 0x40000, None) == 0  # MS_REC | MS_PRIVATE: ours alone
-    ok = ok and libc.mount(scratch.encode(), scratch.encode(), None, 0x1000, None) == 0  # MS_BIND
-    ok = ok and libc.mount(stdlib.encode(), view.encode(), None, 0x1000, None) == 0
-    kept_flags = {"nosuid": 2, "nodev": 4, "noexec": 8, "noatime": 1024, "nodiratime": 2048, "relatime": 1 << 21}
-    for line in open("/proc/self/mountinfo"):
-        fields = line.split()
-        point = fields[4].encode().decode("unicode_escape").encode("latin-1")  # mountinfo escapes as \\040
-        if ok and point != scratch.encode():
-            keep = sum(kept_flags.get(option, 0) for option in fields[5].split(","))
-            ok = libc.mount(None, point, None, 32 | 4096 | 1 | keep, None) == 0  # REMOUNT | BIND | RDONLY
-    if ok:
-        layers.append("read-only-fs")
-        sys.path = [p.replace(stdlib, view) for p in sys.path]
-        stdlib = view
-    os.chdir(scratch)  # the old cwd is the directory under the new bind mount
-# as root, become `nobody`: it cannot write root's files, and RLIMIT_NPROC (which Linux never applies
-# to root) then stops it forking. Only if the stdlib stays readable to it.
-path, reachable = stdlib, "read-only-fs" in layers or os.stat(stdlib).st_mode & 0o004  # the view is ours
-while path != "/" and "read-only-fs" not in layers:
-    reachable, path = reachable and os.stat(path).st_mode & 0o001, os.path.dirname(path)
-if root and reachable:
-    os.chown(scratch, 65534, 65534)
-    os.setgroups([])
-    os.setgid(65534)
-    os.setuid(65534)
-    layers.append("user-nobody")
-if libc.capset((ctypes.c_uint32 * 2)(0x20080522, 0), (ctypes.c_uint32 * 6)()) == 0:  # v3 header, all zero
-    layers.append("no-capabilities")
-for limit, value in ((resource.RLIMIT_AS, memory_mb << 20), (resource.RLIMIT_CPU, cpu_seconds),
-                     (resource.RLIMIT_FSIZE, 16 << 20), (resource.RLIMIT_NPROC, 1), (resource.RLIMIT_CORE, 0)):
-    resource.setrlimit(limit, (value, value))
-layers.append("rlimits")
-REFUSED = ("socket.", "subprocess.", "os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork",
-           "os.forkpty", "os.kill", "os.killpg", "ctypes.", "os.symlink", "os.link", "os.chdir", "resource.")
-WRITES = ("os.remove", "os.rename", "os.rmdir", "os.mkdir", "os.chmod", "os.chown", "os.truncate",
-          "os.utime", "os.mkfifo", "os.mknod", "shutil.", "sqlite3.connect")
-def inside(path):
-    return isinstance(path, int) or (os.path.abspath(os.fsdecode(path)) + os.sep).startswith(scratch + os.sep)
-def guard(event, args):
-    if event == "open":
-        path, mode, flags = args
-        writing = any(c in (mode or "") for c in "wax+") or (flags or 0) & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)
-        if writing and not inside(path):
-            raise PermissionError(f"sandbox: writing {path} outside the scratch directory")
-    elif event.startswith(REFUSED):
-        raise PermissionError(f"sandbox: {event} is not allowed")
-    elif event.startswith(WRITES) and not all(inside(a) for a in args if isinstance(a, (str, bytes))):
-        raise PermissionError(f"sandbox: {event} outside the scratch directory")
-if python_guard:
-    sys.addaudithook(guard)
-    layers.append("audit-guard")
-print("sandbox layers:", ",".join(layers), file=sys.stderr, flush=True)
-for module in [m for m in sys.modules if m.startswith("ctypes")]:  # a new import must dlopen (refused)
-    del sys.modules[module]
-del ctypes, libc, resource
-exec(compile(program, "program.py", "exec"), {"__name__": "__main__"})
-'''
-
-
-def run_program(program: str, timeout_s: float = 10.0, memory_mb: int = 1024, python_guard: bool = True) -> dict:
-    """Run one program in the sandbox: {"status": passed | failed | timed out, "passed", "output", "layers"}.
-    `python_guard=False` leaves only the OS layers (tests use it to check those alone)."""
-    scratch = os.path.realpath(tempfile.mkdtemp(prefix="humaneval-"))
-    try:
-        with open(os.path.join(scratch, "program.py"), "w") as f:
-            f.write(program)
-        env = {"PATH": "/usr/bin:/bin", "TMPDIR": scratch, "HOME": scratch, "PYTHONHASHSEED": "0"}
-        with open(os.path.join(scratch, "output.txt"), "w+b") as output:  # a file: RLIMIT_FSIZE bounds it
-            command = [sys.executable, "-I", "-B", "-c", SANDBOX_CHILD, scratch, str(memory_mb),
-                       str(math.ceil(timeout_s)), "1" if python_guard else "0"]
-            process = subprocess.Popen(command, cwd=scratch, env=env, stdin=subprocess.DEVNULL, stdout=output,
-                                       stderr=output, start_new_session=True)
-            try:
-                status = "passed" if process.wait(timeout=timeout_s) == 0 else "failed"
-            except subprocess.TimeoutExpired:
-                status = "timed out"
-            try:  # the whole session: anything the program started ends with it
-                os.killpg(process.pid, 9)
-            except ProcessLookupError:
-                pass
-            process.wait()
-            output.seek(0)
-            text = output.read(8192).decode(errors="replace")
-        layers = text.split("\n", 1)[0].removeprefix("sandbox layers: ")  # the child's first line
-        return {"status": status, "passed": status == "passed", "output": text, "layers": layers}
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-
+# HumanEval programs (each runs in verifiers.run_program's sandbox)
 
 def humaneval_program(example: dict, response: str) -> str:
     """The prompt (signature + docstring), the model's body, the tests and the call that runs them."""
@@ -633,7 +528,8 @@ def evaluate_task(task: str, model, tokenizer, examples: list[dict], args, rank:
                            settings["stop"], sampling, generator)
         programs = [humaneval_program(examples[i], s) for j, i in enumerate(mine) for s in samples[j * n:(j + 1) * n]]
         with ThreadPoolExecutor(max(1, (os.cpu_count() or 1) // world_size)) as pool:  # each waits on a process
-            runs = list(pool.map(lambda p: run_program(p, args.code_timeout_s, args.code_memory_mb), programs))
+            runs = list(pool.map(lambda p: verifiers.run_program(p, args.code_timeout_s, args.code_memory_mb,
+                                                                 allow_unisolated=args.allow_unsandboxed_code), programs))
         for j, (i, text) in enumerate(zip(mine, texts)):
             mine_runs = runs[j * n:(j + 1) * n]
             records.append({"index": i, "prompt": text, "response": samples[j * n:(j + 1) * n],
@@ -710,6 +606,11 @@ def evaluate(args, rank: int, world_size: int, device) -> dict:
 
 def main(argv=None):
     args = parse_args(argv)
+    missing = verifiers.missing_isolation() if "humaneval" in args.tasks else []
+    if missing and not args.allow_unsandboxed_code:  # before any model loads: say it now, not hours in
+        raise SystemExit(f"humaneval runs model-written code, but the sandbox cannot isolate it here (missing: "
+                         f"{', '.join(missing)}; namespaces need root or user namespaces). Pass "
+                         f"--allow_unsandboxed_code to run it anyway, at your own risk.")
     rank, world_size, device = init_distributed()
     try:
         if rank == 0:

@@ -87,23 +87,30 @@ def parse_args(argv=None):
     data_mix.add_data_args(parser, max_seq_length=4096)
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--algo", default="grpo", choices=["grpo", "ppo"])
-    parser.add_argument("--total_episodes", type=int, default=100000, help="sampled responses over the whole run")
-    parser.add_argument("--num_unique_prompts_rollout", type=int, default=48, help="prompts per step (all ranks)")
-    parser.add_argument("--num_samples_per_prompt", type=int, default=None, help="G; default 16 (grpo), 1 (ppo)")
-    parser.add_argument("--response_length", type=int, default=2048,
+    parser.add_argument("--total_episodes", type=data_mix.POSITIVE_INT, default=100000,
+                        help="sampled responses over the whole run")
+    parser.add_argument("--num_unique_prompts_rollout", type=data_mix.POSITIVE_INT, default=48,
+                        help="prompts per step (all ranks)")
+    parser.add_argument("--num_samples_per_prompt", type=data_mix.POSITIVE_INT, default=None,
+                        help="G; default 16 (grpo), 1 (ppo)")
+    parser.add_argument("--response_length", type=data_mix.POSITIVE_INT, default=2048,
                         help="max new tokens; prompts longer than max_seq_length - response_length are dropped")
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top_p", type=float, default=1.0)
+    parser.add_argument("--temperature", type=data_mix.POSITIVE, default=1.0)
+    parser.add_argument("--top_p", type=data_mix.bounded(float, 0.0, 1.0, low_open=True), default=1.0)
     parser.add_argument("--stop_strings", nargs="*", default=[], help="end a response at any of these strings")
-    parser.add_argument("--verification_reward", type=float, default=10.0, help="reward of a correct answer")
+    parser.add_argument("--verification_reward", type=data_mix.bounded(float), default=10.0,
+                        help="reward of a correct answer")
     parser.add_argument("--non_stop_penalty", action=argparse.BooleanOptionalAction, default=True,
                         help="give --penalty_reward_value to responses cut at --response_length (Tülu 3 and 3.1)")
-    parser.add_argument("--penalty_reward_value", type=float, default=None, help="default 0 (grpo), -10 (ppo)")
-    parser.add_argument("--beta", type=float, default=None,
+    parser.add_argument("--penalty_reward_value", type=data_mix.bounded(float), default=None,
+                        help="default 0 (grpo), -10 (ppo)")
+    parser.add_argument("--beta", type=data_mix.NON_NEGATIVE, default=None,
                         help="KL coefficient; default 0.01 (grpo), 0.05 (ppo); 0: no reference model at all")
-    parser.add_argument("--cliprange", type=float, default=0.2)
-    parser.add_argument("--clip_lower", type=float, default=None, help="ratio clip 1 - eps below; default --cliprange")
-    parser.add_argument("--clip_higher", type=float, default=None, help="ratio clip 1 + eps above; default --cliprange")
+    parser.add_argument("--cliprange", type=data_mix.POSITIVE, default=0.2)
+    parser.add_argument("--clip_lower", type=data_mix.POSITIVE, default=None,
+                        help="ratio clip 1 - eps below; default --cliprange")
+    parser.add_argument("--clip_higher", type=data_mix.POSITIVE, default=None,
+                        help="ratio clip 1 + eps above; default --cliprange")
     parser.add_argument("--advantage_normalization_type", default="standard", choices=["standard", "centered"],
                         help="grpo: (r - mean) / std in each group, or r - mean (Dr. GRPO)")
     parser.add_argument("--mask_truncated_completions", action="store_true",
@@ -112,21 +119,24 @@ def parse_args(argv=None):
                         help="grpo: leave groups whose rewards are all equal out of the loss")
     parser.add_argument("--loss_denominator", type=lambda s: s if s == "token" else float(s), default="token",
                         help="token: a token mean (Tülu 3.1); a number D: per response, token sum / D (Dr. GRPO)")
-    parser.add_argument("--num_mini_batches", type=int, default=None,
+    parser.add_argument("--num_mini_batches", type=data_mix.POSITIVE_INT, default=None,
                         help="optimizer steps per pass over a rollout; default 2 (grpo), 1 (ppo)")
-    parser.add_argument("--ppo_epochs", type=int, default=None, help="passes over a rollout; default 1 (grpo), 4 (ppo)")
+    parser.add_argument("--ppo_epochs", type=data_mix.POSITIVE_INT, default=None,
+                        help="passes over a rollout; default 1 (grpo), 4 (ppo)")
     parser.add_argument("--value_model_name_or_path", default=None, help="ppo: value model init (default: the policy)")
-    parser.add_argument("--vf_coef", type=float, default=0.1)
-    parser.add_argument("--cliprange_value", type=float, default=0.2)
-    parser.add_argument("--gamma", type=float, default=1.0)
-    parser.add_argument("--lam", type=float, default=0.95)
-    parser.add_argument("--per_device_train_batch_size", type=int, default=1, help="sequences per micro-batch")
-    parser.add_argument("--learning_rate", type=float, default=None, help="default 5e-7 (grpo), 3e-7 (ppo)")
+    parser.add_argument("--vf_coef", type=data_mix.NON_NEGATIVE, default=0.1)
+    parser.add_argument("--cliprange_value", type=data_mix.POSITIVE, default=0.2)
+    parser.add_argument("--gamma", type=data_mix.FRACTION, default=1.0)
+    parser.add_argument("--lam", type=data_mix.FRACTION, default=0.95)
+    parser.add_argument("--per_device_train_batch_size", type=data_mix.POSITIVE_INT, default=1,
+                        help="sequences per micro-batch")
+    parser.add_argument("--learning_rate", type=data_mix.NON_NEGATIVE, default=None, help="default 5e-7 (grpo), 3e-7 (ppo)")
     parser.add_argument("--lr_scheduler_type", default=None, choices=["linear", "constant"],
                         help="default constant (grpo), linear (ppo)")
-    parser.add_argument("--warmup_ratio", type=float, default=0.0)
-    parser.add_argument("--weight_decay", type=float, default=0.0)
-    parser.add_argument("--max_grad_norm", type=float, default=1.0, help="clip the gradient norm; <= 0 disables")
+    parser.add_argument("--warmup_ratio", type=data_mix.FRACTION, default=0.0)
+    parser.add_argument("--weight_decay", type=data_mix.NON_NEGATIVE, default=0.0)
+    parser.add_argument("--max_grad_norm", type=data_mix.bounded(float), default=1.0,
+                        help="clip the gradient norm; <= 0 disables")
     parser.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward")
     parser.add_argument("--compile", action="store_true", help="torch.compile each decoder layer")
     parser.add_argument("--compile_sampling", action=argparse.BooleanOptionalAction, default=None,
@@ -135,7 +145,8 @@ def parse_args(argv=None):
                         help="compute dtype; auto = bf16 on GPU, fp32 on CPU (master weights stay fp32)")
     parser.add_argument("--attn_implementation", default=None,
                         help="e.g. sdpa, eager; default: the model's own choice (sdpa where it supports it)")
-    parser.add_argument("--checkpointing_steps", type=int, default=500, help="write a resumable checkpoint every N steps")
+    parser.add_argument("--checkpointing_steps", type=data_mix.POSITIVE_INT, default=500,
+                        help="write a resumable checkpoint every N steps")
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --output_dir")
     parser.add_argument("--seed", type=int, default=123)
     args = parser.parse_args(argv)
@@ -144,8 +155,8 @@ def parse_args(argv=None):
             setattr(args, name, value)
     args.clip_lower = args.cliprange if args.clip_lower is None else args.clip_lower
     args.clip_higher = args.cliprange if args.clip_higher is None else args.clip_higher
-    if args.response_length >= args.max_seq_length or args.temperature <= 0:
-        parser.error("--temperature must be > 0 and --response_length must leave room for a prompt in --max_seq_length")
+    if args.response_length >= args.max_seq_length:
+        parser.error("--response_length must leave room for a prompt in --max_seq_length")
     if args.algo == "grpo" and args.num_samples_per_prompt < 2:
         parser.error("--algo grpo compares samples within a group: --num_samples_per_prompt must be >= 2")
     if args.algo == "ppo" and (args.filter_zero_std_samples or args.advantage_normalization_type != "standard"):
@@ -527,6 +538,8 @@ def check_model_path(path: str) -> None:
     looks_local = os.path.isabs(path) or path.startswith(".") or path.count("/") != 1
     if not os.path.isdir(path) and looks_local:
         raise SystemExit(f"--model_name_or_path {path}: no such directory (and not an org/name hub id)")
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")):
+        raise SystemExit(f"--model_name_or_path {path}: not a model directory (it has no config.json)")
 
 
 def load_model(path: str, args, device, rank: int, wrapper=HFModel):
@@ -899,15 +912,14 @@ def load_rlvr_data(args, tokenizer, rank: int):
     """Mixed, validated, tokenized prompts; rank 0 prepares first so the others reuse its cache."""
     if rank != 0:
         dist.barrier()
-    rows, mixture = data_mix.mix_datasets(args.dataset_mixer_list, args.seed, data_mix.validate_rlvr_record,
-                                          args.skip_invalid_rows)
+    rows, report = data_mix.load_mixture(args, data_mix.validate_rlvr_record)
     prompts, too_long = data_mix.tokenize_rlvr_dataset(rows, tokenizer, args.max_seq_length - args.response_length,
                                                        args.preprocessing_num_workers)
     if rank == 0:
         dist.barrier()
     if len(prompts) == 0:
         raise SystemExit(f"no prompts left: all {too_long} are longer than --max_seq_length - --response_length")
-    report = {"datasets": mixture, "too_long_dropped": too_long, "prompts": len(prompts)}
+    report.update(too_long_dropped=too_long, prompts=len(prompts))
     return prompts, report
 
 

@@ -71,15 +71,18 @@ def parse_args(argv=None):
     parser.add_argument("--model_name_or_path", required=True, help="Hugging Face model directory or hub name")
     data_mix.add_data_args(parser, max_seq_length=4096)
     parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--per_device_train_batch_size", type=int, default=1, help="sequences per micro-batch")
-    parser.add_argument("--gradient_accumulation_steps", type=int, default=16)
-    parser.add_argument("--learning_rate", type=float, default=5e-6)
+    parser.add_argument("--per_device_train_batch_size", type=data_mix.POSITIVE_INT, default=1,
+                        help="sequences per micro-batch")
+    parser.add_argument("--gradient_accumulation_steps", type=data_mix.POSITIVE_INT, default=16)
+    parser.add_argument("--learning_rate", type=data_mix.NON_NEGATIVE, default=5e-6)
     parser.add_argument("--lr_scheduler_type", default="linear", choices=["linear", "constant"])
-    parser.add_argument("--warmup_ratio", type=float, default=0.03)
-    parser.add_argument("--weight_decay", type=float, default=0.0)
-    parser.add_argument("--max_grad_norm", type=float, default=1.0, help="clip the gradient norm; <= 0 disables")
-    parser.add_argument("--num_train_epochs", type=int, default=2)
-    parser.add_argument("--max_train_steps", type=int, default=None, help="overrides --num_train_epochs")
+    parser.add_argument("--warmup_ratio", type=data_mix.FRACTION, default=0.03)
+    parser.add_argument("--weight_decay", type=data_mix.NON_NEGATIVE, default=0.0)
+    parser.add_argument("--max_grad_norm", type=data_mix.bounded(float), default=1.0,
+                        help="clip the gradient norm; <= 0 disables")
+    parser.add_argument("--num_train_epochs", type=data_mix.POSITIVE_INT, default=2)
+    parser.add_argument("--max_train_steps", type=data_mix.POSITIVE_INT, default=None,
+                        help="overrides --num_train_epochs")
     parser.add_argument("--loss_reduction", default="sum", choices=["sum", "mean"])
     parser.add_argument("--packing", action=argparse.BooleanOptionalAction, default=True,
                         help="padding-free micro-batches (one row, position_ids restart per example)")
@@ -90,15 +93,16 @@ def parse_args(argv=None):
     parser.add_argument("--attn_implementation", default=None,
                         help=f"e.g. sdpa, eager, or {data_mix.PACKED_ATTENTION}: packed rows attend within each example "
                              "without a [T, T] mask; default: the model's own choice (sdpa where it supports it)")
-    parser.add_argument("--max_tokens_per_micro_batch", type=int, default=None, metavar="N",
+    parser.add_argument("--max_tokens_per_micro_batch", type=data_mix.POSITIVE_INT, default=None, metavar="N",
                         help="pack each rank's share of the optimizer batch into as few rows of <= N tokens as fit "
                              "(replaces --per_device_train_batch_size as the micro-batch; same gradient)")
-    parser.add_argument("--checkpointing_steps", type=int, default=500, help="write a resumable checkpoint every N steps")
+    parser.add_argument("--checkpointing_steps", type=data_mix.POSITIVE_INT, default=500,
+                        help="write a resumable checkpoint every N steps")
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --output_dir")
     parser.add_argument("--seed", type=int, default=123)
     args = parser.parse_args(argv)
-    if args.max_tokens_per_micro_batch is not None and (args.max_tokens_per_micro_batch < 1 or not args.packing):
-        parser.error("--max_tokens_per_micro_batch takes a positive number of tokens and needs --packing")
+    if args.max_tokens_per_micro_batch is not None and not args.packing:
+        parser.error("--max_tokens_per_micro_batch needs --packing")
     return args
 
 
@@ -206,6 +210,8 @@ def check_model_path(path: str) -> None:
     looks_local = os.path.isabs(path) or path.startswith(".") or path.count("/") != 1
     if not os.path.isdir(path) and looks_local:
         raise SystemExit(f"--model_name_or_path {path}: no such directory (and not an org/name hub id)")
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")):
+        raise SystemExit(f"--model_name_or_path {path}: not a model directory (it has no config.json)")
 
 
 def load_model(path: str, args, device, rank: int):

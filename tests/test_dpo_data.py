@@ -30,7 +30,7 @@ def test_assistant_message_lists_are_answers_to_a_prompt_conversation():
 
 @pytest.mark.parametrize("row, message", [
     ({"chosen": [USER, GOOD]}, "dataset d.jsonl, row 3, field rejected: missing"),
-    ({"prompt": "hi", "chosen": "  ", "rejected": "no"}, "dataset d.jsonl, row 3, field chosen: empty response"),
+    ({"prompt": "hi", "chosen": "  ", "rejected": "no"}, "dataset d.jsonl, row 3, field chosen, field messages[1].content: empty assistant turn"),
     ({"chosen": [USER, GOOD], "rejected": [USER, GOOD]}, "dataset d.jsonl, row 3, field rejected: identical to chosen"),
     ({"chosen": "yes", "rejected": "no"}, "dataset d.jsonl, row 3, field prompt: chosen is a response only"),
     ({"chosen": [USER, {"role": "bot", "content": "x"}], "rejected": [USER, BAD]},
@@ -52,7 +52,7 @@ def test_mixing_stops_at_a_bad_row_or_skips_and_counts_it(tmp_path):
             {"chosen": [USER, GOOD], "rejected": [USER, GOOD]},
             {"chosen": [USER, BAD], "rejected": [USER, GOOD]}]
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    with pytest.raises(InvalidRecord, match=f"dataset {path}, row 1, field rejected: identical to chosen"):
+    with pytest.raises(InvalidRecord, match=f"dataset {path}, line 2, field rejected: identical to chosen"):
         mix_datasets([str(path), "1.0"], seed=0, validate=validate_preference_record)
     mixed, report = mix_datasets([str(path), "1.0"], seed=0, validate=validate_preference_record, skip_invalid=True)
     assert len(mixed) == 2

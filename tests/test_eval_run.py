@@ -85,7 +85,7 @@ def test_bundled_model_on_20_gsm8k_and_20_ifeval(bundled_model_dir, benchmarks_d
     assert ifeval["prompt_level_strict"] <= ifeval["prompt_level_loose"] <= ifeval["inst_level_loose"]
 
 
-@pytest.mark.parametrize("bad, message", [(["--max_new_tokens", "-1"], "must be at least 1"),
+@pytest.mark.parametrize("bad, message", [(["--max_new_tokens", "-1"], "argument --max_new_tokens: -1 must be >= 1"),
                                           (["--tasks", "gsm8k,bbh"], "unknown task"),
                                           (["--pass_at_k", "1,5", "--humaneval_num_samples", "2"],
                                            "needs --humaneval_num_samples >= 5"),

@@ -53,5 +53,5 @@ def test_invalid_rows_are_counted_when_skipping(tmp_path):
     mixed, report = data_mix.mix_datasets([str(path), "1.0"], seed=0, validate=data_mix.validate_rlvr_record,
                                           skip_invalid=True)
     assert len(mixed) == 2 and report[str(path)]["skipped_invalid"] == 1
-    with pytest.raises(data_mix.InvalidRecord, match="row 1, field dataset"):
+    with pytest.raises(data_mix.InvalidRecord, match="line 2, field dataset"):
         data_mix.mix_datasets([str(path), "1.0"], seed=0, validate=data_mix.validate_rlvr_record)

@@ -1,0 +1,207 @@
+"""Bad input stops with the place named (dataset file, line or row, field, flag) or, with
+--skip_invalid_rows, is a counted skip; JSON strings reach training exactly as written."""
+import argparse
+import json
+import os
+
+import pytest
+
+import data_mix
+import verifiers
+
+USER = {"role": "user", "content": "What is 2 plus 3?"}
+ANSWER = {"role": "assistant", "content": "5"}
+SFT = {"messages": [USER, ANSWER]}
+RLVR = {"messages": [USER], "ground_truth": "5", "dataset": "gsm8k"}
+
+
+def write_lines(path, lines: list) -> str:
+    path.write_bytes(b"".join((line if isinstance(line, bytes) else json.dumps(line).encode()) + b"\n"
+                              for line in lines))
+    return str(path)
+
+
+def mix(path, validate=data_mix.validate_sft_record, skip=False):
+    return data_mix.mix_datasets([path, "1.0"], seed=0, validate=validate, skip_invalid=skip)
+
+
+# ---- files that do not parse
+
+@pytest.mark.parametrize("bad_line, message", [(b"{not json", r"line 2, column 2: not JSON"),
+                                               (b'{"messages": "\xff"}', r"line 2: not UTF-8 text"),
+                                               (b"[1, 2]", r"line 2: expected a JSON object, got list")])
+def test_a_bad_jsonl_line_is_named_and_can_be_skipped_and_counted(tmp_path, bad_line, message):
+    path = write_lines(tmp_path / "d.jsonl", [SFT, bad_line, SFT])
+    with pytest.raises(data_mix.InvalidRecord, match=f"dataset {path}, {message}"):
+        mix(path)
+    rows, report = mix(path, skip=True)
+    assert len(rows) == 2 and report[path]["skipped_invalid"] == 1
+
+
+def test_a_broken_json_array_names_line_and_column(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text('[\n  {"messages": []},\n  {"messages": [}\n]')
+    with pytest.raises(data_mix.InvalidRecord, match=f"dataset {path}, line 3, column 17: not JSON"):
+        mix(str(path))
+
+
+def test_a_json_array_names_its_rows_and_json_lines_in_a_json_file_are_read(tmp_path):
+    array = tmp_path / "a.json"
+    array.write_text(json.dumps([SFT, {"messages": [USER]}]))
+    with pytest.raises(data_mix.InvalidRecord, match=f"dataset {array}, row 1, field messages.*no assistant turn"):
+        mix(str(array))
+    lines = write_lines(tmp_path / "l.json", [SFT, SFT])
+    assert len(mix(lines)[0]) == 2
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_record(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(SFT).encode() + b"\r\n" + json.dumps(SFT).encode() + b"\r\n")
+    assert len(mix(str(path))[0]) == 2
+
+
+def test_an_empty_file_is_named(tmp_path):
+    path = tmp_path / "empty.jsonl"
+    path.write_text("\n")
+    with pytest.raises(ValueError, match=f"dataset {path} is empty"):
+        mix(str(path))
+
+
+def test_strings_stay_strings_in_a_column_that_mixes_strings_and_lists(tmp_path):
+    texts = ["5", " 5 ", "null", "true", "[1, 2]"]
+    rows = [{"prompt": "Say a number.", "chosen": "five", "rejected": text} for text in texts]
+    rows.append({"chosen": [USER, ANSWER], "rejected": [USER, {"role": "assistant", "content": "6"}]})
+    path = write_lines(tmp_path / "p.jsonl", rows)
+    mixed, report = mix(path, data_mix.validate_preference_record)
+    assert report[path]["skipped_invalid"] == 0
+    assert sorted(row["rejected"][-1]["content"] for row in mixed) == sorted(texts + ["6"])
+
+
+# ---- records that parse but cannot be trained on
+
+def test_chosen_and_rejected_with_different_prompt_turns_are_named(tmp_path):
+    other = {"role": "user", "content": "What is 3 plus 3?"}
+    path = write_lines(tmp_path / "p.jsonl", [{"chosen": [USER, ANSWER], "rejected": [other, ANSWER]}])
+    with pytest.raises(data_mix.InvalidRecord, match=f"{path}, line 1, field rejected: its prompt turns differ "
+                                                     "from chosen's at turn 0"):
+        mix(path, data_mix.validate_preference_record)
+
+
+@pytest.mark.parametrize("content", ["", "  \n"])
+def test_an_empty_assistant_turn_is_named(tmp_path, content):
+    path = write_lines(tmp_path / "s.jsonl", [SFT, {"messages": [USER, {"role": "assistant", "content": content}]}])
+    with pytest.raises(data_mix.InvalidRecord, match=r"line 2, field messages, field messages\[1\].content: empty"):
+        mix(path)
+
+
+@pytest.mark.parametrize("ground_truth", [5, ["5"], {"answer": "5"}])
+def test_a_ground_truth_that_is_not_a_string_is_named(tmp_path, ground_truth):
+    path = write_lines(tmp_path / "r.jsonl", [RLVR, {**RLVR, "ground_truth": ground_truth}])
+    with pytest.raises(data_mix.InvalidRecord, match="line 2, field ground_truth: expected a non-empty string"):
+        mix(path, data_mix.validate_rlvr_record)
+
+
+def test_a_gsm8k_ground_truth_without_a_number_is_named():
+    with pytest.raises(data_mix.InvalidRecord, match="row 4, field ground_truth: no number"):
+        data_mix.validate_rlvr_record({**RLVR, "ground_truth": "five"}, "dataset d, row 4")
+
+
+def ifeval(ids, kwargs):
+    return json.dumps({"instruction_id_list": ids, "kwargs": kwargs})
+
+
+@pytest.mark.parametrize("ground_truth, message", [
+    (ifeval(["keywords:nonexistent"], [{}]), "unknown IFEval instruction id"),
+    (ifeval(["punctuation:no_comma", "change_case:english_lowercase"], [{}]), "lists of one length"),
+    (ifeval(["length_constraints:number_words"], [{"relation": "at least"}]), r"missing arguments \['num_words'\]"),
+    (ifeval(["punctuation:no_comma"], [{"colour": "red"}]), r"unexpected arguments \['colour'\]"),
+    (ifeval(["keywords:existence"], [{"keywords": 7}]), "keywords=7 must be a list of strings"),
+    (ifeval(["length_constraints:number_words"], [{"num_words": 5, "relation": "more"}]), "must be 'less than'"),
+    ("5", "needs 'instruction_id_list'"),
+    ("{}", "needs 'instruction_id_list'"),
+    (json.dumps({"func_name": "verify_nothing"}), "unknown Tülu 3 IFEval func_name"),
+])
+def test_an_ifeval_ground_truth_the_verifier_cannot_check_is_named_at_load(tmp_path, ground_truth, message):
+    path = write_lines(tmp_path / "r.jsonl", [RLVR, {**RLVR, "dataset": "ifeval", "ground_truth": ground_truth}])
+    with pytest.raises(data_mix.InvalidRecord, match=f"{path}, line 2, field ground_truth: .*{message}"):
+        mix(path, data_mix.validate_rlvr_record)
+    assert mix(path, data_mix.validate_rlvr_record, skip=True)[1][path]["skipped_invalid"] == 1
+
+
+def test_a_quantifier_with_a_trailing_space_is_read_as_meant():
+    ground_truth = json.dumps({"func_name": "validate_word_constraint", "N": 3, "quantifier": "at least "})
+    data_mix.validate_rlvr_record({**RLVR, "dataset": "ifeval", "ground_truth": ground_truth}, "here")
+    assert verifiers.verify("one two three", ground_truth, "ifeval") == 1.0
+    assert verifiers.verify("one two", ground_truth, "ifeval") == 0.0
+    relation = ifeval(["length_constraints:number_words"], [{"num_words": 2, "relation": " less than"}])
+    assert verifiers.verify("one", relation, "ifeval") == 1.0
+
+
+def test_rlvr_decontaminates_its_prompts(tmp_path, tiny_tokenizer, benchmarks_dir):
+    import torch.distributed as dist
+
+    import rlvr
+    from conftest import free_port
+
+    with open(os.path.join(benchmarks_dir, "gsm8k.jsonl")) as f:
+        question = json.loads(f.readline())["question"]
+    path = write_lines(tmp_path / "r.jsonl", [RLVR, {**RLVR, "messages": [{"role": "user", "content": question}]}])
+    args = argparse.Namespace(dataset_mixer_list=[path, "1.0"], seed=0, skip_invalid_rows=False,
+                              decontaminate_against="gsm8k", decontaminate_ngram_size=8, decontaminate_threshold=0.5,
+                              max_seq_length=512, response_length=64, preprocessing_num_workers=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        prompts, report = rlvr.load_rlvr_data(args, tiny_tokenizer, rank=0)
+    finally:
+        dist.destroy_process_group()
+    assert len(prompts) == 1 and report["decontamination"]["dropped"] == 1
+
+
+# ---- flags
+
+@pytest.mark.parametrize("stage, flag, value, message", [
+    ("sft", "--per_device_train_batch_size", "0", "0 must be >= 1"),
+    ("sft", "--gradient_accumulation_steps", "0", "0 must be >= 1"),
+    ("sft", "--checkpointing_steps", "0", "0 must be >= 1"),
+    ("sft", "--max_seq_length", "-5", "-5 must be >= 1"),
+    ("sft", "--learning_rate", "-0.001", "-0.001 must be >= 0.0"),
+    ("sft", "--warmup_ratio", "1.5", "1.5 must be >= 0.0 and <= 1.0"),
+    ("sft", "--num_train_epochs", "two", "'two' is not an integer"),
+    ("dpo", "--dpo_beta", "0", "0 must be > 0.0"),
+    ("dpo", "--dpo_label_smoothing", "2", "2 must be >= 0.0 and < 0.5"),
+    ("dpo", "--learning_rate", "nan", "nan must be >= 0.0"),
+    ("dpo", "--decontaminate_threshold", "1", "1 must be >= 0.0 and < 1.0"),
+    ("rlvr", "--num_samples_per_prompt", "0", "0 must be >= 1"),
+    ("rlvr", "--per_device_train_batch_size", "0", "0 must be >= 1"),
+    ("rlvr", "--top_p", "0", "0 must be > 0.0 and <= 1.0"),
+    ("rlvr", "--temperature", "0", "0 must be > 0.0"),
+    ("eval", "--per_device_eval_batch_size", "0", "0 must be >= 1"),
+    ("eval", "--code_timeout_s", "-1", "-1 must be > 0.0"),
+    ("eval", "--pass_at_k", "1,0", "0 must be >= 1"),
+])
+def test_a_bad_flag_is_refused_at_parse_time_by_name(stage, flag, value, message, capsys):
+    import importlib
+
+    module = importlib.import_module(stage)
+    required = ["--model_name_or_path", "m", "--output_dir", "o"] + (
+        [] if stage == "eval" else ["--dataset_mixer_list", "d.jsonl", "1.0"])
+    with pytest.raises(SystemExit):
+        module.parse_args(required + [flag, value])
+    assert f"argument {flag}: {message}" in capsys.readouterr().err
+
+
+def test_ipo_with_label_smoothing_is_refused_at_parse_time(capsys):
+    import dpo
+
+    with pytest.raises(SystemExit):
+        dpo.parse_args(["--model_name_or_path", "m", "--output_dir", "o", "--dataset_mixer_list", "d.jsonl", "1",
+                        "--dpo_loss_type", "ipo", "--dpo_label_smoothing", "0.1"])
+    assert "--dpo_label_smoothing has no meaning for --dpo_loss_type ipo" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo", "rlvr"])
+def test_a_directory_that_is_not_a_model_is_named(tmp_path, stage):
+    import importlib
+
+    with pytest.raises(SystemExit, match=f"--model_name_or_path {tmp_path}: not a model directory"):
+        importlib.import_module(stage).check_model_path(str(tmp_path))
