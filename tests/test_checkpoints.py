@@ -48,42 +48,48 @@ def run_killed_at(main, argv, output_dir, kill_at: int | None) -> list[str]:
     return finish(start_killed_at(main, argv, output_dir, kill_at))
 
 
+# Children start from a fork server, not from pytest: forking pytest, whose torch and tokenizer thread pools
+# are running, can leave a child waiting forever on a lock that no thread of its own holds.
+FORK_SERVER = multiprocessing.get_context("forkserver")
+FORK_SERVER.set_forkserver_preload(["torch", "transformers", "sft", "dpo", "rlvr"])
+
+
 def start_killed_at(main, argv, output_dir, kill_at: int | None):
     log = str(output_dir) + ".ops"
-
-    def child():
-        torch.set_num_threads(1)
-        sys.stdout = sys.stderr = open(os.devnull, "w")
-        root, ops, busy = os.path.realpath(output_dir), [], [False]
-
-        def hook(event, args):
-            if busy[0]:
-                return
-            busy[0] = True  # the hook's own file operations are not audited
-            try:
-                path = changes_disk(event, args)
-                if path is not None and (path + "/").startswith(root + "/"):
-                    if len(ops) + 1 == kill_at:
-                        with open(log, "w") as f:
-                            f.write("\n".join(ops + ["killed"]))
-                        os._exit(KILLED)
-                    ops.append(f"{event} {os.path.relpath(path, root)}")
-            finally:
-                busy[0] = False
-        sys.addaudithook(hook)
-        try:
-            run_in_process(main, argv)
-        except BaseException as error:  # noqa: BLE001 (reported to the parent through the log)
-            with open(log, "w") as f:
-                f.write(f"error {error!r}")
-            os._exit(1)
-        with open(log, "w") as f:
-            f.write("\n".join(ops))
-        os._exit(0)
-
-    process = multiprocessing.get_context("fork").Process(target=child)
+    process = FORK_SERVER.Process(target=killed_child, args=(main, argv, str(output_dir), kill_at, log))
     process.start()
     return process, log
+
+
+def killed_child(main, argv, output_dir, kill_at, log):
+    torch.set_num_threads(1)
+    sys.stdout = sys.stderr = open(os.devnull, "w")
+    root, ops, busy = os.path.realpath(output_dir), [], [False]
+
+    def hook(event, args):
+        if busy[0]:
+            return
+        busy[0] = True  # the hook's own file operations are not audited
+        try:
+            path = changes_disk(event, args)
+            if path is not None and (path + "/").startswith(root + "/"):
+                if len(ops) + 1 == kill_at:
+                    with open(log, "w") as f:
+                        f.write("\n".join(ops + ["killed"]))
+                    os._exit(KILLED)
+                ops.append(f"{event} {os.path.relpath(path, root)}")
+        finally:
+            busy[0] = False
+    sys.addaudithook(hook)
+    try:
+        run_in_process(main, argv)
+    except BaseException as error:  # noqa: BLE001 (reported to the parent through the log)
+        with open(log, "w") as f:
+            f.write(f"error {error!r}")
+        os._exit(1)
+    with open(log, "w") as f:
+        f.write("\n".join(ops))
+    os._exit(0)
 
 
 def finish(started) -> list[str]:
@@ -197,15 +203,7 @@ def test_a_second_run_is_refused_while_the_first_lives_and_resumes_once_it_is_ki
     main, argv = STAGES["sft"](tiny_model_dir, tmp_path, tmp_path / "out")
     ready = tmp_path / "ready"
 
-    def stalled_run():  # a live run, stopped just before its first metrics line
-        def hook(event, args):
-            if event == "open" and str(args[0]).endswith("metrics.jsonl"):
-                ready.write_text("")
-                time.sleep(600)
-        sys.addaudithook(hook)
-        torch.set_num_threads(1)
-        run_in_process(main, argv)
-    first = multiprocessing.get_context("fork").Process(target=stalled_run)
+    first = FORK_SERVER.Process(target=stalled_run, args=(main, argv, ready))
     first.start()
     try:
         for _ in range(600):
@@ -220,6 +218,16 @@ def test_a_second_run_is_refused_while_the_first_lives_and_resumes_once_it_is_ki
         first.join()
     run_in_process(main, argv)
     assert [m["step"] for m in read_metrics(tmp_path / "out")] == [1, 2, 3]
+
+
+def stalled_run(main, argv, ready):  # a live run, stopped just before its first metrics line
+    def hook(event, args):
+        if event == "open" and str(args[0]).endswith("metrics.jsonl"):
+            ready.write_text("")
+            time.sleep(600)
+    sys.addaudithook(hook)
+    torch.set_num_threads(1)
+    run_in_process(main, argv)
 
 
 def test_killing_the_torchrun_launcher_also_ends_its_workers(tiny_model_dir, tmp_path):
