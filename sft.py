@@ -84,6 +84,10 @@ def parse_args(argv=None):
     parser.add_argument("--max_train_steps", type=data_mix.POSITIVE_INT, default=None,
                         help="overrides --num_train_epochs")
     parser.add_argument("--loss_reduction", default="sum", choices=["sum", "mean"])
+    parser.add_argument("--load_balancing_loss", action="store_true",
+                        help="MoE: add the router's load-balancing loss (a mean over micro-batches)")
+    parser.add_argument("--load_balancing_weight", type=data_mix.NON_NEGATIVE, default=None,
+                        help="its weight; default: the model's router_aux_loss_coef")
     parser.add_argument("--packing", action=argparse.BooleanOptionalAction, default=True,
                         help="padding-free micro-batches (one row, position_ids restart per example)")
     parser.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward")
@@ -168,20 +172,30 @@ class CausalLMLogProbs(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, labels, position_ids=None, attention_mask=None):
+    def forward(self, input_ids, labels, position_ids=None, attention_mask=None, load_balancing=False):
+        """[B, T-1] label log-probs; with `load_balancing` also the model's router (load-balancing) loss."""
         base = getattr(self.model, self.model.base_model_prefix)  # what the model's own forward calls first
-        hidden = base(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
-                      use_cache=False).last_hidden_state
-        return chunked_label_logprobs(hidden, self.head_logits, labels)
+        output = base(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                      use_cache=False, **({"output_router_logits": True} if load_balancing else {}))
+        label_logprobs = chunked_label_logprobs(output.last_hidden_state, self.head_logits, labels)
+        if not load_balancing:
+            return label_logprobs
+        # the model's own forward computes its auxiliary loss from the router logits (the head sees one token)
+        return label_logprobs, self.after_base(output, logits_to_keep=1, output_router_logits=True,
+                                               attention_mask=attention_mask).aux_loss
 
     def head_logits(self, states):
-        """The model's own logits for decoder states [n, H] -> [n, V]: its forward, run with the base model
-        standing in by returning `states`, so whatever the architecture does after the output projection
-        (Gemma 2's soft-cap, Granite's and Cohere's logit scaling, ...) applies, with no list of cases."""
+        """The model's own logits for decoder states [n, H] -> [n, V], so whatever the architecture does after
+        the output projection (Gemma 2's soft-cap, Granite's and Cohere's logit scaling, ...) applies."""
+        return self.after_base(GivenStates(states[None]), logits_to_keep=0).logits[0]
+
+    def after_base(self, base_output, **kwargs):
+        """The model's own forward from its base model's output on: the base model stands in by returning
+        `base_output`, so no architecture's head or loss needs a case of its own here."""
         base = getattr(self.model, self.model.base_model_prefix)
-        base.forward = lambda *args, **kwargs: GivenStates(states[None])
+        base.forward = lambda *args, **ignored: base_output
         try:
-            return self.model(input_ids=None, logits_to_keep=0).logits[0]
+            return self.model(input_ids=None, **kwargs)
         finally:
             del base.forward  # back to the class's forward
 
@@ -615,7 +629,8 @@ def accumulate_gradients(model, examples, batch: list[int], args, rank: int, wor
                          pad_token_id: int):
     """Forward and backward over this rank's micro-batches of one optimizer batch.
 
-    Returns (summed token NLL over all ranks, trained tokens over all ranks, input tokens over all ranks).
+    Returns (summed token NLL over all ranks, trained tokens over all ranks, input tokens over all ranks, the
+    router loss averaged over micro-batches and ranks: 0 without --load_balancing_loss).
     """
     # The loss divisor belongs to the whole optimizer batch, so it is known before any forward: each rank
     # counts the trained tokens of its collated micro-batches (packing's boundary labels are already -100).
@@ -633,18 +648,26 @@ def accumulate_gradients(model, examples, batch: list[int], args, rank: int, wor
     dist.all_reduce(most, op=dist.ReduceOp.MAX)
     stand_ins = [{k: v.to(device) for k, v in micro.items()}
                  for micro in micro_batches(examples, batch, args, rank, world_size, pad_token_id, stand_in=True)]
+    router_loss = torch.zeros((), device=device)
     for number, micro in enumerate(micros + stand_ins * (int(most) - len(micros))):
         weight = float(number < len(micros))
-        label_logprobs = model(**micro)
+        if args.load_balancing_loss:
+            label_logprobs, aux_loss = model(**micro, load_balancing=True)
+        else:
+            label_logprobs, aux_loss = model(**micro), None
         # FSDP averages gradients over ranks; multiplying by world_size turns that average into a sum.
         loss = sft_loss(label_logprobs, micro["labels"], denominator) * world_size * weight
-        loss.backward()
         summed_nll += loss.detach() * denominator / world_size
+        if aux_loss is not None:  # a per-micro-batch statistic, not a token sum: averaged over micro-batches
+            aux_loss = aux_loss * weight / len(micros)  # (and over ranks, by FSDP)
+            loss = loss + args.load_balancing_weight * aux_loss
+            router_loss += aux_loss.detach() / world_size
+        loss.backward()
         input_tokens += weight * (micro["attention_mask"].sum() if "attention_mask" in micro
                                   else micro["input_ids"].numel())
-    dist.all_reduce(summed_nll)
-    dist.all_reduce(input_tokens)
-    return summed_nll, trained_tokens, input_tokens
+    for total in (summed_nll, input_tokens, router_loss):
+        dist.all_reduce(total)
+    return summed_nll, trained_tokens, input_tokens, router_loss
 
 
 def main(argv=None):
@@ -684,6 +707,12 @@ def train(args, rank: int, world_size: int, device) -> None:
     check_loaded_model(model, args.model_name_or_path, torch.tensor([first_example["input_ids"][:64]], device=device),
                        lambda ids, positions: model(input_ids=ids, labels=ids, position_ids=positions),
                        resolve_dtype(args.dtype, device), rank)
+    if args.load_balancing_loss:  # Mixtral, OLMoE, Qwen-MoE, ...: their configs carry the router loss's weight
+        text_config = model.model.config.get_text_config()
+        if not hasattr(text_config, "router_aux_loss_coef"):
+            raise SystemExit(f"--load_balancing_loss: {text_config.model_type} has no router (no router_aux_loss_coef)")
+        if args.load_balancing_weight is None:
+            args.load_balancing_weight = text_config.router_aux_loss_coef
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay,
                                   fused=device.type == "cuda")
     scheduler = make_scheduler(optimizer, args.lr_scheduler_type, math.ceil(args.warmup_ratio * total_steps),
@@ -704,7 +733,7 @@ def train(args, rank: int, world_size: int, device) -> None:
         batch = order[index * batch_size:(index + 1) * batch_size]
         started = time.perf_counter()
 
-        summed_nll, trained_tokens, input_tokens = accumulate_gradients(
+        summed_nll, trained_tokens, input_tokens, router_loss = accumulate_gradients(
             model, examples, batch, args, rank, world_size, device, tokenizer.pad_token_id)
 
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm if args.max_grad_norm > 0
@@ -722,6 +751,7 @@ def train(args, rank: int, world_size: int, device) -> None:
         elapsed = time.perf_counter() - started
         metrics = {"step": step + 1, "epoch": epoch, "loss": mean_loss, "lr": lr, "grad_norm": grad_norm.item(),
                    "tokens": int(trained_tokens.item()), "input_tokens": int(input_tokens.item()),
+                   **({"router_loss": router_loss.item()} if args.load_balancing_loss else {}),
                    "tokens_per_s": input_tokens.item() / elapsed}
         if rank == 0:
             append_metrics(metrics_path, metrics)

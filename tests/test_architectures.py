@@ -235,3 +235,31 @@ def test_length_dependent_rope_longer_than_its_original_length_is_refused(tmp_pa
     family = make_family("phi3_longrope", tmp_path)
     with pytest.raises(SystemExit, match="--max_seq_length 256: longrope RoPE .* use at most 128"):
         stage_run(family, "sft", "--max_seq_length", "256")
+
+
+# ---------------------------------------------------------------------------------------------
+# MoE: the router's load-balancing loss, as the model's own forward computes it
+
+@pytest.mark.parametrize("name", ["mixtral", "olmoe"])
+def test_load_balancing_loss_is_the_models_own_and_changes_the_routers_update(name, tmp_path):
+    family = make_family(name, tmp_path)
+    plain = stage_run(family, "sft", "--loss_reduction", "mean")
+    balanced = stage_run(family, "sft", "--loss_reduction", "mean", "--load_balancing_loss",
+                         "--load_balancing_weight", "10")
+    tokenizer = AutoTokenizer.from_pretrained(family["model_dir"])
+    ids = tokenizer.apply_chat_template(CONVERSATION, tokenize=True, return_dict=True)["input_ids"]
+    model = AutoModelForCausalLM.from_pretrained(family["model_dir"]).eval()
+    with torch.no_grad():
+        expected = model(input_ids=torch.tensor([ids]), output_router_logits=True).aux_loss.item()
+    metrics = read_metrics(balanced)[0]
+    assert metrics["router_loss"] == pytest.approx(expected, rel=1e-5)
+    assert metrics["loss"] == pytest.approx(read_metrics(plain)[0]["loss"], rel=1e-6)  # the NLL alone
+    before, without, with_router = (load_file(os.path.join(d, "model.safetensors"))
+                                    for d in (family["model_dir"], plain, balanced))
+    routers = [key for key in before if "gate.weight" in key and "proj" not in key]
+    assert routers and all(not torch.equal(without[key], with_router[key]) for key in routers)
+
+
+def test_load_balancing_loss_on_a_dense_model_is_refused(tmp_path):
+    with pytest.raises(SystemExit, match="--load_balancing_loss: llama has no router"):
+        stage_run(make_family("llama", tmp_path), "sft", "--load_balancing_loss")
