@@ -1,4 +1,5 @@
 """Shared fixtures: a tiny tokenizer and Llama model built locally, and the bundled real model."""
+import contextlib
 import os
 import sys
 
@@ -92,10 +93,26 @@ def free_port() -> str:
 
 def run_in_process(main, argv) -> None:
     """A stage's main() in this process, as `python stage.py ...` runs it (a process group of one)."""
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
-        os.environ.pop(key, None)
+    with plain_python_environment():
+        main(argv)
+
+
+@contextlib.contextmanager
+def plain_python_environment():
+    """The environment of `python stage.py`: no torchrun variables, a free MASTER_PORT; afterwards the
+    variables are as they were, so that init_distributed's RANK and port are not inherited by a later
+    test's subprocess (a demo stage then failed with EADDRINUSE, or found RANK but no MASTER_PORT)."""
+    names = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    previous = {name: os.environ.pop(name, None) for name in names}
     os.environ["MASTER_PORT"] = free_port()
-    main(argv)
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def read_metrics(output_dir) -> list[dict]:

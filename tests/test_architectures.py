@@ -16,7 +16,7 @@ import dpo
 import eval as evaluation
 import rlvr
 import sft
-from conftest import build_tiny_tokenizer, free_port, read_metrics, run_in_process
+from conftest import build_tiny_tokenizer, plain_python_environment, read_metrics, run_in_process
 
 SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              max_position_embeddings=512, initializer_range=0.2, tie_word_embeddings=False)
@@ -124,16 +124,14 @@ def hf_label_logprobs(family, messages):
 
 
 def test_every_buffer_holds_what_from_pretrained_gives(family):
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
-        os.environ.pop(key, None)
-    os.environ["MASTER_PORT"] = free_port()
     args = sft.parse_args(["--model_name_or_path", family["model_dir"], "--dataset_mixer_list", "x", "1",
                            "--output_dir", "x", "--max_seq_length", "128"])
-    sft.init_distributed()
-    try:
-        loaded = sft.load_model(family["model_dir"], args, torch.device("cpu"), rank=0).model
-    finally:
-        torch.distributed.destroy_process_group()
+    with plain_python_environment():
+        sft.init_distributed()
+        try:
+            loaded = sft.load_model(family["model_dir"], args, torch.device("cpu"), rank=0).model
+        finally:
+            torch.distributed.destroy_process_group()
     expected = dict(AutoModelForCausalLM.from_pretrained(family["model_dir"]).named_buffers())
     buffers = dict(loaded.named_buffers())
     assert buffers.keys() == expected.keys() and len(buffers) > 0

@@ -67,6 +67,7 @@ def test_first_last_averages_the_first_and_last_fifth_of_the_logged_steps():
 def test_demo_runs_every_stage_and_writes_the_report(tiny_model_dir, tmp_path, monkeypatch):
     # Tiny tensors gain nothing from threads, and on a shared CPU threads only wait on each other.
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.delenv("MASTER_PORT", raising=False)  # each stage's process picks its own port
     output_dir = tmp_path / "demo"
     demo.main(["--model_name_or_path", tiny_model_dir, "--output_dir", str(output_dir), "--scale", "0.05",
                "--max_new_tokens", "8"])

@@ -128,8 +128,8 @@ def compile_worker(rank, world_size, port, model_dir, out_path):
         args = sft.parse_args(["--model_name_or_path", model_dir, "--dataset_mixer_list", "x", "1", "--output_dir", "x",
                                "--packing", "--per_device_train_batch_size", "4"] + ["--compile"] * compiled)
         model = sft.load_model(model_dir, args, device, rank)
-        nll, _, _ = sft.accumulate_gradients(model, examples, list(range(8)), args, rank, world_size, device,
-                                             tokenizer.pad_token_id)
+        nll = sft.accumulate_gradients(model, examples, list(range(8)), args, rank, world_size, device,
+                                       tokenizer.pad_token_id)[0]
         results[compiled] = {"nll": nll, **{n: p.grad.full_tensor().clone() for n, p in model.named_parameters()}}
     torch.save(results, out_path)
     torch.distributed.destroy_process_group()
