@@ -345,7 +345,9 @@ def check_loaded_model(model, path: str, input_ids, stage_logprobs, compute_dtyp
         raise SystemExit(f"{type(model.model).__name__} ({model.model.config.model_type}): the log-probs this stage "
                          f"trains on differ from the model's as from_pretrained loads it by {gap:.3g} (relative; tolerance "
                          f"{tolerance}; first {num_layers} layers, first {input_ids.shape[1]} tokens of the first "
-                         "micro-batch). This architecture is not loaded or scored correctly here; nothing was trained.")
+                         f"micro-batch; the stage's attention: {model.model.config._attn_implementation}, the reference's: "
+                         "eager). This architecture is not loaded or scored correctly here; nothing was trained. If the "
+                         "attention implementation does not support the model, pass --attn_implementation eager.")
 
 
 def logprob_gap(model, path: str, input_ids, stage_logprobs, rank: int) -> tuple[float, int]:
