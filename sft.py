@@ -299,12 +299,12 @@ def init_non_persistent_buffers(model) -> None:
 def check_loaded_model(model, path: str, input_ids, stage_logprobs, compute_dtype: str, rank: int) -> None:
     """Guard for architectures nobody tested: before the first update, the log-probs the stage trains on
     (`stage_logprobs(input_ids, position_ids)` -> [1, T-1]) must equal those of the model as plain
-    from_pretrained gives it, for a slice `input_ids` [1, T] of the first micro-batch. It catches a wrong
+    from_pretrained gives it, for `input_ids` [1, T], the start of the run's first example. It catches a wrong
     loss path (a head transform the loss ignores) and a wrongly loaded model (a buffer left unfilled).
 
     Cheap at any size: both sides run only the first layers, up to one layer of each kind (attention type,
     dense or MoE), so rank 0 reads just those layers, the embeddings and the head with from_pretrained on
-    the CPU (Llama-70B: about 12 GB in fp32), and the sharded model runs the same layers."""
+    the CPU (Llama-70B: about 12 GB in fp32, computed), and the sharded model runs the same layers."""
     model.eval()  # no dropout on either side
     with torch.random.fork_rng(devices=[]):  # whatever loading draws leaves the run's random stream as it was
         gap, num_layers = logprob_gap(model, path, input_ids, stage_logprobs, rank)
@@ -313,7 +313,7 @@ def check_loaded_model(model, path: str, input_ids, stage_logprobs, compute_dtyp
         raise SystemExit(f"{type(model.model).__name__} ({model.model.config.model_type}): the log-probs this stage "
                          f"trains on differ from the model's as from_pretrained loads it by {gap:.3g} (relative; tolerance "
                          f"{tolerance}; first {num_layers} layers, first {input_ids.shape[1]} tokens of the first "
-                         f"micro-batch; the stage's attention: {model.model.config._attn_implementation}, the reference's: "
+                         f"example; the stage's attention: {model.model.config._attn_implementation}, the reference's: "
                          "eager). This architecture is not loaded or scored correctly here; nothing was trained. If the "
                          "attention implementation does not support the model, pass --attn_implementation eager.")
 
