@@ -316,7 +316,7 @@ class ValueModel(torch.nn.Module):
     def forward(self, input_ids, attention_mask, position_ids):
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                             use_cache=False).last_hidden_state  # [B, T, H]
-        return self.score(hidden)[..., 0]  # [B, T]
+        return self.score(hidden)[..., 0].clone()  # [B, T]; a copy: FSDP2 warns of a forward that returns a view
 
 
 def saved_value_head(path: str):
