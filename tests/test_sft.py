@@ -90,7 +90,7 @@ def gradient_worker(rank, world_size, port, model_dir, out_path):
         model = sft.load_model(model_dir, args, device, rank)
         for reduction in ("sum", "mean"):
             for per_device, accumulation in SPLITS[world_size]:
-                args.per_device_train_batch_size, args.loss_reduction = per_device, reduction
+                args.per_device_train_batch_size, args.reduce_loss = per_device, reduction
                 sft.accumulate_gradients(model, examples, list(range(8)), args, rank, world_size, device,
                                          tokenizer.pad_token_id)
                 grads = {n: p.grad.full_tensor().clone() for n, p in model.named_parameters()}
