@@ -11,10 +11,8 @@ taken, and every row keeps a `source` column naming the dataset it came from.
 Rendering follows Tülu 3: the loss covers each assistant turn's content plus its EOS token, and
 nothing else (system and user turns, the assistant header, the newline after EOS are label -100).
 
-Decontamination (--decontaminate_against gsm8k,math,...) drops a training row when more than
---decontaminate_threshold (0.5) of its prompt's word n-grams (--decontaminate_ngram_size, 8) occur in
-the named benchmarks' prompts, read from the same files eval.py scores, so what the training data is
-guarded against is exactly what is evaluated.
+Decontamination (--decontaminate_against gsm8k,math,...) drops a training row when more than half
+(--decontaminate_threshold) of its prompt's word 8-grams occur in the prompts eval.py scores.
 """
 import argparse
 import functools

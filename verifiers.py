@@ -463,7 +463,6 @@ def _symbolic_server():
             os._exit(0)  # the parent is gone
 
 
-
 # ------------------------------------------------------------------------------------------------
 # IFEval (Zhou et al. 2023): the 25 instruction checkers, with the official kwargs and semantics.
 # One deliberate difference: keyword-type arguments are matched as literal text (re.escape), where
