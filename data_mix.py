@@ -1,4 +1,6 @@
-"""Data shared by every stage: load and mix datasets, validate records, render chats, tokenize, batch.
+"""Data shared by every stage: load and mix datasets, validate records, render chats, tokenize, batch;
+the attention for packed rows; preference and RLVR records; the benchmarks eval.py scores, and the
+decontamination of training data against them.
 
 A mixture is a list of (dataset, amount) pairs, written on the command line as
     --dataset_mixer_list allenai/tulu-3-sft-mixture 1.0 my_data.jsonl 5000
@@ -8,6 +10,9 @@ taken, and every row keeps a `source` column naming the dataset it came from.
 
 Rendering follows Tülu 3: the loss covers each assistant turn's content plus its EOS token, and
 nothing else (system and user turns, the assistant header, the newline after EOS are label -100).
+
+Decontamination (--decontaminate_against gsm8k,math,...) drops a training row when more than half
+(--decontaminate_threshold) of its prompt's word 8-grams occur in the prompts eval.py scores.
 """
 import argparse
 import functools
@@ -247,6 +252,13 @@ def load_mixture(args, validate):
     return rows, report
 
 
+def save_json(path: str, obj) -> None:
+    """Write JSON atomically (a crash never leaves a half-written file)."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
 # ---------------------------------------------------------------------------------------------
 # Validation
 
@@ -341,10 +353,10 @@ def tokenize_prompt(tokenizer, messages: list[dict]) -> list[int]:
     return tokenizer(render(tokenizer, messages, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
 
 
-def tokenize_sft_dataset(dataset, tokenizer, max_seq_length: int, num_proc: int = 1, last_turn_only: bool = False):
+def tokenize_sft_dataset(dataset, tokenizer, max_seq_length: int, num_proc: int = 1):
     """Tokenize every conversation; drop (and count) examples that have no trained token left."""
     tokenized = dataset.map(
-        lambda row: tokenize_sft(tokenizer, row["messages"], max_seq_length, last_turn_only),
+        lambda row: tokenize_sft(tokenizer, row["messages"], max_seq_length),
         remove_columns=[c for c in dataset.column_names if c != "source"],
         num_proc=num_proc if num_proc > 1 else None, desc="tokenizing")
     trainable = tokenized.filter(lambda row: any(label != IGNORE_INDEX for label in row["labels"]),
@@ -403,6 +415,8 @@ def micro_batch_indices(mine: list[int], size: int, max_tokens: int | None, leng
     return groups
 
 
+# ---------------------------------------------------------------------------------------------
+# Packed attention
 # Attention inside each packed document, without a [T, T] mask: an attention implementation registered with
 # transformers (--attn_implementation packed_varlen), so the model stays Hugging Face's code. Its mask function
 # builds nothing; the attention finds the documents in position_ids (they restart at every example).
@@ -474,14 +488,8 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
     return out.reshape(batch, length, heads, value.shape[-1]), None
 
 
-def save_json(path: str, obj) -> None:
-    """Write JSON atomically (a crash never leaves a half-written file)."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(path + ".tmp", path)
-
-
-# --- Preference records ---
+# ---------------------------------------------------------------------------------------------
+# Preference records
 # DPO trains on pairs of whole conversations that share the prompt turns and differ in the final
 # assistant turn. Two record shapes are accepted:
 #   {"chosen": [messages], "rejected": [messages]}         (Tülu 3's preference mixture; its
@@ -570,7 +578,7 @@ def collate_preference_pairs(examples, indices: list[int], pad_token_id: int, pa
 
 
 # ---------------------------------------------------------------------------------------------
-# --- Benchmarks and decontamination ---
+# Benchmarks and decontamination
 # eval.py reads its test sets here, and decontamination reads the same prompts, so what we guard
 # the training data against is exactly what we evaluate on.
 
@@ -722,7 +730,7 @@ def _iter_rows(dataset, batch_size: int = 4096):
 
 
 # ---------------------------------------------------------------------------------------------
-# --- RLVR records ---
+# RLVR records
 # RLVR trains on prompts whose answers a verifier can check (Tülu 3's RLVR-GSM-MATH-IF-Mixed-Constraints):
 #   {"messages": [prompt turns], "ground_truth": str, "dataset": "gsm8k" | "MATH" | "ifeval"}
 # ground_truth is the answer (GSM8K, MATH) or the IFEval constraints as JSON. A final assistant turn in

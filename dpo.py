@@ -69,7 +69,7 @@ def parse_args(argv=None):
     data_mix.add_data_args(parser, max_seq_length=2048)
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--per_device_train_batch_size", type=data_mix.POSITIVE_INT, default=1,
-                        help="sequences per micro-batch")
+                        help="preference pairs per micro-batch (one forward scores each pair's chosen and rejected)")
     parser.add_argument("--gradient_accumulation_steps", type=data_mix.POSITIVE_INT, default=16)
     parser.add_argument("--learning_rate", type=data_mix.NON_NEGATIVE, default=5e-7)
     parser.add_argument("--lr_scheduler_type", default="linear", choices=["linear", "constant"])
@@ -127,7 +127,7 @@ def chunked_label_logprobs(hidden, head, labels, chunk_tokens: int = 4096):
     targets = labels[:, 1:].reshape(-1)                      # [N] next-token labels
     trained = (targets != data_mix.IGNORE_INDEX).nonzero().squeeze(-1)
     states = hidden[:, :-1].reshape(-1, width)[trained]      # [n, H] only the positions that carry loss
-    pieces = [checkpoint(chunk_logprobs, states[i:i + chunk_tokens], head, targets[trained[i:i + chunk_tokens]],
+    pieces = [checkpoint(target_logprobs, states[i:i + chunk_tokens], head, targets[trained[i:i + chunk_tokens]],
                          use_reentrant=False) for i in range(0, len(trained), chunk_tokens)]
     logprobs = torch.zeros(batch, length - 1, dtype=torch.float32, device=hidden.device)
     if pieces:  # scatter back to [B, T-1] (a new tensor, not a view: FSDP hooks the forward's output)
@@ -135,7 +135,8 @@ def chunked_label_logprobs(hidden, head, labels, chunk_tokens: int = 4096):
     return logprobs
 
 
-def chunk_logprobs(states, head, targets):
+def target_logprobs(states, head, targets):
+    """log p(targets[i] | states[i]) [n] for one chunk of decoder states [n, H] and their next tokens [n]."""
     logits = head(states).float()                            # [n, V] fp32 for the softmax
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
 
@@ -213,13 +214,17 @@ class CausalLMLogProbs(torch.nn.Module):
         return chunked_label_logprobs(hidden, self.head_logits, labels)
 
     def head_logits(self, states):
-        """The model's own logits for decoder states [n, H] -> [n, V]: its forward, run with the base model
-        standing in by returning `states`, so whatever the architecture does after the output projection
-        (Gemma 2's soft-cap, Granite's and Cohere's logit scaling, ...) applies, with no list of cases."""
+        """The model's own logits for decoder states [n, H] -> [n, V], so whatever the architecture does after
+        the output projection (Gemma 2's soft-cap, Granite's and Cohere's logit scaling, ...) applies."""
+        return self.after_base(GivenStates(states[None]), logits_to_keep=0).logits[0]
+
+    def after_base(self, base_output, **kwargs):
+        """The model's own forward from its base model's output on: the base model stands in by returning
+        `base_output`, so no architecture's head or loss needs a case of its own here."""
         base = getattr(self.model, self.model.base_model_prefix)
-        base.forward = lambda *args, **kwargs: GivenStates(states[None])
+        base.forward = lambda *args, **ignored: base_output
         try:
-            return self.model(input_ids=None, logits_to_keep=0).logits[0]
+            return self.model(input_ids=None, **kwargs)
         finally:
             del base.forward  # back to the class's forward
 

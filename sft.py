@@ -7,19 +7,22 @@
         --dataset_mixer_list allenai/tulu-3-sft-mixture 1.0 --chat_template_name tulu \
         --per_device_train_batch_size 1 --gradient_accumulation_steps 16 --output_dir output/sft-8b
 
-The story, top to bottom: arguments; distributed init (torchrun or plain python, NCCL on GPU, gloo
-on CPU); data (mix, validate, tokenize with the loss only on assistant turns); the model, loaded
-once on rank 0, sharded with FSDP2 per decoder layer and checked against plain from_pretrained before
-the first update; the loss, written by hand on the model's own head; the loop, with
-checkpoints that make an interrupted run resume onto the same loss curve; a Hugging Face save.
+The file's sections, top to bottom: arguments; the loss (written by hand on the model's own head,
+so no [tokens, vocab] logits exist in full); distributed setup (torchrun or plain python, NCCL on GPU,
+gloo on CPU), model loading (sharded with FSDP2 per decoder layer, and checked against plain
+from_pretrained before the first update) and the Hugging Face save; the output directory and
+checkpoints that make an interrupted run resume onto the same loss curve; data (mix, validate,
+tokenize with the loss only on assistant turns); training (the loop).
 
-Loss reduction (--loss_reduction). Every trained token weighs the same. `sum` divides the summed
+Loss reduction (--reduce_loss). Every trained token weighs the same. `sum` divides the summed
 token losses by the number of sequences in the optimizer batch (Tülu 3); `mean` divides by the
 number of trained tokens in the optimizer batch, counted over all ranks before the forward. Either
 way the divisor is a property of the whole optimizer batch, so the gradient does not depend on how
 the batch is split into micro-batches and ranks (averaging per micro-batch would over-weight short
 examples). That is what lets --max_tokens_per_micro_batch regroup each rank's share into a few full rows
-(fewer FSDP gathers and reductions per step) without changing the gradient.
+(fewer FSDP gathers and reductions per step) without changing the gradient. The logged `loss` is the
+NLL per trained token under either reduction (summed NLL / trained tokens of the optimizer batch), so
+runs with `sum` and `mean` log comparable curves; only the gradient's scale differs.
 
 Simplified relative to open-instruct: no LoRA, no DeepSpeed, no logging services; the last partial
 optimizer batch of an epoch is dropped.
@@ -83,7 +86,9 @@ def parse_args(argv=None):
     parser.add_argument("--num_train_epochs", type=data_mix.POSITIVE_INT, default=2)
     parser.add_argument("--max_train_steps", type=data_mix.POSITIVE_INT, default=None,
                         help="overrides --num_train_epochs")
-    parser.add_argument("--loss_reduction", default="sum", choices=["sum", "mean"])
+    parser.add_argument("--reduce_loss", default="sum", choices=["sum", "mean"],
+                        help="divide the summed token NLL by the optimizer batch's sequences (sum, Tülu 3) or trained "
+                             "tokens (mean); the logged loss is NLL per trained token either way")
     parser.add_argument("--load_balancing_loss", action="store_true",
                         help="MoE: add the router's load-balancing loss (a mean over micro-batches)")
     parser.add_argument("--load_balancing_weight", type=data_mix.NON_NEGATIVE, default=None,
@@ -125,7 +130,7 @@ def chunked_label_logprobs(hidden, head, labels, chunk_tokens: int = 4096):
     targets = labels[:, 1:].reshape(-1)                      # [N] next-token labels
     trained = (targets != data_mix.IGNORE_INDEX).nonzero().squeeze(-1)
     states = hidden[:, :-1].reshape(-1, width)[trained]      # [n, H] only the positions that carry loss
-    pieces = [checkpoint(chunk_logprobs, states[i:i + chunk_tokens], head, targets[trained[i:i + chunk_tokens]],
+    pieces = [checkpoint(target_logprobs, states[i:i + chunk_tokens], head, targets[trained[i:i + chunk_tokens]],
                          use_reentrant=False) for i in range(0, len(trained), chunk_tokens)]
     logprobs = torch.zeros(batch, length - 1, dtype=torch.float32, device=hidden.device)
     if pieces:  # scatter back to [B, T-1] (a new tensor, not a view: FSDP hooks the forward's output)
@@ -133,7 +138,8 @@ def chunked_label_logprobs(hidden, head, labels, chunk_tokens: int = 4096):
     return logprobs
 
 
-def chunk_logprobs(states, head, targets):
+def target_logprobs(states, head, targets):
+    """log p(targets[i] | states[i]) [n] for one chunk of decoder states [n, H] and their next tokens [n]."""
     logits = head(states).float()                            # [n, V] fp32 for the softmax
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
 
@@ -641,7 +647,7 @@ def accumulate_gradients(model, examples, batch: list[int], args, rank: int, wor
     trained_tokens = sum(((micro["labels"][:, 1:] != data_mix.IGNORE_INDEX).sum() for micro in micros),
                          torch.zeros((), dtype=torch.long, device=device))
     dist.all_reduce(trained_tokens)
-    denominator = len(batch) if args.loss_reduction == "sum" else trained_tokens
+    denominator = len(batch) if args.reduce_loss == "sum" else trained_tokens
     summed_nll = torch.zeros((), device=device)
     input_tokens = torch.zeros((), device=device)
     # FSDP's collectives pair up across ranks, so every rank runs as many micro-batches as the busiest one

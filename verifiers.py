@@ -463,7 +463,6 @@ def _symbolic_server():
             os._exit(0)  # the parent is gone
 
 
-
 # ------------------------------------------------------------------------------------------------
 # IFEval (Zhou et al. 2023): the 25 instruction checkers, with the official kwargs and semantics.
 # One deliberate difference: keyword-type arguments are matched as literal text (re.escape), where
@@ -748,11 +747,12 @@ def _validated_arguments(where: str, kwargs: dict | None, required: tuple) -> di
     return arguments
 
 
-def _ifeval_checker(instruction_id: str, kwargs: dict | None):
-    if not isinstance(instruction_id, str) or instruction_id not in _IFEVAL:
-        raise ValueError(f"unknown IFEval instruction id {instruction_id!r}")
-    check, required = _IFEVAL[instruction_id]
-    arguments = _validated_arguments(f"IFEval instruction {instruction_id!r}", kwargs, required)
+def _checker(table: dict, name: str, kwargs: dict | None, kind: str):
+    """check(text) of instruction `name` in `table` (_IFEVAL or _TULU), its arguments validated."""
+    if not isinstance(name, str) or name not in table:
+        raise ValueError(f"unknown {kind} {name!r}")
+    check, required = table[name]
+    arguments = _validated_arguments(f"{kind} {name!r}", kwargs, required)
     return lambda text: check(text, **arguments)
 
 
@@ -769,14 +769,19 @@ def _followed(check, candidates: list[str]) -> bool:
     return any(candidate.strip() and check(candidate) for candidate in candidates)
 
 
+def _ifeval_checks(instruction_id_list, kwargs_list) -> list:
+    if not isinstance(instruction_id_list, list) or not isinstance(kwargs_list, list) \
+            or len(instruction_id_list) != len(kwargs_list):
+        raise ValueError(f"IFEval: instruction_id_list and kwargs must be lists of one length, got "
+                         f"{str(instruction_id_list)[:100]!r} and {str(kwargs_list)[:100]!r}")
+    return [_checker(_IFEVAL, name, kwargs, "IFEval instruction id")
+            for name, kwargs in zip(instruction_id_list, kwargs_list)]
+
+
 def ifeval_check(response: str, instruction_id_list: list[str], kwargs_list: list[dict], loose: bool = False) -> list[bool]:
     """Whether `response`, as given (no thinking section stripped), follows each instruction:
     IFEval strict, or loose if `loose`."""
-    if not isinstance(instruction_id_list, list) or not isinstance(kwargs_list, list):
-        raise ValueError("IFEval: instruction_id_list and kwargs must be lists")
-    if len(instruction_id_list) != len(kwargs_list):
-        raise ValueError(f"IFEval: {len(instruction_id_list)} instruction ids but {len(kwargs_list)} kwargs dicts")
-    checks = [_ifeval_checker(i, kwargs) for i, kwargs in zip(instruction_id_list, kwargs_list)]
+    checks = _ifeval_checks(instruction_id_list, kwargs_list)
     candidates = list(dict.fromkeys(loose_variants(response))) if loose else [response]  # each distinct one once
     return [_followed(check, candidates) for check in checks]
 
@@ -881,16 +886,6 @@ _TULU = {
 }
 
 
-def _tulu_checker(record: dict):
-    name = record["func_name"]
-    if not isinstance(name, str) or name not in _TULU:
-        raise ValueError(f"unknown Tülu 3 IFEval func_name {name!r}")
-    check, required = _TULU[name]
-    arguments = {key: value for key, value in record.items() if key != "func_name"}
-    arguments = _validated_arguments(f"Tülu 3 IFEval constraint {name!r}", arguments, required)
-    return lambda text: check(text, **arguments)
-
-
 def _ifeval_ground_truth_checks(ground_truth) -> list:
     """Strict checks from a ground truth in the IFEval format ({"instruction_id_list", "kwargs"})
     or the Tülu 3 format ({"func_name", ...}), given as a dict, a JSON string, or a list of them."""
@@ -907,12 +902,10 @@ def _ifeval_ground_truth_checks(ground_truth) -> list:
             ids, kwargs_list = record["instruction_id_list"], record.get("kwargs")
             if kwargs_list is None and isinstance(ids, list):
                 kwargs_list = [{}] * len(ids)
-            if not isinstance(ids, list) or not isinstance(kwargs_list, list) or len(ids) != len(kwargs_list):
-                raise ValueError(f"IFEval ground truth: instruction_id_list and kwargs must be lists of one length, "
-                                 f"got {str(ids)[:100]!r} and {str(kwargs_list)[:100]!r}")
-            checks += [_ifeval_checker(i, kwargs) for i, kwargs in zip(ids, kwargs_list)]
+            checks += _ifeval_checks(ids, kwargs_list)
         elif isinstance(record, dict) and "func_name" in record:
-            checks.append(_tulu_checker(record))
+            arguments = {key: value for key, value in record.items() if key != "func_name"}
+            checks.append(_checker(_TULU, record["func_name"], arguments, "Tülu 3 IFEval func_name"))
         else:
             raise ValueError(f"IFEval ground truth needs 'instruction_id_list' + 'kwargs' or 'func_name': {str(record)[:200]!r}")
     if not checks:

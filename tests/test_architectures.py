@@ -139,7 +139,7 @@ def test_every_buffer_holds_what_from_pretrained_gives(family):
 
 
 def test_sft_step_one_loss_is_hugging_faces_loss(family):
-    metrics = read_metrics(stage_run(family, "sft", "--loss_reduction", "mean"))
+    metrics = read_metrics(stage_run(family, "sft", "--reduce_loss", "mean"))
     expected = -hf_label_logprobs(family, CONVERSATION).mean().item()
     assert metrics[0]["loss"] == pytest.approx(expected, abs=1e-4)
 
@@ -164,7 +164,7 @@ def test_ppo_runs(family):
 
 
 def test_saved_model_reloads_with_every_weight_changed_and_ties_kept(family):
-    out = stage_run(family, "sft", "--loss_reduction", "mean")
+    out = stage_run(family, "sft", "--reduce_loss", "mean")
     source, saved = load_file(os.path.join(family["model_dir"], "model.safetensors")), load_file(out / "model.safetensors")
     assert saved.keys() == source.keys()
     text = [name for name in source if "vision" not in name and "multi_modal" not in name]  # text-only data
@@ -241,8 +241,8 @@ def test_length_dependent_rope_longer_than_its_original_length_is_refused(tmp_pa
 @pytest.mark.parametrize("name", ["mixtral", "olmoe"])
 def test_load_balancing_loss_is_the_models_own_and_changes_the_routers_update(name, tmp_path):
     family = make_family(name, tmp_path)
-    plain = stage_run(family, "sft", "--loss_reduction", "mean")
-    balanced = stage_run(family, "sft", "--loss_reduction", "mean", "--load_balancing_loss",
+    plain = stage_run(family, "sft", "--reduce_loss", "mean")
+    balanced = stage_run(family, "sft", "--reduce_loss", "mean", "--load_balancing_loss",
                          "--load_balancing_weight", "10")
     tokenizer = AutoTokenizer.from_pretrained(family["model_dir"])
     ids = tokenizer.apply_chat_template(CONVERSATION, tokenize=True, return_dict=True)["input_ids"]

@@ -79,13 +79,16 @@ def test_reference_cache_is_reused_across_runs_and_missed_when_data_or_model_cha
 
 
 def test_simpo_trains_without_any_reference(tiny_model_dir, pairs, tmp_path, capsys):
-    metrics = run_dpo(tiny_model_dir, pairs, tmp_path / "simpo", "--dpo_loss_type", "simpo", "--dpo_beta", "2",
-                      "--max_train_steps", "2")
+    metrics = run_dpo(tiny_model_dir, pairs, tmp_path / "simpo", "--dpo_loss_type", "simpo", "--dpo_beta", "2")
     assert "reference log-probs" not in capsys.readouterr().out
     assert not os.path.exists(tmp_path / "simpo" / "reference_logps")
     # simpo's rewards are beta * mean log-probs (no reference); its margin gamma makes step 1's loss exceed log 2
-    assert metrics[0]["rewards/chosen"] == pytest.approx(2 * metrics[0]["logps/chosen"])
+    for step in metrics:
+        assert step["rewards/chosen"] == pytest.approx(2 * step["logps/chosen"])
     assert metrics[0]["loss"] > 0.6931472
+    first, last = metrics[0], metrics[-1]  # and training widens the chosen-over-rejected margin
+    assert len(metrics) == 4 and last["loss"] < first["loss"]
+    assert last["rewards/margin"] > first["rewards/margin"] and last["rewards/accuracy"] > 0.5
 
 
 class Interrupt(Exception):

@@ -79,7 +79,7 @@ def step_worker(rank, world_size, port, model_dir, data, out_path):
                                   "--output_dir", "x", "--per_device_train_batch_size", "1", "--learning_rate", "1e-3",
                                   "--attn_implementation", attention]
                                  + ["--max_tokens_per_micro_batch", str(budget)] * (budget is not None)
-                                 + ["--loss_reduction", reduction] * (stage == "sft"))
+                                 + ["--reduce_loss", reduction] * (stage == "sft"))
         model = module.load_model(model_dir, args, device, rank)
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
         batch = list(range(8 if stage == "sft" else 4 * world_size))

@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 import torch.multiprocessing as mp
+from torch._dynamo.utils import counters
 
 import data_mix
 import sft
@@ -90,7 +91,7 @@ def gradient_worker(rank, world_size, port, model_dir, out_path):
         model = sft.load_model(model_dir, args, device, rank)
         for reduction in ("sum", "mean"):
             for per_device, accumulation in SPLITS[world_size]:
-                args.per_device_train_batch_size, args.loss_reduction = per_device, reduction
+                args.per_device_train_batch_size, args.reduce_loss = per_device, reduction
                 sft.accumulate_gradients(model, examples, list(range(8)), args, rank, world_size, device,
                                          tokenizer.pad_token_id)
                 grads = {n: p.grad.full_tensor().clone() for n, p in model.named_parameters()}
@@ -123,22 +124,28 @@ def test_gradient_is_the_same_for_every_micro_batch_split_and_rank_count(tiny_mo
 
 def compile_worker(rank, world_size, port, model_dir, out_path):
     rank, world_size, device, tokenizer, examples = start_worker(rank, world_size, port, model_dir)
-    results = {}
+    results, graphs = {}, {}
     for compiled in (False, True):
         args = sft.parse_args(["--model_name_or_path", model_dir, "--dataset_mixer_list", "x", "1", "--output_dir", "x",
                                "--packing", "--per_device_train_batch_size", "4"] + ["--compile"] * compiled)
+        counters.clear()
         model = sft.load_model(model_dir, args, device, rank)
         nll = sft.accumulate_gradients(model, examples, list(range(8)), args, rank, world_size, device,
                                        tokenizer.pad_token_id)[0]
+        graphs[compiled] = counters["stats"]["unique_graphs"]  # graphs dynamo compiled in this forward
         results[compiled] = {"nll": nll, **{n: p.grad.full_tensor().clone() for n, p in model.named_parameters()}}
-    torch.save(results, out_path)
+    torch.save({"results": results, "graphs": graphs}, out_path)
     torch.distributed.destroy_process_group()
 
 
 def test_compiled_decoder_layers_give_the_eager_loss_and_gradients(tiny_model_dir, tmp_path):
     out = str(tmp_path / "compiled.pt")
     mp.spawn(compile_worker, args=(1, free_port(), tiny_model_dir, out), nprocs=1)
-    results = torch.load(out, weights_only=True)
+    saved = torch.load(out, weights_only=True)
+    # eager compiles nothing; compiled, the layers share a graph, recompiled once with a dynamic length when the
+    # second micro-batch's length differs from the first's
+    assert saved["graphs"] == {False: 0, True: 2}
+    results = saved["results"]
     for name, eager in results[False].items():
         torch.testing.assert_close(results[True][name], eager, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
 
@@ -245,14 +252,19 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tiny_model_dir, tmp_path, 
         calls["n"] += 1
         return real_loss(*args) * (float("nan") if calls["n"] > 4 else 1.0)  # step 3 goes NaN
     monkeypatch.setattr(sft, "sft_loss", loss)
-    checkpoint = tmp_path / "out" / "checkpoint-2"
+    checkpoint, saved = tmp_path / "out" / "checkpoint-2", {}
+    digest = lambda: {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in checkpoint.iterdir()}  # noqa: E731
+    real_save = sft.save_checkpoint
+
+    def save_and_digest(*args):  # the checkpoint as step 2 first wrote it, before the NaN step runs
+        real_save(*args)
+        saved.update({} if saved else digest())
+    monkeypatch.setattr(sft, "save_checkpoint", save_and_digest)
     with pytest.raises(FloatingPointError, match="step 3.*checkpoint .* is intact"):
         run_sft(base_args(tiny_model_dir, data, tmp_path / "out", "--checkpointing_steps", "2"))
-    digest = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in checkpoint.iterdir()}
     assert json.loads((checkpoint / "trainer_state.json").read_text())["step"] == 2
     assert not (tmp_path / "out" / "model.safetensors").exists()
-    monkeypatch.setattr(sft, "sft_loss", real_loss)
-    assert digest == {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in checkpoint.iterdir()}
+    assert saved and digest() == saved
 
 
 # ---------------------------------------------------------------------------------------------

@@ -265,14 +265,15 @@ def test_every_gsm8k_solution_verifies_against_its_own_answer_and_not_a_wrong_on
 def test_math500_solutions_verify_against_their_own_boxed_answers(benchmarks_dir):
     rows = _rows(benchmarks_dir, "math500.jsonl")
     assert len(rows) == 500
-    assert sum(verify(r["solution"], last_boxed(r["solution"]), "math") for r in rows) >= 0.98 * 500
+    assert [i for i, r in enumerate(rows) if not verify(r["solution"], last_boxed(r["solution"]), "math")] == []
 
 
 @pytest.mark.parametrize("template", ["Final Answer: The final answer is ${}$. I hope it is correct.",
                                       "So the answer is ${}$.", "{}"], ids=["minerva", "dollars", "whole_output"])
 def test_math500_answers_verify_in_every_flex_candidate_form(benchmarks_dir, template):
     golds = [last_boxed(r["solution"]) for r in _rows(benchmarks_dir, "math500.jsonl")]
-    assert sum(verify(template.format(gold), gold, "math", timeout_s=GENEROUS_S) for gold in golds) >= 0.98 * 500
+    failing = [i for i, gold in enumerate(golds) if not verify(template.format(gold), gold, "math", timeout_s=GENEROUS_S)]
+    assert failing == []
 
 
 def test_math500_solutions_do_not_verify_against_other_problems_answers(warm_helper, benchmarks_dir):
@@ -280,5 +281,5 @@ def test_math500_solutions_do_not_verify_against_other_problems_answers(warm_hel
     golds = [last_boxed(r["solution"]) for r in rows]
     pairs = [(r["solution"], g) for r, g in zip(rows, golds[1:] + golds[:1])
              if normalize_math_answer(g) != normalize_math_answer(last_boxed(r["solution"]))]
-    false_matches = sum(verify(solution, other, "math", timeout_s=GENEROUS_S) for solution, other in pairs)
-    assert false_matches <= 0.02 * len(pairs)
+    assert len(pairs) == 99  # one neighbour has the same answer
+    assert [other for solution, other in pairs if verify(solution, other, "math", timeout_s=GENEROUS_S)] == []
