@@ -201,7 +201,8 @@ class CausalLMLogProbs(torch.nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# Distributed setup, model loading and saving (kept identical in dpo.py and rlvr.py)
+# Distributed setup, model loading and saving (the same in sft.py, dpo.py and rlvr.py but for the module
+# load_model wraps the model in: CausalLMLogProbs in sft.py and dpo.py, HFModel in rlvr.py)
 
 def init_distributed():
     """One process group for torchrun and for plain `python`: NCCL on GPU, gloo on CPU."""
@@ -228,12 +229,14 @@ def check_model_path(path: str) -> None:
         raise SystemExit(f"--model_name_or_path {path}: not a model directory (it has no config.json)")
 
 
-def load_model(path: str, args, device, rank: int):
-    """An FSDP2-sharded model: built empty on the meta device everywhere, weights read on rank 0 only.
+def load_model(path: str, args, device, rank: int, wrapper=CausalLMLogProbs):
+    """wrapper(the model), sharded with FSDP2: each decoder layer is its own unit (gathered just before use,
+    freed after), the root unit holds the embeddings, final norm and head.
 
-    Memory: rank 0 holds one full fp32 copy of the weights in CPU RAM while loading; every rank
-    holds only its 1/world shard on the device. Each decoder layer is its own FSDP unit (gathered
-    just before use, freed after), the root unit holds the embeddings, final norm and head.
+    Built empty on the meta device; then each rank reads just the slices of its own shards from the model's
+    safetensors files (DCP), cast to fp32, so no rank holds a full copy. Where the files do not hold exactly
+    the model's tensors under its names (transformers converts some keys as it loads them), rank 0 loads the
+    model with from_pretrained instead, holding one full fp32 copy in CPU RAM, and sends each rank its shard.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -246,14 +249,14 @@ def load_model(path: str, args, device, rank: int):
         raise SystemExit(f"--max_seq_length {args.max_seq_length}: {rope['rope_type']} RoPE picks its frequencies "
                          f"from the longest sequence in a forward once it passes {original_length} tokens, so a "
                          f"sequence would be scored differently packed or batched than alone; use at most {original_length}")
-    full_state = {}
-    if rank == 0:
-        loaded = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch.float32,
-                                                      attn_implementation=args.attn_implementation)
-        full_state = CausalLMLogProbs(loaded).state_dict()
     with torch.device("meta"):
-        model = CausalLMLogProbs(AutoModelForCausalLM.from_config(
-            config, dtype=torch.float32, attn_implementation=args.attn_implementation))
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=args.attn_implementation)
+        model = wrapper(plain)
+    aliases = {}  # each tensor's names in the Hugging Face model: two for tied weights
+    for name, tensor in plain.state_dict(keep_vars=True).items():
+        aliases.setdefault(id(tensor), []).append(name)
+    names = {key: aliases.get(id(tensor), [key]) for key, tensor in model.state_dict(keep_vars=True).items()}
+    directory, plan = sharded_load_plan(path, plain, model, names)
     if args.gradient_checkpointing:
         model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     compute_dtype = torch.bfloat16 if resolve_dtype(args.dtype, device) == "bf16" else torch.float32
@@ -264,9 +267,70 @@ def load_model(path: str, args, device, rank: int):
         fully_shard(layer, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
     model.to_empty(device=device)
-    set_model_state_dict(model, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    if directory:
+        shards = get_model_state_dict(model)
+        stored = {plan[key]: tensor for key, tensor in shards.items()}  # tied weights: one entry
+        dcp.load(stored, storage_reader=HuggingFaceStorageReader(directory))
+        set_model_state_dict(model, {key: stored[plan[key]] for key in shards})
+    else:
+        full_state, verdict = {}, [""]
+        if rank == 0:
+            print(f"{path}: rank 0 loads the whole model with from_pretrained and sends each rank its shard ({plan})")
+            loaded, info = AutoModelForCausalLM.from_pretrained(  # safetensors only: no pickle
+                path, config=config, dtype=torch.float32, attn_implementation=args.attn_implementation,
+                use_safetensors=True, output_loading_info=True)
+            full_state = wrapper(loaded).state_dict()
+            missing = [names[key][0] for key in full_state if set(names[key]) <= set(info["missing_keys"])]
+            if missing:  # from_pretrained starts them at random: a different model than the checkpoint
+                verdict = [f"{path}: the checkpoint has no {', '.join(missing)}"]
+        dist.broadcast_object_list(verdict, src=0)
+        if verdict[0]:
+            raise SystemExit(verdict[0])
+        set_model_state_dict(model, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     init_non_persistent_buffers(model.model)
     return model
+
+
+def sharded_load_plan(path: str, plain, model, names: dict):
+    """(the model's directory, {key in `model`: key in the files}) if the safetensors files hold each tensor of
+    `model` once, under one of its `names` in `plain` (the Hugging Face model inside), in its shape, in a dtype
+    that casts to it, and nothing that transformers converts or the model lacks; else (None, why not)."""
+    from safetensors import safe_open
+    from safetensors.torch import _getdtype
+    from transformers.conversion_mapping import get_model_conversion_mapping
+
+    index = cached_file(path, "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False)
+    if index:
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    elif cached_file(path, "model.safetensors", _raise_exceptions_for_missing_entries=False):
+        files = ["model.safetensors"]
+    else:
+        return None, "no model.safetensors"
+    stored = {}
+    for file in files:
+        with safe_open(cached_file(path, file), "pt") as f:  # cached_file: a hub id's files are downloaded
+            stored.update({key: (f.get_slice(key).get_shape(), _getdtype(f.get_slice(key).get_dtype()))
+                           for key in f.keys()})
+    directory = os.path.dirname(cached_file(path, files[0]))
+    if sorted(name for name in os.listdir(directory) if name.endswith(".safetensors")) != files:
+        return None, f"{directory} holds other .safetensors files too"  # DCP's reader would read them all
+    transforms = get_model_conversion_mapping(plain)
+    converted = [key for key in stored if any(t.rename_source_key(key)[1] is not None for t in transforms)]
+    unknown = sorted(stored.keys() - plain.state_dict().keys() - set().union(*names.values()))
+    if converted or unknown:
+        return None, f"transformers converts or drops {(converted + unknown)[0]}"
+    plan = {}
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        found = [name for name in names[key] if name in stored]
+        if len(found) != 1:
+            return None, f"the checkpoint has {len(found)} of {names[key]}"
+        shape, dtype = stored[found[0]]
+        if shape != list(tensor.shape) or (dtype != tensor.dtype and not (dtype.is_floating_point
+                                                                         and tensor.is_floating_point())):
+            return None, f"{found[0]} is stored as {dtype} {shape}, the model's is {tensor.dtype} {list(tensor.shape)}"
+        plan[key] = found[0]
+    return directory, plan
 
 
 def init_non_persistent_buffers(model) -> None:

@@ -4,15 +4,18 @@ import json
 import multiprocessing
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from unittest import mock
 
 import pytest
 import torch
 import torch.multiprocessing as mp
-from safetensors.torch import load_file
+import transformers
+from safetensors.torch import load_file, save_file
 
 import dpo
 import rlvr
@@ -20,7 +23,7 @@ import sft
 import test_dpo_run
 import test_rlvr_train
 import test_sft
-from conftest import ROOT, build_tiny_model, free_port, read_metrics, run_in_process
+from conftest import ROOT, build_tiny_model, free_port, plain_python_environment, read_metrics, run_in_process
 
 KILLED = 77  # a child's exit status when the fault hook killed it
 WRITE_EVENTS = ("open", "os.rename", "os.remove", "os.rmdir", "os.mkdir", "shutil.rmtree")
@@ -336,6 +339,53 @@ def test_a_run_resumed_on_another_number_of_ranks_continues_the_same_curve(tiny_
         weights = load_file(str(tmp_path / resumed / "model.safetensors"))
         for name in reference:
             torch.testing.assert_close(weights[name], reference[name], rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading the base model: each rank reads its own shard of the safetensors files
+
+def load_args(model_dir):
+    return sft.parse_args(["--model_name_or_path", model_dir, "--dataset_mixer_list", "x", "1", "--output_dir", "x"])
+
+
+def sharded_load_worker(rank, port, model_dir):
+    """One of 2 ranks: load_model, with from_pretrained forbidden, gives each rank from_pretrained's slices."""
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    sft.init_distributed()
+    with mock.patch.object(transformers.AutoModelForCausalLM, "from_pretrained", side_effect=AssertionError):
+        model = sft.load_model(model_dir, load_args(model_dir), torch.device("cpu"), rank)
+    expected = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).state_dict()
+    assert model.model.lm_head.weight is model.model.model.embed_tokens.weight  # still tied
+    for name, param in model.named_parameters(remove_duplicate=False):
+        local = param.to_local()
+        rows = (expected[name.removeprefix("model.")].shape[0] + 1) // 2  # FSDP2: the first ceil(n / 2) rows on rank 0
+        assert torch.equal(local, expected[name.removeprefix("model.")][rank * rows:][:local.shape[0]]), name
+    torch.distributed.destroy_process_group()
+
+
+def test_two_ranks_each_read_their_own_shard_of_a_sharded_bf16_checkpoint(tiny_tokenizer, tmp_path):
+    """Tied embeddings of an odd number of rows (uneven shards), cast from bf16, from an index of two files."""
+    model_dir = str(tmp_path / "model")
+    build_tiny_model(tiny_tokenizer, vocab_size=321, tie_word_embeddings=True).to(torch.bfloat16).save_pretrained(
+        model_dir, max_shard_size="100KB")
+    assert os.path.exists(os.path.join(model_dir, "model.safetensors.index.json"))
+    mp.spawn(sharded_load_worker, nprocs=2, args=(free_port(), model_dir))
+
+
+def test_a_parameter_missing_from_the_checkpoint_stops_the_load_by_name(tiny_model_dir, tmp_path):
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    weights = load_file(str(model_dir / "model.safetensors"))
+    del weights["model.layers.1.mlp.up_proj.weight"]
+    save_file(weights, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
+    with plain_python_environment():
+        sft.init_distributed()
+        try:
+            with pytest.raises(SystemExit, match="the checkpoint has no model.layers.1.mlp.up_proj.weight$"):
+                sft.load_model(str(model_dir), load_args(str(model_dir)), torch.device("cpu"), 0)
+        finally:
+            torch.distributed.destroy_process_group()
 
 
 # ---------------------------------------------------------------------------------------------
