@@ -592,7 +592,7 @@ def load_model(path: str, args, device, rank: int, wrapper=HFModel):
         full_state, verdict = {}, [""]
         if rank == 0:
             print(f"{path}: rank 0 loads the whole model with from_pretrained and sends each rank its shard ({plan})")
-            loaded, info = AutoModelForCausalLM.from_pretrained(  # safetensors only: no pickle
+            loaded, info = AutoModelForCausalLM.from_pretrained(
                 path, config=config, dtype=torch.float32, attn_implementation=args.attn_implementation,
                 use_safetensors=True, output_loading_info=True)
             full_state = wrapper(loaded).state_dict()
@@ -621,8 +621,8 @@ def sharded_load_plan(path: str, plain, model, names: dict):
             files = sorted(set(json.load(f)["weight_map"].values()))
     elif cached_file(path, "model.safetensors", _raise_exceptions_for_missing_entries=False):
         files = ["model.safetensors"]
-    else:
-        return None, "no model.safetensors"
+    else:  # from_pretrained would read pytorch_model.bin with pickle
+        raise SystemExit(f"{path}: no model.safetensors (nor its index); the weights must be safetensors")
     stored = {}
     for file in files:
         with safe_open(cached_file(path, file), "pt") as f:  # cached_file: a hub id's files are downloaded

@@ -8,8 +8,8 @@
         --per_device_train_batch_size 1 --gradient_accumulation_steps 16 --output_dir output/sft-8b
 
 The story, top to bottom: arguments; distributed init (torchrun or plain python, NCCL on GPU, gloo
-on CPU); data (mix, validate, tokenize with the loss only on assistant turns); the model, loaded
-once on rank 0, sharded with FSDP2 per decoder layer and checked against plain from_pretrained before
+on CPU); data (mix, validate, tokenize with the loss only on assistant turns); the model, sharded with
+FSDP2 per decoder layer, each rank loading its own shard, and checked against plain from_pretrained before
 the first update; the loss, written by hand on the model's own head; the loop, with
 checkpoints that make an interrupted run resume onto the same loss curve; a Hugging Face save.
 
@@ -276,7 +276,7 @@ def load_model(path: str, args, device, rank: int, wrapper=CausalLMLogProbs):
         full_state, verdict = {}, [""]
         if rank == 0:
             print(f"{path}: rank 0 loads the whole model with from_pretrained and sends each rank its shard ({plan})")
-            loaded, info = AutoModelForCausalLM.from_pretrained(  # safetensors only: no pickle
+            loaded, info = AutoModelForCausalLM.from_pretrained(
                 path, config=config, dtype=torch.float32, attn_implementation=args.attn_implementation,
                 use_safetensors=True, output_loading_info=True)
             full_state = wrapper(loaded).state_dict()
@@ -305,8 +305,8 @@ def sharded_load_plan(path: str, plain, model, names: dict):
             files = sorted(set(json.load(f)["weight_map"].values()))
     elif cached_file(path, "model.safetensors", _raise_exceptions_for_missing_entries=False):
         files = ["model.safetensors"]
-    else:
-        return None, "no model.safetensors"
+    else:  # from_pretrained would read pytorch_model.bin with pickle
+        raise SystemExit(f"{path}: no model.safetensors (nor its index); the weights must be safetensors")
     stored = {}
     for file in files:
         with safe_open(cached_file(path, file), "pt") as f:  # cached_file: a hub id's files are downloaded

@@ -373,19 +373,31 @@ def test_two_ranks_each_read_their_own_shard_of_a_sharded_bf16_checkpoint(tiny_t
     mp.spawn(sharded_load_worker, nprocs=2, args=(free_port(), model_dir))
 
 
+def load_on_one_rank(model_dir):
+    with plain_python_environment():
+        sft.init_distributed()
+        try:
+            sft.load_model(model_dir, load_args(model_dir), torch.device("cpu"), 0)
+        finally:
+            torch.distributed.destroy_process_group()
+
+
 def test_a_parameter_missing_from_the_checkpoint_stops_the_load_by_name(tiny_model_dir, tmp_path):
     model_dir = tmp_path / "model"
     shutil.copytree(tiny_model_dir, model_dir)
     weights = load_file(str(model_dir / "model.safetensors"))
-    del weights["model.layers.1.mlp.up_proj.weight"]
+    del weights["model.layers.1.mlp.up_proj.weight"]  # from_pretrained would start it at random
     save_file(weights, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
-    with plain_python_environment():
-        sft.init_distributed()
-        try:
-            with pytest.raises(SystemExit, match="the checkpoint has no model.layers.1.mlp.up_proj.weight$"):
-                sft.load_model(str(model_dir), load_args(str(model_dir)), torch.device("cpu"), 0)
-        finally:
-            torch.distributed.destroy_process_group()
+    with pytest.raises(SystemExit, match="the checkpoint has no model.layers.1.mlp.up_proj.weight$"):
+        load_on_one_rank(str(model_dir))
+
+
+def test_weights_that_are_not_safetensors_are_refused(tiny_model_dir, tmp_path):
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    os.rename(model_dir / "model.safetensors", model_dir / "pytorch_model.bin")  # pickle, as far as the name goes
+    with pytest.raises(SystemExit, match="no model.safetensors .* the weights must be safetensors"):
+        load_on_one_rank(str(model_dir))
 
 
 # ---------------------------------------------------------------------------------------------
