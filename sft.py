@@ -326,8 +326,8 @@ def sharded_load_plan(path: str, plain, model, names: dict):
         if len(found) != 1:
             return None, f"the checkpoint has {len(found)} of {names[key]}"
         shape, dtype = stored[found[0]]
-        if shape != list(tensor.shape) or (dtype != tensor.dtype and not (dtype.is_floating_point
-                                                                         and tensor.is_floating_point())):
+        castable = dtype == tensor.dtype or tensor.is_floating_point() and dtype in (torch.bfloat16, torch.float16)
+        if shape != list(tensor.shape) or not castable:  # (float8 and int weights are quantized: not castable)
             return None, f"{found[0]} is stored as {dtype} {shape}, the model's is {tensor.dtype} {list(tensor.shape)}"
         plan[key] = found[0]
     return directory, plan
