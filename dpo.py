@@ -269,6 +269,7 @@ def load_model(path: str, args, device, rank: int, wrapper=CausalLMLogProbs):
     safetensors files (DCP), cast to fp32, so no rank holds a full copy. Where the files do not hold exactly
     the model's tensors under its names (transformers converts some keys as it loads them), rank 0 loads the
     model with from_pretrained instead, holding one full fp32 copy in CPU RAM, and sends each rank its shard.
+    A tensor of the wrapper's own that the files lack (a new value head) is made on rank 0 either way.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -284,10 +285,10 @@ def load_model(path: str, args, device, rank: int, wrapper=CausalLMLogProbs):
     with torch.device("meta"):
         plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=args.attn_implementation)
         model = wrapper(plain)
-    aliases = {}  # each tensor's names in the Hugging Face model: two for tied weights
+    aliases = {}  # each tensor's names in the Hugging Face model: two for tied weights, none for the wrapper's own
     for name, tensor in plain.state_dict(keep_vars=True).items():
         aliases.setdefault(id(tensor), []).append(name)
-    names = {key: aliases.get(id(tensor), [key]) for key, tensor in model.state_dict(keep_vars=True).items()}
+    names = {key: aliases.get(id(tensor), []) for key, tensor in model.state_dict(keep_vars=True).items()}
     directory, plan = sharded_load_plan(path, plain, model, names)
     if args.gradient_checkpointing:
         model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -301,9 +302,14 @@ def load_model(path: str, args, device, rank: int, wrapper=CausalLMLogProbs):
     model.to_empty(device=device)
     if directory:
         shards = get_model_state_dict(model)
-        stored = {plan[key]: tensor for key, tensor in shards.items()}  # tied weights: one entry
+        stored = {plan[key]: tensor for key, tensor in shards.items() if key in plan}  # tied weights: one entry
         dcp.load(stored, storage_reader=HuggingFaceStorageReader(directory))
-        set_model_state_dict(model, {key: stored[plan[key]] for key in shards})
+        set_model_state_dict(model, {key: stored[plan[key]] for key in plan}, options=StateDictOptions(strict=False))
+        fresh = [key for key in shards if key not in plan]  # the wrapper's own, not in the files: a new value head
+        if fresh:  # made on rank 0, as a full load makes it
+            made = wrapper(plain).state_dict() if rank == 0 else {}
+            set_model_state_dict(model, {key: made[key] for key in fresh} if rank == 0 else {}, options=StateDictOptions(
+                full_state_dict=True, broadcast_from_rank0=True, strict=False))
     else:
         full_state, verdict = {}, [""]
         if rank == 0:
@@ -312,7 +318,8 @@ def load_model(path: str, args, device, rank: int, wrapper=CausalLMLogProbs):
                 path, config=config, dtype=torch.float32, attn_implementation=args.attn_implementation,
                 use_safetensors=True, output_loading_info=True)
             full_state = wrapper(loaded).state_dict()
-            missing = [names[key][0] for key in full_state if set(names[key]) <= set(info["missing_keys"])]
+            missing = [names[key][0] for key in full_state  # (the wrapper's own tensors are made, not loaded)
+                       if names[key] and set(names[key]) <= set(info["missing_keys"])]
             if missing:  # from_pretrained starts them at random: a different model than the checkpoint
                 verdict = [f"{path}: the checkpoint has no {', '.join(missing)}"]
         dist.broadcast_object_list(verdict, src=0)
@@ -325,8 +332,9 @@ def load_model(path: str, args, device, rank: int, wrapper=CausalLMLogProbs):
 
 def sharded_load_plan(path: str, plain, model, names: dict):
     """(the model's directory, {key in `model`: key in the files}) if the safetensors files hold each tensor of
-    `model` once, under one of its `names` in `plain` (the Hugging Face model inside), in its shape, in a dtype
-    that casts to it, and nothing that transformers converts or the model lacks; else (None, why not)."""
+    `model` once, under one of its `names` in `plain` (the Hugging Face model inside; a tensor of the wrapper's
+    own under its key, or not at all if new), in its shape, in a dtype that casts to it, and nothing that
+    transformers converts or the model lacks; else (None, why not)."""
     from safetensors import safe_open
     from safetensors.torch import _getdtype
     from transformers.conversion_mapping import get_model_conversion_mapping
@@ -349,12 +357,13 @@ def sharded_load_plan(path: str, plain, model, names: dict):
         return None, f"{directory} holds other .safetensors files too"  # DCP's reader would read them all
     transforms = get_model_conversion_mapping(plain)
     converted = [key for key in stored if any(t.rename_source_key(key)[1] is not None for t in transforms)]
-    unknown = sorted(stored.keys() - plain.state_dict().keys() - set().union(*names.values()))
-    if converted or unknown:
-        return None, f"transformers converts or drops {(converted + unknown)[0]}"
+    if converted:
+        return None, f"transformers converts {converted[0]}"
     plan = {}
     for key, tensor in model.state_dict(keep_vars=True).items():
-        found = [name for name in names[key] if name in stored]
+        found = [name for name in names[key] or [key] if name in stored]  # the wrapper's own: under its own key
+        if not found and not names[key]:  # the wrapper's own, new (a value head): made on rank 0
+            continue
         if len(found) != 1:
             return None, f"the checkpoint has {len(found)} of {names[key]}"
         shape, dtype = stored[found[0]]
@@ -362,7 +371,8 @@ def sharded_load_plan(path: str, plain, model, names: dict):
         if shape != list(tensor.shape) or not castable:  # (float8 and int weights are quantized: not castable)
             return None, f"{found[0]} is stored as {dtype} {shape}, the model's is {tensor.dtype} {list(tensor.shape)}"
         plan[key] = found[0]
-    return directory, plan
+    unknown = sorted(stored.keys() - plain.state_dict().keys() - set(plan.values()))
+    return (None, f"transformers drops {unknown[0]}") if unknown else (directory, plan)
 
 
 def init_non_persistent_buffers(model) -> None:

@@ -1,6 +1,7 @@
 """Checkpoints of all three stages: a kill at any file operation, one run per output directory, the
-inputs a resume checks, and resuming on another number of ranks."""
-import json
+inputs a resume checks, and resuming on another number of ranks; and the base model's load, each rank
+reading its own shard."""
+import functools
 import multiprocessing
 import os
 import re
@@ -380,6 +381,22 @@ def load_on_one_rank(model_dir):
             sft.load_model(model_dir, load_args(model_dir), torch.device("cpu"), 0)
         finally:
             torch.distributed.destroy_process_group()
+
+
+def test_a_value_model_reads_its_base_model_shard_by_shard_and_takes_its_new_head_from_rank_0(tiny_model_dir):
+    head = torch.randn(1, 64)  # a reward model's, say; without one rank 0 draws it
+    with plain_python_environment(), mock.patch.object(transformers.AutoModelForCausalLM, "from_pretrained",
+                                                       side_effect=AssertionError):
+        rlvr.init_distributed()
+        try:
+            model = rlvr.load_model(tiny_model_dir, load_args(tiny_model_dir), torch.device("cpu"), 0,
+                                    functools.partial(rlvr.ValueModel, head=head))
+            tensors = {name: tensor.full_tensor() for name, tensor in model.state_dict().items()}
+        finally:
+            torch.distributed.destroy_process_group()
+    assert torch.equal(tensors.pop("score.weight"), head)
+    expected = load_file(os.path.join(tiny_model_dir, "model.safetensors"))
+    assert tensors.keys() < expected.keys() and all(torch.equal(tensors[name], expected[name]) for name in tensors)
 
 
 def test_a_parameter_missing_from_the_checkpoint_stops_the_load_by_name(tiny_model_dir, tmp_path):
