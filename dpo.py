@@ -238,7 +238,8 @@ def concatenated_logps(model, batch, mean: bool):
 
 
 # ---------------------------------------------------------------------------------------------
-# Distributed setup, model loading and saving (kept identical in dpo.py and rlvr.py)
+# Distributed setup, model loading and saving (the same in sft.py, dpo.py and rlvr.py but for the module
+# load_model wraps the model in: CausalLMLogProbs in sft.py and dpo.py, HFModel in rlvr.py)
 
 def init_distributed():
     """One process group for torchrun and for plain `python`: NCCL on GPU, gloo on CPU."""
@@ -265,12 +266,15 @@ def check_model_path(path: str) -> None:
         raise SystemExit(f"--model_name_or_path {path}: not a model directory (it has no config.json)")
 
 
-def load_model(path: str, args, device, rank: int):
-    """An FSDP2-sharded model: built empty on the meta device everywhere, weights read on rank 0 only.
+def load_model(path: str, args, device, rank: int, wrapper=CausalLMLogProbs):
+    """wrapper(the model), sharded with FSDP2: each decoder layer is its own unit (gathered just before use,
+    freed after), the root unit holds the embeddings, final norm and head.
 
-    Memory: rank 0 holds one full fp32 copy of the weights in CPU RAM while loading; every rank
-    holds only its 1/world shard on the device. Each decoder layer is its own FSDP unit (gathered
-    just before use, freed after), the root unit holds the embeddings, final norm and head.
+    Built empty on the meta device; then each rank reads just the slices of its own shards from the model's
+    safetensors files (DCP), cast to fp32, so no rank holds a full copy. Where the files do not hold exactly
+    the model's tensors under its names (transformers converts some keys as it loads them), rank 0 loads the
+    model with from_pretrained instead, holding one full fp32 copy in CPU RAM, and sends each rank its shard.
+    A tensor of the wrapper's own that the files lack (a new value head) is made on rank 0 either way.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -283,14 +287,24 @@ def load_model(path: str, args, device, rank: int):
         raise SystemExit(f"--max_seq_length {args.max_seq_length}: {rope['rope_type']} RoPE picks its frequencies "
                          f"from the longest sequence in a forward once it passes {original_length} tokens, so a "
                          f"sequence would be scored differently packed or batched than alone; use at most {original_length}")
-    full_state = {}
-    if rank == 0:
-        loaded = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch.float32,
-                                                      attn_implementation=args.attn_implementation)
-        full_state = CausalLMLogProbs(loaded).state_dict()
     with torch.device("meta"):
-        model = CausalLMLogProbs(AutoModelForCausalLM.from_config(
-            config, dtype=torch.float32, attn_implementation=args.attn_implementation))
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=args.attn_implementation)
+        model = wrapper(plain)
+    aliases = {}  # each tensor's names in the Hugging Face model: two for tied weights, none for the wrapper's own
+    for name, tensor in plain.state_dict(keep_vars=True).items():
+        aliases.setdefault(id(tensor), []).append(name)
+    names = {key: aliases.get(id(tensor), []) for key, tensor in model.state_dict(keep_vars=True).items()}
+    try:
+        directory, plan = sharded_load_plan(path, plain, model, names)
+        verdict = ("sharded" if directory else "from rank 0", "")
+    except SystemExit as error:
+        verdict = ("refused", str(error))
+    verdicts = [None] * dist.get_world_size()
+    dist.all_gather_object(verdicts, verdict)  # one path for all ranks, or the collectives below would hang
+    if {kind for kind, _ in verdicts} != {verdict[0]} or verdict[0] == "refused":
+        refusal = next((why for kind, why in verdicts if kind == "refused"), "")
+        raise SystemExit(refusal or f"{path}: the ranks see different model files (per rank: "
+                         f"{', '.join(kind for kind, _ in verdicts)}); give every node the same copy")
     if args.gradient_checkpointing:
         model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     compute_dtype = torch.bfloat16 if resolve_dtype(args.dtype, device) == "bf16" else torch.float32
@@ -301,9 +315,79 @@ def load_model(path: str, args, device, rank: int):
         fully_shard(layer, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
     model.to_empty(device=device)
-    set_model_state_dict(model, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    if directory:
+        shards = get_model_state_dict(model)
+        stored = {plan[key]: tensor for key, tensor in shards.items() if key in plan}  # tied weights: one entry
+        dcp.load(stored, storage_reader=HuggingFaceStorageReader(directory))
+        set_model_state_dict(model, {key: stored[plan[key]] for key in plan}, options=StateDictOptions(strict=False))
+        fresh = [key for key in shards if key not in plan]  # the wrapper's own, not in the files: a new value head
+        if fresh:  # made on rank 0, as a full load makes it
+            made = wrapper(plain).state_dict() if rank == 0 else {}
+            set_model_state_dict(model, {key: made[key] for key in fresh} if rank == 0 else {}, options=StateDictOptions(
+                full_state_dict=True, broadcast_from_rank0=True, strict=False))
+    else:
+        full_state, verdict = {}, [""]
+        if rank == 0:
+            print(f"{path}: rank 0 loads the whole model with from_pretrained and sends each rank its shard ({plan})")
+            loaded, info = AutoModelForCausalLM.from_pretrained(
+                path, config=config, dtype=torch.float32, attn_implementation=args.attn_implementation,
+                use_safetensors=True, output_loading_info=True)
+            full_state = wrapper(loaded).state_dict()
+            missing = [names[key][0] for key in full_state  # (the wrapper's own tensors are made, not loaded)
+                       if names[key] and set(names[key]) <= set(info["missing_keys"])]
+            if missing:  # from_pretrained starts them at random: a different model than the checkpoint
+                verdict = [f"{path}: the checkpoint has no {', '.join(missing)}"]
+        dist.broadcast_object_list(verdict, src=0)
+        if verdict[0]:
+            raise SystemExit(verdict[0])
+        set_model_state_dict(model, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     init_non_persistent_buffers(model.model)
     return model
+
+
+def sharded_load_plan(path: str, plain, model, names: dict):
+    """(the model's directory, {key in `model`: key in the files}) if the safetensors files hold each tensor of
+    `model` once, under one of its `names` in `plain` (the Hugging Face model inside; a tensor of the wrapper's
+    own under its key, or not at all if new), in its shape, in a dtype that casts to it, and nothing that
+    transformers converts or the model lacks; else (None, why not)."""
+    from safetensors import safe_open
+    from safetensors.torch import _getdtype
+    from transformers.conversion_mapping import get_model_conversion_mapping
+
+    index = cached_file(path, "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False)
+    if index:
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    elif cached_file(path, "model.safetensors", _raise_exceptions_for_missing_entries=False):
+        files = ["model.safetensors"]
+    else:  # from_pretrained would read pytorch_model.bin with pickle
+        raise SystemExit(f"{path}: no model.safetensors (nor its index); the weights must be safetensors")
+    stored = {}
+    for file in files:
+        with safe_open(cached_file(path, file), "pt") as f:  # cached_file: a hub id's files are downloaded
+            stored.update({key: (f.get_slice(key).get_shape(), _getdtype(f.get_slice(key).get_dtype()))
+                           for key in f.keys()})
+    directory = os.path.dirname(cached_file(path, files[0]))
+    if sorted(name for name in os.listdir(directory) if name.endswith(".safetensors")) != files:
+        return None, f"{directory} holds other .safetensors files too"  # DCP's reader would read them all
+    transforms = get_model_conversion_mapping(plain)
+    converted = [key for key in stored if any(t.rename_source_key(key)[1] is not None for t in transforms)]
+    if converted:
+        return None, f"transformers converts {converted[0]}"
+    plan = {}
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        found = [name for name in names[key] or [key] if name in stored]  # the wrapper's own: under its own key
+        if not found and not names[key]:  # the wrapper's own, new (a value head): made on rank 0
+            continue
+        if len(found) != 1:
+            return None, f"the checkpoint has {len(found)} of {names[key]}"
+        shape, dtype = stored[found[0]]
+        castable = dtype == tensor.dtype or tensor.is_floating_point() and dtype in (torch.bfloat16, torch.float16)
+        if shape != list(tensor.shape) or not castable:  # (float8 and int weights are quantized: not castable)
+            return None, f"{found[0]} is stored as {dtype} {shape}, the model's is {tensor.dtype} {list(tensor.shape)}"
+        plan[key] = found[0]
+    unknown = sorted(stored.keys() - plain.state_dict().keys() - set(plan.values()))
+    return (None, f"transformers drops {unknown[0]}") if unknown else (directory, plan)
 
 
 def init_non_persistent_buffers(model) -> None:

@@ -10,6 +10,7 @@ import pytest
 import torch
 import transformers
 from safetensors.torch import load_file
+from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import dpo
@@ -47,6 +48,7 @@ FAMILIES = {  # name: (config class, settings over SIZES); sliding windows of 8 
     "mixtral": ("MixtralConfig", dict(num_local_experts=4, **MOE)),
     "olmoe": ("OlmoeConfig", dict(num_experts=4, **MOE)),
 }
+CONVERTED_ON_LOAD = {"gemma3_multimodal", "mixtral", "olmoe"}  # their checkpoint keys: renamed, experts fused
 CONVERSATION = [{"role": "user", "content": "What is 12 plus 30? Write a poem about the sea."},
                 {"role": "assistant", "content": "The answer is 42. hello world, again and again."}]
 REJECTED = {"role": "assistant", "content": "The quick brown fox jumps over the lazy dog."}
@@ -123,19 +125,27 @@ def hf_label_logprobs(family, messages):
     return logprobs[len(prompt) - 1:end - 1]
 
 
-def test_every_buffer_holds_what_from_pretrained_gives(family):
+def test_every_tensor_holds_what_from_pretrained_gives(family, capsys):
+    """Weights and buffers, tied ones under each name; each rank reads its shard of the safetensors files,
+    but where transformers converts keys as it loads them (fused experts, a renamed multimodal tree)."""
     args = sft.parse_args(["--model_name_or_path", family["model_dir"], "--dataset_mixer_list", "x", "1",
                            "--output_dir", "x", "--max_seq_length", "128"])
     with plain_python_environment():
         sft.init_distributed()
         try:
             loaded = sft.load_model(family["model_dir"], args, torch.device("cpu"), rank=0).model
+            tensors = {name: tensor.full_tensor() if isinstance(tensor, DTensor) else tensor for name, tensor in
+                       [*loaded.named_parameters(remove_duplicate=False), *loaded.named_buffers()]}
         finally:
             torch.distributed.destroy_process_group()
-    expected = dict(AutoModelForCausalLM.from_pretrained(family["model_dir"]).named_buffers())
-    buffers = dict(loaded.named_buffers())
-    assert buffers.keys() == expected.keys() and len(buffers) > 0
-    assert [name for name in buffers if not torch.equal(buffers[name], expected[name])] == []
+    from_rank0 = "rank 0 loads the whole model with from_pretrained" in capsys.readouterr().out
+    assert from_rank0 == (family["name"] in CONVERTED_ON_LOAD)
+    model = AutoModelForCausalLM.from_pretrained(family["model_dir"])
+    expected = dict([*model.named_parameters(remove_duplicate=False), *model.named_buffers()])
+    assert tensors.keys() == expected.keys() and any(name.endswith("inv_freq") for name in tensors)
+    assert [name for name in tensors if not torch.equal(tensors[name], expected[name])] == []
+    if model.config.get_text_config().tie_word_embeddings:
+        assert loaded.get_output_embeddings().weight is loaded.get_input_embeddings().weight
 
 
 def test_sft_step_one_loss_is_hugging_faces_loss(family):

@@ -1,18 +1,22 @@
 """Checkpoints of all three stages: a kill at any file operation, one run per output directory, the
-inputs a resume checks, and resuming on another number of ranks."""
-import json
+inputs a resume checks, and resuming on another number of ranks; and the base model's load, each rank
+reading its own shard."""
+import functools
 import multiprocessing
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from unittest import mock
 
 import pytest
 import torch
 import torch.multiprocessing as mp
-from safetensors.torch import load_file
+import transformers
+from safetensors.torch import load_file, save_file
 
 import dpo
 import rlvr
@@ -20,7 +24,7 @@ import sft
 import test_dpo_run
 import test_rlvr_train
 import test_sft
-from conftest import ROOT, build_tiny_model, free_port, read_metrics, run_in_process
+from conftest import ROOT, build_tiny_model, free_port, plain_python_environment, read_metrics, run_in_process
 
 KILLED = 77  # a child's exit status when the fault hook killed it
 WRITE_EVENTS = ("open", "os.rename", "os.remove", "os.rmdir", "os.mkdir", "shutil.rmtree")
@@ -336,6 +340,90 @@ def test_a_run_resumed_on_another_number_of_ranks_continues_the_same_curve(tiny_
         weights = load_file(str(tmp_path / resumed / "model.safetensors"))
         for name in reference:
             torch.testing.assert_close(weights[name], reference[name], rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading the base model: each rank reads its own shard of the safetensors files
+
+def load_args(model_dir):
+    return sft.parse_args(["--model_name_or_path", model_dir, "--dataset_mixer_list", "x", "1", "--output_dir", "x"])
+
+
+def sharded_load_worker(rank, port, model_dir, unlike_nodes):
+    """One of 2 ranks: load_model, with from_pretrained forbidden, gives each rank from_pretrained's slices.
+    First, where rank 1's node holds a copy without safetensors, both ranks stop with its refusal (no hang)."""
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    sft.init_distributed()
+    with pytest.raises(SystemExit, match="no model.safetensors .* the weights must be safetensors"):
+        sft.load_model(unlike_nodes[rank], load_args(unlike_nodes[rank]), torch.device("cpu"), rank)
+    with mock.patch.object(transformers.AutoModelForCausalLM, "from_pretrained", side_effect=AssertionError):
+        model = sft.load_model(model_dir, load_args(model_dir), torch.device("cpu"), rank)
+    expected = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).state_dict()
+    assert model.model.lm_head.weight is model.model.model.embed_tokens.weight  # still tied
+    for name, param in model.named_parameters(remove_duplicate=False):
+        local = param.to_local()
+        rows = (expected[name.removeprefix("model.")].shape[0] + 1) // 2  # FSDP2: the first ceil(n / 2) rows on rank 0
+        assert torch.equal(local, expected[name.removeprefix("model.")][rank * rows:][:local.shape[0]]), name
+    torch.distributed.destroy_process_group()
+
+
+def test_two_ranks_each_read_their_own_shard_and_stop_together_where_their_files_differ(tiny_tokenizer, tmp_path):
+    """Tied embeddings of an odd number of rows (uneven shards), cast from bf16, from an index of two files."""
+    model_dir = str(tmp_path / "model")
+    build_tiny_model(tiny_tokenizer, vocab_size=321, tie_word_embeddings=True).to(torch.bfloat16).save_pretrained(
+        model_dir, max_shard_size="100KB")
+    assert os.path.exists(os.path.join(model_dir, "model.safetensors.index.json"))
+    other_node = str(tmp_path / "other")
+    shutil.copytree(model_dir, other_node)
+    for name in os.listdir(other_node):
+        if name.endswith(".safetensors"):
+            os.remove(os.path.join(other_node, name))
+    os.remove(os.path.join(other_node, "model.safetensors.index.json"))
+    mp.spawn(sharded_load_worker, nprocs=2, args=(free_port(), model_dir, [model_dir, other_node]))
+
+
+def load_on_one_rank(model_dir):
+    with plain_python_environment():
+        sft.init_distributed()
+        try:
+            sft.load_model(model_dir, load_args(model_dir), torch.device("cpu"), 0)
+        finally:
+            torch.distributed.destroy_process_group()
+
+
+def test_a_value_model_reads_its_base_model_shard_by_shard_and_takes_its_new_head_from_rank_0(tiny_model_dir):
+    head = torch.randn(1, 64)  # a reward model's, say; without one rank 0 draws it
+    with plain_python_environment(), mock.patch.object(transformers.AutoModelForCausalLM, "from_pretrained",
+                                                       side_effect=AssertionError):
+        rlvr.init_distributed()
+        try:
+            model = rlvr.load_model(tiny_model_dir, load_args(tiny_model_dir), torch.device("cpu"), 0,
+                                    functools.partial(rlvr.ValueModel, head=head))
+            tensors = {name: tensor.full_tensor() for name, tensor in model.state_dict().items()}
+        finally:
+            torch.distributed.destroy_process_group()
+    assert torch.equal(tensors.pop("score.weight"), head)
+    expected = load_file(os.path.join(tiny_model_dir, "model.safetensors"))
+    assert tensors.keys() < expected.keys() and all(torch.equal(tensors[name], expected[name]) for name in tensors)
+
+
+def test_a_parameter_missing_from_the_checkpoint_stops_the_load_by_name(tiny_model_dir, tmp_path):
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    weights = load_file(str(model_dir / "model.safetensors"))
+    del weights["model.layers.1.mlp.up_proj.weight"]  # from_pretrained would start it at random
+    save_file(weights, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(SystemExit, match="the checkpoint has no model.layers.1.mlp.up_proj.weight$"):
+        load_on_one_rank(str(model_dir))
+
+
+def test_weights_that_are_not_safetensors_are_refused(tiny_model_dir, tmp_path):
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    os.rename(model_dir / "model.safetensors", model_dir / "pytorch_model.bin")  # pickle, as far as the name goes
+    with pytest.raises(SystemExit, match="no model.safetensors .* the weights must be safetensors"):
+        load_on_one_rank(str(model_dir))
 
 
 # ---------------------------------------------------------------------------------------------
