@@ -335,8 +335,14 @@ def load_model(path: str, args, device, rank: int, wrapper=CausalLMLogProbs):
             full_state = wrapper(loaded).state_dict()
             missing = [names[key][0] for key in full_state  # (the wrapper's own tensors are made, not loaded)
                        if names[key] and set(names[key]) <= set(info["missing_keys"])]
+            held = loaded.state_dict(keep_vars=True)
+            untied = next((tied for tied in names.values() if len({id(held[name]) for name in tied}) > 1), None)
             if missing:  # from_pretrained starts them at random: a different model than the checkpoint
                 verdict = [f"{path}: the checkpoint has no {', '.join(missing)}"]
+            elif untied:  # from_pretrained unties them; loaded into one tensor here, one copy would be lost
+                verdict = [f"{path}: config.json ties {' and '.join(untied)}, but the checkpoint holds them with "
+                           f"different values; set tie_word_embeddings to false in config.json to train both, or "
+                           f"remove {untied[-1]} from the checkpoint"]
         dist.broadcast_object_list(verdict, src=0)
         if verdict[0]:
             raise SystemExit(verdict[0])
@@ -350,7 +356,7 @@ def sharded_load_plan(path: str, plain, model, names: dict):
     `model` once, under one of its `names` in `plain` (the Hugging Face model inside; a tensor of the wrapper's
     own under its key, or not at all if new), in its shape, in a dtype that casts to it, and nothing that
     transformers converts or the model lacks; else (None, why not)."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import _getdtype
     from transformers.conversion_mapping import get_model_conversion_mapping
 
@@ -362,11 +368,17 @@ def sharded_load_plan(path: str, plain, model, names: dict):
         files = ["model.safetensors"]
     else:  # from_pretrained would read pytorch_model.bin with pickle
         raise SystemExit(f"{path}: no model.safetensors (nor its index); the weights must be safetensors")
-    stored = {}
+    stored, holder = {}, {}
     for file in files:
-        with safe_open(cached_file(path, file), "pt") as f:  # cached_file: a hub id's files are downloaded
-            stored.update({key: (f.get_slice(key).get_shape(), _getdtype(f.get_slice(key).get_dtype()))
-                           for key in f.keys()})
+        try:  # a refusal, so every rank stops with it (a rank that raised alone would leave the others waiting)
+            with safe_open(cached_file(path, file), "pt") as f:  # cached_file: a hub id's files are downloaded
+                for key in f.keys():
+                    if key in stored:  # DCP's reader and from_pretrained need not take the same copy
+                        return None, f"{key} is in both {holder[key]} and {file}"
+                    shape, dtype = f.get_slice(key).get_shape(), _getdtype(f.get_slice(key).get_dtype())
+                    stored[key], holder[key] = (shape, dtype), file
+        except (OSError, SafetensorError) as error:  # a file the index lists is missing, or cut short
+            raise SystemExit(f"{os.path.join(path, file)}: {error}")
     directory = os.path.dirname(cached_file(path, files[0]))
     if sorted(name for name in os.listdir(directory) if name.endswith(".safetensors")) != files:
         return None, f"{directory} holds other .safetensors files too"  # DCP's reader would read them all

@@ -2,6 +2,7 @@
 inputs a resume checks, and resuming on another number of ranks; and the base model's load, each rank
 reading its own shard."""
 import functools
+import json
 import multiprocessing
 import os
 import re
@@ -17,6 +18,7 @@ import torch
 import torch.multiprocessing as mp
 import transformers
 from safetensors.torch import load_file, save_file
+from torch.distributed.tensor import DTensor
 
 import dpo
 import rlvr
@@ -384,10 +386,13 @@ def test_two_ranks_each_read_their_own_shard_and_stop_together_where_their_files
 
 
 def load_on_one_rank(model_dir):
+    """{name: full tensor} of the parameters and buffers load_model gives, on a process group of one."""
     with plain_python_environment():
         sft.init_distributed()
         try:
-            sft.load_model(model_dir, load_args(model_dir), torch.device("cpu"), 0)
+            model = sft.load_model(model_dir, load_args(model_dir), torch.device("cpu"), 0).model
+            return {name: tensor.full_tensor() if isinstance(tensor, DTensor) else tensor for name, tensor in
+                    [*model.named_parameters(remove_duplicate=False), *model.named_buffers()]}
         finally:
             torch.distributed.destroy_process_group()
 
@@ -415,6 +420,41 @@ def test_a_parameter_missing_from_the_checkpoint_stops_the_load_by_name(tiny_mod
     del weights["model.layers.1.mlp.up_proj.weight"]  # from_pretrained would start it at random
     save_file(weights, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(SystemExit, match="the checkpoint has no model.layers.1.mlp.up_proj.weight$"):
+        load_on_one_rank(str(model_dir))
+
+
+def test_a_tensor_in_two_shard_files_loads_as_from_pretrained_loads_it(tiny_tokenizer, tmp_path):
+    """DCP's reader and from_pretrained would each take one of the two copies, not necessarily the same."""
+    model_dir = str(tmp_path / "model")
+    build_tiny_model(tiny_tokenizer).save_pretrained(model_dir, max_shard_size="100KB")
+    with open(os.path.join(model_dir, "model.safetensors.index.json")) as f:
+        first, second = sorted(set(json.load(f)["weight_map"].values()))[:2]
+    embeddings = load_file(os.path.join(model_dir, first))["model.embed_tokens.weight"]
+    weights = {**load_file(os.path.join(model_dir, second)), "model.embed_tokens.weight": torch.randn_like(embeddings)}
+    save_file(weights, os.path.join(model_dir, second), metadata={"format": "pt"})  # a stale copy in another shard
+    expected = dict(transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).named_parameters())
+    loaded = load_on_one_rank(model_dir)
+    assert torch.equal(loaded["model.embed_tokens.weight"], expected["model.embed_tokens.weight"])
+
+
+def test_a_tied_model_whose_checkpoint_holds_a_different_head_is_refused(tiny_tokenizer, tmp_path):
+    """from_pretrained unties the two when their values differ; a tied model would train other embeddings."""
+    model_dir = tmp_path / "model"
+    build_tiny_model(tiny_tokenizer, tie_word_embeddings=True).save_pretrained(model_dir)
+    weights = load_file(str(model_dir / "model.safetensors"))
+    weights["lm_head.weight"] = torch.randn_like(weights["model.embed_tokens.weight"])
+    save_file(weights, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(SystemExit, match="ties model.embed_tokens.weight and lm_head.weight, but the checkpoint holds "
+                                         "them with different values; set tie_word_embeddings to false"):
+        load_on_one_rank(str(model_dir))
+
+
+def test_a_truncated_weights_file_is_refused_by_name(tiny_model_dir, tmp_path):
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    with open(model_dir / "model.safetensors", "r+b") as f:
+        f.truncate(os.path.getsize(model_dir / "model.safetensors") // 2)  # a download cut short
+    with pytest.raises(SystemExit, match=f"{model_dir}/model.safetensors: .*incomplete"):
         load_on_one_rank(str(model_dir))
 
 
