@@ -883,9 +883,11 @@ def run_fingerprints(examples, model_path: str, rank: int) -> dict:
 
     A resume checks both against its checkpoint. The model files are hashed whole rather than by size
     and mtime: the same model copied to a new node's cache must pass, a retrained one in place must not.
-    Rank 0 hashes (the model files in parallel threads), the others receive its result.
+    Rank 0 hashes the data; the first rank of each node hashes its copy of the model files (in parallel
+    threads), and a node whose copy differs from rank 0's stops every rank: each rank reads its shard of the
+    weights from its own node's files, so it would train a mix of two models.
     """
-    fingerprints = [None]
+    fingerprints, model = [None], None
     if rank == 0:
         data = hashlib.sha256()
         table = examples.with_format("arrow")[:]
@@ -897,6 +899,7 @@ def run_fingerprints(examples, model_path: str, rank: int) -> dict:
                 data.update(pc.list_flatten(column).to_numpy().tobytes())
             else:
                 data.update(json.dumps(column.to_pylist()).encode())
+    if int(os.environ["LOCAL_RANK"]) == 0:
         model_dir = model_path if os.path.isdir(model_path) else os.path.dirname(cached_file(model_path, "config.json"))
         files = sorted(os.path.join(model_dir, name) for name in os.listdir(model_dir)
                        if name == "config.json" or name.endswith((".safetensors", ".bin", ".index.json")))
@@ -905,8 +908,15 @@ def run_fingerprints(examples, model_path: str, rank: int) -> dict:
             with open(path, "rb") as f:
                 return f"{os.path.basename(path)}:{hashlib.file_digest(f, 'sha256').hexdigest()}"
         with ThreadPoolExecutor() as pool:  # hashlib releases the GIL: one thread per file
-            model = hashlib.sha256(" ".join(pool.map(file_sha256, files)).encode())
-        fingerprints = [{"data": data.hexdigest(), "model": model.hexdigest()}]
+            model = hashlib.sha256(" ".join(pool.map(file_sha256, files)).encode()).hexdigest()
+    per_rank = [None] * dist.get_world_size()
+    dist.all_gather_object(per_rank, model)
+    unlike = [other for other, digest in enumerate(per_rank) if digest not in (None, per_rank[0])]
+    if unlike:
+        raise SystemExit(f"{model_path}: the model files differ between ranks: rank 0's and rank {unlike[0]}'s "
+                         "copies hash differently; give every node the same copy")
+    if rank == 0:
+        fingerprints = [{"data": data.hexdigest(), "model": model}]
     dist.broadcast_object_list(fingerprints, src=0)
     return fingerprints[0]
 

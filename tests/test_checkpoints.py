@@ -13,6 +13,7 @@ import sys
 import time
 from unittest import mock
 
+import datasets
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -351,14 +352,20 @@ def load_args(model_dir):
     return sft.parse_args(["--model_name_or_path", model_dir, "--dataset_mixer_list", "x", "1", "--output_dir", "x"])
 
 
-def sharded_load_worker(rank, port, model_dir, unlike_nodes):
+def sharded_load_worker(rank, port, model_dir, unlike_nodes, unlike_weights):
     """One of 2 ranks: load_model, with from_pretrained forbidden, gives each rank from_pretrained's slices.
-    First, where rank 1's node holds a copy without safetensors, both ranks stop with its refusal (no hang)."""
+    First, where rank 1's node holds a copy without safetensors, both ranks stop with its refusal (no hang);
+    where it holds other weights of the same shapes (each rank would load its shard of another model), the
+    run's fingerprints stop both ranks before the load."""
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
     sft.init_distributed()
     with pytest.raises(SystemExit, match="no model.safetensors .* the weights must be safetensors"):
         sft.load_model(unlike_nodes[rank], load_args(unlike_nodes[rank]), torch.device("cpu"), rank)
+    examples = datasets.Dataset.from_dict({"input_ids": [[1, 2, 3]]})
+    os.environ["LOCAL_RANK"] = "0"  # each rank the first of its own node, as on two nodes
+    with pytest.raises(SystemExit, match="the model files differ between ranks: rank 0's and rank 1's copies"):
+        sft.run_fingerprints(examples, unlike_weights[rank], rank)
     with mock.patch.object(transformers.AutoModelForCausalLM, "from_pretrained", side_effect=AssertionError):
         model = sft.load_model(model_dir, load_args(model_dir), torch.device("cpu"), rank)
     expected = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).state_dict()
@@ -382,7 +389,10 @@ def test_two_ranks_each_read_their_own_shard_and_stop_together_where_their_files
         if name.endswith(".safetensors"):
             os.remove(os.path.join(other_node, name))
     os.remove(os.path.join(other_node, "model.safetensors.index.json"))
-    mp.spawn(sharded_load_worker, nprocs=2, args=(free_port(), model_dir, [model_dir, other_node]))
+    other_weights = str(tmp_path / "other_weights")  # the same config, other values
+    build_tiny_model(tiny_tokenizer, seed=1, vocab_size=321, tie_word_embeddings=True).save_pretrained(other_weights)
+    mp.spawn(sharded_load_worker, nprocs=2, args=(free_port(), model_dir, [model_dir, other_node],
+                                                  [model_dir, other_weights]))
 
 
 def load_on_one_rank(model_dir):
