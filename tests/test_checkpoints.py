@@ -14,6 +14,7 @@ import time
 from unittest import mock
 
 import datasets
+import huggingface_hub
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -466,6 +467,28 @@ def test_a_truncated_weights_file_is_refused_by_name(tiny_model_dir, tmp_path):
         f.truncate(os.path.getsize(model_dir / "model.safetensors") // 2)  # a download cut short
     with pytest.raises(SystemExit, match=f"{model_dir}/model.safetensors: .*incomplete"):
         load_on_one_rank(str(model_dir))
+
+
+def test_a_hub_id_loads_shard_by_shard_through_the_caches_symlinks(tiny_tokenizer, tmp_path, monkeypatch):
+    """huggingface_hub's cache: snapshots/<revision>/ holds symlinks into blobs/; DCP reads through them."""
+    source = tmp_path / "source"
+    build_tiny_model(tiny_tokenizer).save_pretrained(source, max_shard_size="100KB")
+    repo, revision = tmp_path / "hub" / "models--acme--tiny", "0" * 40
+    snapshot = repo / "snapshots" / revision
+    for directory in (repo / "blobs", repo / "refs", snapshot):
+        directory.mkdir(parents=True)
+    (repo / "refs" / "main").write_text(revision)
+    for file in source.iterdir():
+        os.rename(file, repo / "blobs" / file.name)  # a blob's name is its hash; any unique name serves here
+        os.symlink(os.path.join("..", "..", "blobs", file.name), snapshot / file.name)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with mock.patch.object(transformers.AutoModelForCausalLM, "from_pretrained", side_effect=AssertionError):
+        loaded = load_on_one_rank("acme/tiny")
+    expected = {}
+    for file in (repo / "blobs").glob("*.safetensors"):
+        expected.update(load_file(file))
+    assert len(expected) == 21 and [name for name in expected if not torch.equal(loaded[name], expected[name])] == []
 
 
 def test_weights_that_are_not_safetensors_are_refused(tiny_model_dir, tmp_path):
