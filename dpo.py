@@ -11,8 +11,9 @@ sft.py's story and boilerplate; `diff sft.py dpo.py` shows what DPO adds: prefer
 forward scores a micro-batch's chosen and rejected sequences); dpo_loss (dpo, dpo_norm as in Tülu 3,
 simpo, ipo) averaged over the optimizer batch's pairs, whatever its split into micro-batches and
 ranks; reference log-probs scored once by the initial model before training, with the same sharding,
-and cached on disk under a hash of model files, tokenized data and precision (a restart reads them
-back; no reference model in memory while training; `--reference live` keeps a frozen one instead);
+and cached on disk under a hash of model files, tokenized data, precision and log-prob kind (sums for
+dpo, per-token means for the others); a restart reads them back; no reference model in memory while
+training (`--reference live` keeps a frozen one instead);
 reward and log-prob metrics (chosen log-probs often fall while the margin grows: DPO moves margins).
 
 Simplified relative to open-instruct: no LoRA, no DeepSpeed, no logging services; the last partial
@@ -54,7 +55,7 @@ from transformers.utils import cached_file
 import data_mix
 
 # Flags that may change when a run is resumed; every other flag must match the run in --output_dir. The two
-# batch flags may change only together with the number of ranks, keeping the sequences per optimizer step.
+# batch flags may change, on any number of ranks, as long as the sequences per optimizer step stay the same.
 RESUMABLE_FLAGS = {"resume", "checkpointing_steps", "preprocessing_num_workers", "per_device_train_batch_size",
                    "gradient_accumulation_steps"}
 LOSS_TYPES = ("dpo", "dpo_norm", "simpo", "ipo")
@@ -85,7 +86,9 @@ def parse_args(argv=None):
     parser.add_argument("--dpo_label_smoothing", type=data_mix.bounded(float, 0.0, 0.5, high_open=True), default=0.0)
     parser.add_argument("--dpo_gamma_beta_ratio", type=data_mix.NON_NEGATIVE, default=0.3,
                         help="simpo's margin gamma / beta")
-    parser.add_argument("--reference", default="cached", choices=["cached", "live"], help="log-probs or a frozen model")
+    parser.add_argument("--reference", default="cached", choices=["cached", "live"],
+                        help="cached: the initial model's log-probs, scored once before training and kept on disk; "
+                             "live: a frozen copy of the initial model scores each micro-batch")
     parser.add_argument("--reference_cache_dir", default=None, help="default: OUTPUT_DIR/reference_logps")
     parser.add_argument("--last_turn_only", action="store_true", help="score only each side's final assistant turn")
     parser.add_argument("--packing", action=argparse.BooleanOptionalAction, default=True,
@@ -98,11 +101,13 @@ def parse_args(argv=None):
                         help=f"e.g. sdpa, eager, or {data_mix.PACKED_ATTENTION}: packed rows attend within each example "
                              "without a [T, T] mask; default: the model's own choice (sdpa where it supports it)")
     parser.add_argument("--max_tokens_per_micro_batch", type=data_mix.POSITIVE_INT, default=None, metavar="N",
-                        help="pack each rank's share of the optimizer batch into as few rows of <= N tokens as fit "
-                             "(replaces --per_device_train_batch_size as the micro-batch; same gradient)")
+                        help="pack each rank's share of the optimizer batch into rows of at most N tokens, first-fit "
+                             "decreasing (a longer example: a row of its own); replaces --per_device_train_batch_size as "
+                             "the micro-batch (it still sets the optimizer batch); same gradient")
     parser.add_argument("--checkpointing_steps", type=data_mix.POSITIVE_INT, default=500,
                         help="write a resumable checkpoint every N steps")
-    parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --output_dir")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --output_dir from its newest checkpoint (or start it, if none)")
     parser.add_argument("--seed", type=int, default=123)
     args = parser.parse_args(argv)
     if args.max_tokens_per_micro_batch is not None and not args.packing:

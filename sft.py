@@ -61,7 +61,7 @@ from transformers.utils import cached_file
 import data_mix
 
 # Flags that may change when a run is resumed; every other flag must match the run in --output_dir. The two
-# batch flags may change only together with the number of ranks, keeping the sequences per optimizer step.
+# batch flags may change, on any number of ranks, as long as the sequences per optimizer step stay the same.
 RESUMABLE_FLAGS = {"resume", "checkpointing_steps", "preprocessing_num_workers", "per_device_train_batch_size",
                    "gradient_accumulation_steps"}
 
@@ -103,11 +103,13 @@ def parse_args(argv=None):
                         help=f"e.g. sdpa, eager, or {data_mix.PACKED_ATTENTION}: packed rows attend within each example "
                              "without a [T, T] mask; default: the model's own choice (sdpa where it supports it)")
     parser.add_argument("--max_tokens_per_micro_batch", type=data_mix.POSITIVE_INT, default=None, metavar="N",
-                        help="pack each rank's share of the optimizer batch into as few rows of <= N tokens as fit "
-                             "(replaces --per_device_train_batch_size as the micro-batch; same gradient)")
+                        help="pack each rank's share of the optimizer batch into rows of at most N tokens, first-fit "
+                             "decreasing (a longer example: a row of its own); replaces --per_device_train_batch_size as "
+                             "the micro-batch (it still sets the optimizer batch); same gradient")
     parser.add_argument("--checkpointing_steps", type=data_mix.POSITIVE_INT, default=500,
                         help="write a resumable checkpoint every N steps")
-    parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --output_dir")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --output_dir from its newest checkpoint (or start it, if none)")
     parser.add_argument("--seed", type=int, default=123)
     args = parser.parse_args(argv)
     if args.max_tokens_per_micro_batch is not None and not args.packing:
