@@ -614,8 +614,14 @@ def load_model(path: str, args, device, rank: int, wrapper=HFModel):
             full_state = wrapper(loaded).state_dict()
             missing = [names[key][0] for key in full_state  # (the wrapper's own tensors are made, not loaded)
                        if names[key] and set(names[key]) <= set(info["missing_keys"])]
+            held = loaded.state_dict(keep_vars=True)
+            untied = next((tied for tied in names.values() if len({id(held[name]) for name in tied}) > 1), None)
             if missing:  # from_pretrained starts them at random: a different model than the checkpoint
                 verdict = [f"{path}: the checkpoint has no {', '.join(missing)}"]
+            elif untied:  # from_pretrained unties them; loaded into one tensor here, one copy would be lost
+                verdict = [f"{path}: config.json ties {' and '.join(untied)}, but the checkpoint holds them with "
+                           f"different values; set tie_word_embeddings to false in config.json to train both, or "
+                           f"remove {untied[-1]} from the checkpoint"]
         dist.broadcast_object_list(verdict, src=0)
         if verdict[0]:
             raise SystemExit(verdict[0])
@@ -629,7 +635,7 @@ def sharded_load_plan(path: str, plain, model, names: dict):
     `model` once, under one of its `names` in `plain` (the Hugging Face model inside; a tensor of the wrapper's
     own under its key, or not at all if new), in its shape, in a dtype that casts to it, and nothing that
     transformers converts or the model lacks; else (None, why not)."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import _getdtype
     from transformers.conversion_mapping import get_model_conversion_mapping
 
@@ -641,11 +647,17 @@ def sharded_load_plan(path: str, plain, model, names: dict):
         files = ["model.safetensors"]
     else:  # from_pretrained would read pytorch_model.bin with pickle
         raise SystemExit(f"{path}: no model.safetensors (nor its index); the weights must be safetensors")
-    stored = {}
+    stored, holder = {}, {}
     for file in files:
-        with safe_open(cached_file(path, file), "pt") as f:  # cached_file: a hub id's files are downloaded
-            stored.update({key: (f.get_slice(key).get_shape(), _getdtype(f.get_slice(key).get_dtype()))
-                           for key in f.keys()})
+        try:  # a refusal, so every rank stops with it (a rank that raised alone would leave the others waiting)
+            with safe_open(cached_file(path, file), "pt") as f:  # cached_file: a hub id's files are downloaded
+                for key in f.keys():
+                    if key in stored:  # DCP's reader and from_pretrained need not take the same copy
+                        return None, f"{key} is in both {holder[key]} and {file}"
+                    shape, dtype = f.get_slice(key).get_shape(), _getdtype(f.get_slice(key).get_dtype())
+                    stored[key], holder[key] = (shape, dtype), file
+        except (OSError, SafetensorError) as error:  # a file the index lists is missing, or cut short
+            raise SystemExit(f"{os.path.join(path, file)}: {error}")
     directory = os.path.dirname(cached_file(path, files[0]))
     if sorted(name for name in os.listdir(directory) if name.endswith(".safetensors")) != files:
         return None, f"{directory} holds other .safetensors files too"  # DCP's reader would read them all
@@ -871,9 +883,11 @@ def run_fingerprints(examples, model_path: str, rank: int) -> dict:
 
     A resume checks both against its checkpoint. The model files are hashed whole rather than by size
     and mtime: the same model copied to a new node's cache must pass, a retrained one in place must not.
-    Rank 0 hashes (the model files in parallel threads), the others receive its result.
+    Rank 0 hashes the data; the first rank of each node hashes its copy of the model files (in parallel
+    threads), and a node whose copy differs from rank 0's stops every rank: each rank reads its shard of the
+    weights from its own node's files, so it would train a mix of two models.
     """
-    fingerprints = [None]
+    fingerprints, model = [None], None
     if rank == 0:
         data = hashlib.sha256()
         table = examples.with_format("arrow")[:]
@@ -885,6 +899,7 @@ def run_fingerprints(examples, model_path: str, rank: int) -> dict:
                 data.update(pc.list_flatten(column).to_numpy().tobytes())
             else:
                 data.update(json.dumps(column.to_pylist()).encode())
+    if int(os.environ["LOCAL_RANK"]) == 0:
         model_dir = model_path if os.path.isdir(model_path) else os.path.dirname(cached_file(model_path, "config.json"))
         files = sorted(os.path.join(model_dir, name) for name in os.listdir(model_dir)
                        if name == "config.json" or name.endswith((".safetensors", ".bin", ".index.json")))
@@ -893,8 +908,15 @@ def run_fingerprints(examples, model_path: str, rank: int) -> dict:
             with open(path, "rb") as f:
                 return f"{os.path.basename(path)}:{hashlib.file_digest(f, 'sha256').hexdigest()}"
         with ThreadPoolExecutor() as pool:  # hashlib releases the GIL: one thread per file
-            model = hashlib.sha256(" ".join(pool.map(file_sha256, files)).encode())
-        fingerprints = [{"data": data.hexdigest(), "model": model.hexdigest()}]
+            model = hashlib.sha256(" ".join(pool.map(file_sha256, files)).encode()).hexdigest()
+    per_rank = [None] * dist.get_world_size()
+    dist.all_gather_object(per_rank, model)
+    unlike = [other for other, digest in enumerate(per_rank) if digest not in (None, per_rank[0])]
+    if unlike:
+        raise SystemExit(f"{model_path}: the model files differ between ranks: rank 0's and rank {unlike[0]}'s "
+                         "copies hash differently; give every node the same copy")
+    if rank == 0:
+        fingerprints = [{"data": data.hexdigest(), "model": model}]
     dist.broadcast_object_list(fingerprints, src=0)
     return fingerprints[0]
 

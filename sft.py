@@ -61,7 +61,7 @@ from transformers.utils import cached_file
 import data_mix
 
 # Flags that may change when a run is resumed; every other flag must match the run in --output_dir. The two
-# batch flags may change only together with the number of ranks, keeping the sequences per optimizer step.
+# batch flags may change, on any number of ranks, as long as the sequences per optimizer step stay the same.
 RESUMABLE_FLAGS = {"resume", "checkpointing_steps", "preprocessing_num_workers", "per_device_train_batch_size",
                    "gradient_accumulation_steps"}
 
@@ -103,11 +103,13 @@ def parse_args(argv=None):
                         help=f"e.g. sdpa, eager, or {data_mix.PACKED_ATTENTION}: packed rows attend within each example "
                              "without a [T, T] mask; default: the model's own choice (sdpa where it supports it)")
     parser.add_argument("--max_tokens_per_micro_batch", type=data_mix.POSITIVE_INT, default=None, metavar="N",
-                        help="pack each rank's share of the optimizer batch into as few rows of <= N tokens as fit "
-                             "(replaces --per_device_train_batch_size as the micro-batch; same gradient)")
+                        help="pack each rank's share of the optimizer batch into rows of at most N tokens, first-fit "
+                             "decreasing (a longer example: a row of its own); replaces --per_device_train_batch_size as "
+                             "the micro-batch (it still sets the optimizer batch); same gradient")
     parser.add_argument("--checkpointing_steps", type=data_mix.POSITIVE_INT, default=500,
                         help="write a resumable checkpoint every N steps")
-    parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --output_dir")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --output_dir from its newest checkpoint (or start it, if none)")
     parser.add_argument("--seed", type=int, default=123)
     args = parser.parse_args(argv)
     if args.max_tokens_per_micro_batch is not None and not args.packing:
@@ -304,8 +306,14 @@ def load_model(path: str, args, device, rank: int, wrapper=CausalLMLogProbs):
             full_state = wrapper(loaded).state_dict()
             missing = [names[key][0] for key in full_state  # (the wrapper's own tensors are made, not loaded)
                        if names[key] and set(names[key]) <= set(info["missing_keys"])]
+            held = loaded.state_dict(keep_vars=True)
+            untied = next((tied for tied in names.values() if len({id(held[name]) for name in tied}) > 1), None)
             if missing:  # from_pretrained starts them at random: a different model than the checkpoint
                 verdict = [f"{path}: the checkpoint has no {', '.join(missing)}"]
+            elif untied:  # from_pretrained unties them; loaded into one tensor here, one copy would be lost
+                verdict = [f"{path}: config.json ties {' and '.join(untied)}, but the checkpoint holds them with "
+                           f"different values; set tie_word_embeddings to false in config.json to train both, or "
+                           f"remove {untied[-1]} from the checkpoint"]
         dist.broadcast_object_list(verdict, src=0)
         if verdict[0]:
             raise SystemExit(verdict[0])
@@ -319,7 +327,7 @@ def sharded_load_plan(path: str, plain, model, names: dict):
     `model` once, under one of its `names` in `plain` (the Hugging Face model inside; a tensor of the wrapper's
     own under its key, or not at all if new), in its shape, in a dtype that casts to it, and nothing that
     transformers converts or the model lacks; else (None, why not)."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import _getdtype
     from transformers.conversion_mapping import get_model_conversion_mapping
 
@@ -331,11 +339,17 @@ def sharded_load_plan(path: str, plain, model, names: dict):
         files = ["model.safetensors"]
     else:  # from_pretrained would read pytorch_model.bin with pickle
         raise SystemExit(f"{path}: no model.safetensors (nor its index); the weights must be safetensors")
-    stored = {}
+    stored, holder = {}, {}
     for file in files:
-        with safe_open(cached_file(path, file), "pt") as f:  # cached_file: a hub id's files are downloaded
-            stored.update({key: (f.get_slice(key).get_shape(), _getdtype(f.get_slice(key).get_dtype()))
-                           for key in f.keys()})
+        try:  # a refusal, so every rank stops with it (a rank that raised alone would leave the others waiting)
+            with safe_open(cached_file(path, file), "pt") as f:  # cached_file: a hub id's files are downloaded
+                for key in f.keys():
+                    if key in stored:  # DCP's reader and from_pretrained need not take the same copy
+                        return None, f"{key} is in both {holder[key]} and {file}"
+                    shape, dtype = f.get_slice(key).get_shape(), _getdtype(f.get_slice(key).get_dtype())
+                    stored[key], holder[key] = (shape, dtype), file
+        except (OSError, SafetensorError) as error:  # a file the index lists is missing, or cut short
+            raise SystemExit(f"{os.path.join(path, file)}: {error}")
     directory = os.path.dirname(cached_file(path, files[0]))
     if sorted(name for name in os.listdir(directory) if name.endswith(".safetensors")) != files:
         return None, f"{directory} holds other .safetensors files too"  # DCP's reader would read them all
@@ -561,9 +575,11 @@ def run_fingerprints(examples, model_path: str, rank: int) -> dict:
 
     A resume checks both against its checkpoint. The model files are hashed whole rather than by size
     and mtime: the same model copied to a new node's cache must pass, a retrained one in place must not.
-    Rank 0 hashes (the model files in parallel threads), the others receive its result.
+    Rank 0 hashes the data; the first rank of each node hashes its copy of the model files (in parallel
+    threads), and a node whose copy differs from rank 0's stops every rank: each rank reads its shard of the
+    weights from its own node's files, so it would train a mix of two models.
     """
-    fingerprints = [None]
+    fingerprints, model = [None], None
     if rank == 0:
         data = hashlib.sha256()
         table = examples.with_format("arrow")[:]
@@ -575,6 +591,7 @@ def run_fingerprints(examples, model_path: str, rank: int) -> dict:
                 data.update(pc.list_flatten(column).to_numpy().tobytes())
             else:
                 data.update(json.dumps(column.to_pylist()).encode())
+    if int(os.environ["LOCAL_RANK"]) == 0:
         model_dir = model_path if os.path.isdir(model_path) else os.path.dirname(cached_file(model_path, "config.json"))
         files = sorted(os.path.join(model_dir, name) for name in os.listdir(model_dir)
                        if name == "config.json" or name.endswith((".safetensors", ".bin", ".index.json")))
@@ -583,8 +600,15 @@ def run_fingerprints(examples, model_path: str, rank: int) -> dict:
             with open(path, "rb") as f:
                 return f"{os.path.basename(path)}:{hashlib.file_digest(f, 'sha256').hexdigest()}"
         with ThreadPoolExecutor() as pool:  # hashlib releases the GIL: one thread per file
-            model = hashlib.sha256(" ".join(pool.map(file_sha256, files)).encode())
-        fingerprints = [{"data": data.hexdigest(), "model": model.hexdigest()}]
+            model = hashlib.sha256(" ".join(pool.map(file_sha256, files)).encode()).hexdigest()
+    per_rank = [None] * dist.get_world_size()
+    dist.all_gather_object(per_rank, model)
+    unlike = [other for other, digest in enumerate(per_rank) if digest not in (None, per_rank[0])]
+    if unlike:
+        raise SystemExit(f"{model_path}: the model files differ between ranks: rank 0's and rank {unlike[0]}'s "
+                         "copies hash differently; give every node the same copy")
+    if rank == 0:
+        fingerprints = [{"data": data.hexdigest(), "model": model}]
     dist.broadcast_object_list(fingerprints, src=0)
     return fingerprints[0]
 

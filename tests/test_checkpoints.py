@@ -2,6 +2,7 @@
 inputs a resume checks, and resuming on another number of ranks; and the base model's load, each rank
 reading its own shard."""
 import functools
+import json
 import multiprocessing
 import os
 import re
@@ -12,11 +13,14 @@ import sys
 import time
 from unittest import mock
 
+import datasets
+import huggingface_hub
 import pytest
 import torch
 import torch.multiprocessing as mp
 import transformers
 from safetensors.torch import load_file, save_file
+from torch.distributed.tensor import DTensor
 
 import dpo
 import rlvr
@@ -349,14 +353,20 @@ def load_args(model_dir):
     return sft.parse_args(["--model_name_or_path", model_dir, "--dataset_mixer_list", "x", "1", "--output_dir", "x"])
 
 
-def sharded_load_worker(rank, port, model_dir, unlike_nodes):
+def sharded_load_worker(rank, port, model_dir, unlike_nodes, unlike_weights):
     """One of 2 ranks: load_model, with from_pretrained forbidden, gives each rank from_pretrained's slices.
-    First, where rank 1's node holds a copy without safetensors, both ranks stop with its refusal (no hang)."""
+    First, where rank 1's node holds a copy without safetensors, both ranks stop with its refusal (no hang);
+    where it holds other weights of the same shapes (each rank would load its shard of another model), the
+    run's fingerprints stop both ranks before the load."""
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
     sft.init_distributed()
     with pytest.raises(SystemExit, match="no model.safetensors .* the weights must be safetensors"):
         sft.load_model(unlike_nodes[rank], load_args(unlike_nodes[rank]), torch.device("cpu"), rank)
+    examples = datasets.Dataset.from_dict({"input_ids": [[1, 2, 3]]})
+    os.environ["LOCAL_RANK"] = "0"  # each rank the first of its own node, as on two nodes
+    with pytest.raises(SystemExit, match="the model files differ between ranks: rank 0's and rank 1's copies"):
+        sft.run_fingerprints(examples, unlike_weights[rank], rank)
     with mock.patch.object(transformers.AutoModelForCausalLM, "from_pretrained", side_effect=AssertionError):
         model = sft.load_model(model_dir, load_args(model_dir), torch.device("cpu"), rank)
     expected = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).state_dict()
@@ -380,14 +390,20 @@ def test_two_ranks_each_read_their_own_shard_and_stop_together_where_their_files
         if name.endswith(".safetensors"):
             os.remove(os.path.join(other_node, name))
     os.remove(os.path.join(other_node, "model.safetensors.index.json"))
-    mp.spawn(sharded_load_worker, nprocs=2, args=(free_port(), model_dir, [model_dir, other_node]))
+    other_weights = str(tmp_path / "other_weights")  # the same config, other values
+    build_tiny_model(tiny_tokenizer, seed=1, vocab_size=321, tie_word_embeddings=True).save_pretrained(other_weights)
+    mp.spawn(sharded_load_worker, nprocs=2, args=(free_port(), model_dir, [model_dir, other_node],
+                                                  [model_dir, other_weights]))
 
 
 def load_on_one_rank(model_dir):
+    """{name: full tensor} of the parameters and buffers load_model gives, on a process group of one."""
     with plain_python_environment():
         sft.init_distributed()
         try:
-            sft.load_model(model_dir, load_args(model_dir), torch.device("cpu"), 0)
+            model = sft.load_model(model_dir, load_args(model_dir), torch.device("cpu"), 0).model
+            return {name: tensor.full_tensor() if isinstance(tensor, DTensor) else tensor for name, tensor in
+                    [*model.named_parameters(remove_duplicate=False), *model.named_buffers()]}
         finally:
             torch.distributed.destroy_process_group()
 
@@ -416,6 +432,63 @@ def test_a_parameter_missing_from_the_checkpoint_stops_the_load_by_name(tiny_mod
     save_file(weights, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(SystemExit, match="the checkpoint has no model.layers.1.mlp.up_proj.weight$"):
         load_on_one_rank(str(model_dir))
+
+
+def test_a_tensor_in_two_shard_files_loads_as_from_pretrained_loads_it(tiny_tokenizer, tmp_path):
+    """DCP's reader and from_pretrained would each take one of the two copies, not necessarily the same."""
+    model_dir = str(tmp_path / "model")
+    build_tiny_model(tiny_tokenizer).save_pretrained(model_dir, max_shard_size="100KB")
+    with open(os.path.join(model_dir, "model.safetensors.index.json")) as f:
+        first, second = sorted(set(json.load(f)["weight_map"].values()))[:2]
+    embeddings = load_file(os.path.join(model_dir, first))["model.embed_tokens.weight"]
+    weights = {**load_file(os.path.join(model_dir, second)), "model.embed_tokens.weight": torch.randn_like(embeddings)}
+    save_file(weights, os.path.join(model_dir, second), metadata={"format": "pt"})  # a stale copy in another shard
+    expected = dict(transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).named_parameters())
+    loaded = load_on_one_rank(model_dir)
+    assert torch.equal(loaded["model.embed_tokens.weight"], expected["model.embed_tokens.weight"])
+
+
+def test_a_tied_model_whose_checkpoint_holds_a_different_head_is_refused(tiny_tokenizer, tmp_path):
+    """from_pretrained unties the two when their values differ; a tied model would train other embeddings."""
+    model_dir = tmp_path / "model"
+    build_tiny_model(tiny_tokenizer, tie_word_embeddings=True).save_pretrained(model_dir)
+    weights = load_file(str(model_dir / "model.safetensors"))
+    weights["lm_head.weight"] = torch.randn_like(weights["model.embed_tokens.weight"])
+    save_file(weights, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(SystemExit, match="ties model.embed_tokens.weight and lm_head.weight, but the checkpoint holds "
+                                         "them with different values; set tie_word_embeddings to false"):
+        load_on_one_rank(str(model_dir))
+
+
+def test_a_truncated_weights_file_is_refused_by_name(tiny_model_dir, tmp_path):
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    with open(model_dir / "model.safetensors", "r+b") as f:
+        f.truncate(os.path.getsize(model_dir / "model.safetensors") // 2)  # a download cut short
+    with pytest.raises(SystemExit, match=f"{model_dir}/model.safetensors: .*incomplete"):
+        load_on_one_rank(str(model_dir))
+
+
+def test_a_hub_id_loads_shard_by_shard_through_the_caches_symlinks(tiny_tokenizer, tmp_path, monkeypatch):
+    """huggingface_hub's cache: snapshots/<revision>/ holds symlinks into blobs/; DCP reads through them."""
+    source = tmp_path / "source"
+    build_tiny_model(tiny_tokenizer).save_pretrained(source, max_shard_size="100KB")
+    repo, revision = tmp_path / "hub" / "models--acme--tiny", "0" * 40
+    snapshot = repo / "snapshots" / revision
+    for directory in (repo / "blobs", repo / "refs", snapshot):
+        directory.mkdir(parents=True)
+    (repo / "refs" / "main").write_text(revision)
+    for file in source.iterdir():
+        os.rename(file, repo / "blobs" / file.name)  # a blob's name is its hash; any unique name serves here
+        os.symlink(os.path.join("..", "..", "blobs", file.name), snapshot / file.name)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with mock.patch.object(transformers.AutoModelForCausalLM, "from_pretrained", side_effect=AssertionError):
+        loaded = load_on_one_rank("acme/tiny")
+    expected = {}
+    for file in (repo / "blobs").glob("*.safetensors"):
+        expected.update(load_file(file))
+    assert len(expected) == 21 and [name for name in expected if not torch.equal(loaded[name], expected[name])] == []
 
 
 def test_weights_that_are_not_safetensors_are_refused(tiny_model_dir, tmp_path):
