@@ -784,3 +784,17 @@ def collate_prompts(prompts: list[list[int]], pad_token_id: int) -> tuple:
         input_ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
         attention_mask[row, width - len(prompt):] = 1
     return input_ids, attention_mask
+
+
+def sample_top_p(logits, temperature: float, top_p: float, generator):
+    """One token per row from softmax(logits / T) restricted to the top-p nucleus (T > 0). [B, V] -> [B].
+    rlvr's rollouts and eval's sampled tasks draw with this one function, so both sample the same way."""
+    probs = torch.softmax(logits.float() / temperature, dim=-1)  # [B, V]
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keep the smallest prefix reaching top_p
+        probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
+    # argmax(p / q) with q ~ Exp(1) is an exact draw from p (the exponential race), with no host sync,
+    # unlike torch.multinomial, so the GPU never waits for the CPU here.
+    race = torch.empty_like(probs).exponential_(generator=generator)
+    return (probs / race).argmax(-1)

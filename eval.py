@@ -20,13 +20,15 @@ genuine offline copy of their test sets), AlpacaEval or safety suites (they need
 """
 import argparse
 import collections
+import ctypes
 import datetime
 import functools
-import inspect
 import json
 import math
 import os
 import re
+import signal
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -91,13 +93,15 @@ def parse_args(argv=None):
 
 
 # ---------------------------------------------------------------------------------------------
-# Distributed init (as in sft.py)
+# Distributed init (identical to sft.py's)
 
 def init_distributed():
     """One process group for torchrun and for plain `python`: NCCL on GPU, gloo on CPU."""
     if "RANK" not in os.environ:  # plain python: a group of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 10000))
+    elif sys.platform == "linux":  # torchrun starts workers in their own session: a killed launcher would leave
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # them running; PR_SET_PDEATHSIG kills them with it instead
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
@@ -196,6 +200,8 @@ def build_prompt(task: str, example: dict) -> tuple[list[dict], str]:
     if task == "humaneval":
         return ([{"role": "user", "content": PROMPTS["humaneval_instruction"] + example["prompt"]}],
                 PROMPTS["humaneval_answer_start"] + example["prompt"])
+    if task not in ("mmlu_mc", "mmlu_cot", "mmlu"):
+        raise ValueError(f"build_prompt: no prompt for task {task!r}")
     subject = example["subject"].replace("_", " ")
     if task == "mmlu_mc":  # the description opens the first user turn
         dev = mmlu_dev().get(example["subject"], [])
@@ -208,7 +214,7 @@ def build_prompt(task: str, example: dict) -> tuple[list[dict], str]:
     if task == "mmlu_cot":
         return [{"role": "user", "content": PROMPTS["mmlu_cot_description"].format(subject=subject) +
                  mcq(example, "")}], ""
-    choices = "\n".join(f"{letter}. {choice}" for letter, choice in zip("ABCD", example["choices"]))
+    choices = "\n".join(f"{letter}. {choice}" for letter, choice in zip("ABCD", example["choices"]))  # mmlu
     return [{"role": "user", "content": PROMPTS["mmlu_letter"].format(
         subject=subject, question=example["question"], choices=choices)}], "Answer:"
 
@@ -251,10 +257,12 @@ def score_example(task: str, example: dict, response: str) -> dict:
     if task == "mmlu_cot":
         extracted, gold = mmlu_cot_answer(response), "ABCD"[example["answer"]]
         return {"extracted": extracted, "gold": gold, "correct": extracted == gold, "subject": example["subject"]}
-    ids, kwargs = example["instruction_id_list"], example["kwargs"]
-    strict = verifiers.ifeval_check(response, ids, kwargs, loose=False)
-    loose = verifiers.ifeval_check(response, ids, kwargs, loose=True)
-    return {"strict": strict, "loose": loose, "correct": all(loose)}
+    if task == "ifeval":  # the verdicts under both names of the metrics: loose is the headline, strict the RL reward
+        ids, kwargs = example["instruction_id_list"], example["kwargs"]
+        strict = verifiers.ifeval_check(response, ids, kwargs, loose=False)
+        loose = verifiers.ifeval_check(response, ids, kwargs, loose=True)
+        return {"strict": strict, "loose": loose, "prompt_level_strict": all(strict), "prompt_level_loose": all(loose)}
+    raise ValueError(f"score_example: no scorer for task {task!r}")
 
 
 def aggregate(task: str, records: list[dict], ks: list[int]) -> dict:
@@ -303,29 +311,6 @@ def task_settings(task: str, args) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Generation: a plain batched sampling loop with a KV cache
 
-def sample_next(logits, temperature: float, top_p: float, generator):
-    """Greedy at temperature 0; else sample from softmax(logits / T) restricted to the top-p nucleus."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits / temperature, dim=-1)  # [B, V]
-    if top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # tokens after the nucleus is full
-        probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-def left_pad(prompts: list[list[int]], pad_token_id: int, device):
-    """Prompts right-aligned, so every row's next token lands in the same (last) column."""
-    length = max(len(p) for p in prompts)
-    input_ids = torch.full((len(prompts), length), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(prompts), length), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        input_ids[row, length - len(prompt):] = torch.tensor(prompt)
-        attention_mask[row, length - len(prompt):] = 1
-    return input_ids.to(device), attention_mask.to(device)
-
-
 class GrowingLayer(DynamicLayer):
     """One layer's KV cache, as transformers' DynamicLayer but written in place into buffers sized for the
     longest row (doubled if that is ever too small). DynamicLayer concatenates instead, copying the whole
@@ -368,8 +353,6 @@ def generate_batch(model, tokenizer, prompts, partials, max_new_tokens: int, sto
     """Continue each prompt + its partial response until EOS, a stop string or max_new_tokens in all, or until
     only `leave_at` rows are left. Returns each row's response tokens and whether the row ended."""
     device = next(model.parameters()).device
-    # the KV cache argument was renamed past_key_values -> cache in transformers 5.2x; accept both
-    cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     prompts = [prompt + partial for prompt, partial in zip(prompts, partials)]
     # rows are right-aligned, so the cache grows from the longest prompt for as many steps as the row with the
     # shortest partial response can still take
@@ -380,12 +363,15 @@ def generate_batch(model, tokenizer, prompts, partials, max_new_tokens: int, sto
     window = attention_window(model.config)
     shared = shared if shared >= MIN_SHARED_PREFIX and (window is None or capacity <= window) else 0
     cache = Cache(layer_class_to_replicate=functools.partial(GrowingLayer, capacity=capacity))
+    # The cache goes by the keyword every supported transformers takes: 5.24 renamed it `cache` and accepts
+    # `past_key_values` (warning once) until 5.40, which requirements.txt therefore stays below.
     if shared:  # few-shot exemplars: encode them once, then copy their cache to every row
         model(input_ids=torch.tensor([prompts[0][:shared]], device=device), use_cache=True, logits_to_keep=1,
-              **{cache_name: cache})
+              past_key_values=cache)
         cache.batch_repeat_interleave(len(prompts))
     # rows: [shared prefix | padding | own tokens]; the masked padding sits in the middle (see above)
-    input_ids, own_mask = left_pad([p[shared:] for p in prompts], tokenizer.pad_token_id, device)
+    input_ids, own_mask = (t.to(device) for t in data_mix.collate_prompts([p[shared:] for p in prompts],
+                                                                          tokenizer.pad_token_id))
     attention_mask = torch.cat([own_mask.new_ones(len(prompts), shared), own_mask], dim=1)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]  # padding does not shift positions
     eos_ids = torch.tensor(sorted(eos_token_ids(model, tokenizer)), device=device)
@@ -395,8 +381,10 @@ def generate_batch(model, tokenizer, prompts, partials, max_new_tokens: int, sto
     outputs, ended = [list(partial) for partial in partials], [False] * len(prompts)
     while len(rows) > leave_at:
         out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                    use_cache=True, logits_to_keep=1, **{cache_name: cache})  # logits of the last position only
-        token = sample_next(out.logits[:, -1].float(), args.temperature, args.top_p, generator)  # [B]
+                    use_cache=True, logits_to_keep=1, past_key_values=cache)  # logits of the last position only
+        logits = out.logits[:, -1]  # [B, V]
+        token = logits.argmax(-1) if args.temperature == 0 else data_mix.sample_top_p(
+            logits, args.temperature, args.top_p, generator)  # [B]
         finished = torch.isin(token, eos_ids).tolist()
         for i, (row, next_id) in enumerate(zip(rows, token.tolist())):
             if not finished[i]:
@@ -480,8 +468,8 @@ def choose_letters(model, tokenizer, prompts, args) -> list[int]:
     device = next(model.parameters()).device
     choices = []
     for start in range(0, len(prompts), args.per_device_eval_batch_size):
-        input_ids, attention_mask = left_pad(prompts[start:start + args.per_device_eval_batch_size],
-                                             tokenizer.pad_token_id, device)
+        input_ids, attention_mask = (t.to(device) for t in data_mix.collate_prompts(
+            prompts[start:start + args.per_device_eval_batch_size], tokenizer.pad_token_id))
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                        logits_to_keep=1).logits
@@ -500,7 +488,7 @@ def humaneval_program(example: dict, response: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # The run
 
-def load_model(path: str, args, device):
+def load_model_and_tokenizer(path: str, args, device):
     """A whole model on every rank (evaluation has no gradients, so data parallelism suffices)."""
     from transformers import AutoModelForCausalLM
 
@@ -577,7 +565,7 @@ def evaluate(args, rank: int, world_size: int, device) -> dict:
         benchmarks[task] = examples[: args.limit] if args.limit else examples
     results = {}
     for name, path in zip(names, args.model_name_or_path):
-        model, tokenizer = load_model(path, args, device)
+        model, tokenizer = load_model_and_tokenizer(path, args, device)
         generator = torch.Generator(device).manual_seed(args.seed + rank)  # distinct samples on each rank
         results[name] = {}
         for task in args.tasks:
