@@ -173,3 +173,20 @@ def test_a_task_without_a_prompt_or_scorer_is_an_error():
         evaluation.build_prompt("drop", {"question": "q"})
     with pytest.raises(ValueError, match="no scorer for task 'drop'"):
         evaluation.score_example("drop", {"question": "q"}, "an answer")
+
+
+def test_sampled_generation_draws_each_token_with_the_shared_sampler(tiny_tokenizer, monkeypatch):
+    model = build_tiny_model(tiny_tokenizer).eval()
+    model.generation_config.eos_token_id = None
+    calls, real = [], data_mix.sample_top_p
+    monkeypatch.setattr(data_mix, "sample_top_p", lambda logits, t, p, g: calls.append((len(logits), t, p)) or
+                        real(logits, t, p, g))
+
+    class Sampled(Args):
+        temperature, top_p = 0.8, 0.95
+    prompts = [tiny_tokenizer(t)["input_ids"] for t in ("hello", "the quick")]
+    evaluation.generate(model, tiny_tokenizer, prompts, 3, [], Sampled, torch.Generator().manual_seed(0))
+    assert calls == [(2, 0.8, 0.95)] * 3  # one draw per step for the whole batch, with the task's T and top-p
+    calls.clear()
+    evaluation.generate(model, tiny_tokenizer, prompts, 3, [], Args, None)
+    assert calls == []  # greedy takes the argmax
