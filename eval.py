@@ -8,14 +8,13 @@ The story: arguments; distributed init (each rank holds a whole model and takes 
 example, rank 0 gathers); the tasks (one declarative entry each in data/olmes/tasks.json, with the
 OLMES config it reproduces: shots, turn format, stop sequences, token limit, sampling, metric,
 averaging; exemplars and prompt texts next to it; here only each task's prompt layout and scorer); a
-batched sampling loop (greedy, or data_mix.sample_top_p as rlvr samples); HumanEval(+) programs (run in verifiers.run_program's
-sandbox, which passes a program only if its tests ran to the end; where the OS cannot isolate it, eval
-refuses unless --allow_unsandboxed_code); the run (results.json with each task's settings and
-per-subject scores, a predictions JSONL per task and model, a table with one column per model).
-`--tasks tulu3` is the part of OLMES's tulu_3_dev suite with offline data; humanevalplus is on the hub
-only. A batch's shared few-shot
-prefix is encoded once and its KV cache copied to every row, unless a sliding window shorter than the
-cache would then see the padding after it.
+batched sampling loop (greedy, or data_mix.sample_top_p, rlvr's sampler); HumanEval(+) programs (run
+in verifiers.run_program's sandbox, which passes a program only if its tests ran to the end; where the
+OS cannot isolate it, eval refuses unless --allow_unsandboxed_code); the run (results.json with each
+task's settings and per-subject scores, a predictions JSONL per task and model, a table with one
+column per model). `--tasks tulu3` is the part of OLMES's tulu_3_dev suite with offline data;
+humanevalplus is on the hub only. A batch's shared few-shot prefix is encoded once and its KV cache
+copied to every row, unless a sliding window shorter than the cache would then see the padding after it.
 
 Simplified: no vLLM (a plain KV-cached loop); no DROP, BBH, PopQA, TruthfulQA (no genuine offline copy of
 their test sets or shots, and their OLMES task classes, which hold their prompts, were not available; see

@@ -110,7 +110,8 @@ def test_the_other_prompts_exactly():
 def test_humanevalplus_prompt_settings_and_program_are_humanevals_with_its_own_tests():
     record = {"task_id": "HumanEval/0", "prompt": 'def add(a, b):\n    """Add."""\n', "entry_point": "add",
               "canonical_solution": "    return a + b\n",
-              "test": "def check(candidate):\n    assert candidate(1, 2) == 3\n    assert candidate(-1, 10**9) == 10**9 - 1\n"}
+              "test": "def check(candidate):\n    assert candidate(1, 2) == 3\n"
+                      "    assert candidate(-1, 10**9) == 10**9 - 1\n"}
     assert evaluation.build_prompt("humanevalplus", record) == (
         [user("Complete the following python function.\n\n\n" + record["prompt"])],
         "Here is the completed function:\n\n\n```python\n" + record["prompt"])

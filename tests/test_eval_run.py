@@ -30,7 +30,8 @@ def test_tiny_model_end_to_end_on_every_task(tiny_model_dir, benchmarks_dir, tmp
         os.symlink(os.path.join(benchmarks_dir, name), local / name)
     # HumanEval+ is on the hub only: two HumanEval problems stand in, each with one more (EvalPlus-style) assertion
     humaneval = read_jsonl(os.path.join(benchmarks_dir, "humaneval.jsonl"))[:2]
-    plus = [dict(row, test=row["test"] + f"    assert candidate is not None  # plus {i}\n") for i, row in enumerate(humaneval)]
+    plus = [dict(row, test=row["test"] + f"    assert candidate is not None  # plus {i}\n")
+            for i, row in enumerate(humaneval)]
     (local / "humanevalplus.jsonl").write_text("".join(json.dumps(row) + "\n" for row in plus))
     evaluation.main(["--model_name_or_path", tiny_model_dir, tiny_model_dir, "--tasks", ",".join(evaluation.ALL_TASKS),
                      "--limit", "2", "--max_new_tokens", "6", "--humaneval_num_samples", "2", "--pass_at_k", "1,2",
