@@ -794,7 +794,7 @@ def collate_prompts(prompts: list[list[int]], pad_token_id: int) -> tuple:
 
 def sample_top_p(logits, temperature: float, top_p: float, generator):
     """One token per row from softmax(logits / T) restricted to the top-p nucleus (T > 0). [B, V] -> [B].
-    rlvr's rollouts and eval's sampled tasks draw with this one function, so both sample the same way."""
+    rlvr's rollouts and eval's sampled tasks both draw with this one function, so both sample the same way."""
     probs = torch.softmax(logits.float() / temperature, dim=-1)  # [B, V]
     if top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
