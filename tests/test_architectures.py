@@ -187,7 +187,7 @@ def test_saved_model_reloads_with_every_weight_changed_and_ties_kept(family):
 def test_eval_batched_greedy_equals_each_prompt_alone(family):
     """Prompts sharing a long few-shot prefix, of different lengths: the batch uses the shared-prefix cache
     and padding unless a sliding window is shorter than the cache."""
-    model, tokenizer = evaluation.load_model(family["model_dir"], evaluation.parse_args(
+    model, tokenizer = evaluation.load_model_and_tokenizer(family["model_dir"], evaluation.parse_args(
         ["--model_name_or_path", family["model_dir"], "--tasks", "gsm8k", "--output_dir", str(family["path"])]),
         torch.device("cpu"))
     prefix = tokenizer("system user assistant hello world, again and again. " * 3)["input_ids"]

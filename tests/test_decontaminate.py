@@ -83,3 +83,8 @@ def test_preference_rows_with_a_prompt_message_list_are_checked(gsm8k_question):
            "chosen": [{"role": "assistant", "content": "18"}], "rejected": [{"role": "assistant", "content": "17"}]}
     kept, report = data_mix.decontaminate([row], ["gsm8k"])
     assert kept == [] and report["dropped_per_benchmark"] == {"gsm8k": 1}
+
+
+def test_a_hub_only_benchmark_missing_from_the_benchmark_dir_says_so(tmp_path):
+    with pytest.raises(FileNotFoundError, match="humanevalplus.jsonl not found .*on the hub only"):
+        data_mix.load_benchmark("humanevalplus", str(tmp_path))

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+import data_mix
 import eval as evaluation
 from conftest import build_tiny_model
 
@@ -33,7 +34,9 @@ def test_ifeval_scoring_checks_strict_and_loose():
     example = {"instruction_id_list": ["change_case:english_lowercase"], "kwargs": [{}]}
     # the loose variants drop the first line, so an upper-case title line only fails strict
     record = evaluation.score_example("ifeval", example, "TITLE\nall lowercase here")
-    assert record["strict"] == [False] and record["loose"] == [True] and record["correct"]
+    assert record["strict"] == [False] and record["loose"] == [True]
+    # the record names both prompt-level verdicts (loose: the headline; strict: the RL reward), no bare "correct"
+    assert record["prompt_level_strict"] is False and record["prompt_level_loose"] is True and "correct" not in record
 
 
 def test_gsm8k_and_math_scoring_on_canned_responses():
@@ -161,6 +164,29 @@ def test_a_shared_few_shot_prefix_is_encoded_once_with_the_same_result(tiny_toke
 def test_sampling_keeps_only_the_top_p_nucleus():
     logits = torch.tensor([[0.0, 3.0, 1.0, 2.9]]).repeat(64, 1)
     generator = torch.Generator().manual_seed(0)
-    assert evaluation.sample_next(logits, 1.0, 1e-6, generator).unique().tolist() == [1]  # only the top token
-    assert set(evaluation.sample_next(logits, 1.0, 0.9, generator).tolist()) == {1, 3}  # 1 and 3 hold ~0.9
-    assert evaluation.sample_next(logits, 0.0, 1.0, generator).unique().tolist() == [1]  # greedy
+    assert data_mix.sample_top_p(logits, 1.0, 1e-6, generator).unique().tolist() == [1]  # only the top token
+    assert set(data_mix.sample_top_p(logits, 1.0, 0.9, generator).tolist()) == {1, 3}  # 1 and 3 hold ~0.9
+
+
+def test_a_task_without_a_prompt_or_scorer_is_an_error():
+    with pytest.raises(ValueError, match="no prompt for task 'drop'"):
+        evaluation.build_prompt("drop", {"question": "q"})
+    with pytest.raises(ValueError, match="no scorer for task 'drop'"):
+        evaluation.score_example("drop", {"question": "q"}, "an answer")
+
+
+def test_sampled_generation_draws_each_token_with_the_shared_sampler(tiny_tokenizer, monkeypatch):
+    model = build_tiny_model(tiny_tokenizer).eval()
+    model.generation_config.eos_token_id = None
+    calls, real = [], data_mix.sample_top_p
+    monkeypatch.setattr(data_mix, "sample_top_p", lambda logits, t, p, g: calls.append((len(logits), t, p)) or
+                        real(logits, t, p, g))
+
+    class Sampled(Args):
+        temperature, top_p = 0.8, 0.95
+    prompts = [tiny_tokenizer(t)["input_ids"] for t in ("hello", "the quick")]
+    evaluation.generate(model, tiny_tokenizer, prompts, 3, [], Sampled, torch.Generator().manual_seed(0))
+    assert calls == [(2, 0.8, 0.95)] * 3  # one draw per step for the whole batch, with the task's T and top-p
+    calls.clear()
+    evaluation.generate(model, tiny_tokenizer, prompts, 3, [], Args, None)
+    assert calls == []  # greedy takes the argmax

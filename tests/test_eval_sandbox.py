@@ -42,8 +42,12 @@ def test_writes_outside_scratch_are_refused_and_inside_allowed(tmp_path):
     target = tmp_path / "escaped.txt"
     result = run_program(f"open({str(target)!r}, 'w').write('x')\n")
     assert result["status"] == "failed" and not target.exists()
-    result = run_program(f"import os\nos.remove({str(tmp_path)!r})\n")
-    assert result["status"] == "failed" and tmp_path.exists()
+    victim = tmp_path / "keep.txt"  # a file the program may see but must not delete (a plain python would)
+    victim.write_text("kept")
+    victim.chmod(0o666)
+    tmp_path.chmod(0o777)  # so only the sandbox, not file permissions, stands between the program and the file
+    result = run_program(f"import os\nos.remove({str(victim)!r})\n")
+    assert result["status"] == "failed" and victim.read_text() == "kept"
     result = run_program("open('notes.txt', 'w').write('ok')\nassert open('notes.txt').read() == 'ok'\n")
     assert result["status"] == "passed", result["output"]
 
