@@ -167,6 +167,8 @@ def test_top_p_keeps_the_smallest_nucleus_reaching_p():
     generator = torch.Generator().manual_seed(0)
     assert set(rlvr.next_token(logits, 1.0, 0.8, generator).tolist()) == {1, 2}
     assert set(rlvr.next_token(logits, 1.0, 0.5, generator).tolist()) == {2}
+    # the nucleus first in the vocabulary: the tokens after it (probability 0) fill the end of the cumulative sum
+    assert set(rlvr.next_token(logits.flip(-1), 1.0, 0.5, generator).tolist()) == {0}
 
 
 def test_stop_strings_end_a_row(tiny):
