@@ -73,10 +73,12 @@ RESUMABLE_FLAGS = {"resume", "checkpointing_steps", "preprocessing_num_workers",
                    "gradient_accumulation_steps"}
 # Defaults that differ between the two algorithms (Tülu 3.1 GRPO: 2 mini-batches per rollout, a response cut at
 # the length limit scores 0; Tülu 3 8B PPO: one, and -10).
-ALGO_DEFAULTS = {"grpo": dict(learning_rate=5e-7, lr_scheduler_type="constant", beta=0.01, num_samples_per_prompt_rollout=16,
-                               ppo_epochs=1, num_mini_batches=2, penalty_reward_value=0.0),
-                 "ppo": dict(learning_rate=3e-7, lr_scheduler_type="linear", beta=0.05, num_samples_per_prompt_rollout=1,
-                              ppo_epochs=4, num_mini_batches=1, penalty_reward_value=-10.0)}
+ALGO_DEFAULTS = {"grpo": dict(learning_rate=5e-7, lr_scheduler_type="constant", beta=0.01,
+                               num_samples_per_prompt_rollout=16, ppo_epochs=1, num_mini_batches=2,
+                               penalty_reward_value=0.0),
+                 "ppo": dict(learning_rate=3e-7, lr_scheduler_type="linear", beta=0.05,
+                              num_samples_per_prompt_rollout=1, ppo_epochs=4, num_mini_batches=1,
+                              penalty_reward_value=-10.0)}
 
 
 # ---------------------------------------------------------------------------------------------
