@@ -800,15 +800,35 @@ def collate_prompts(prompts: list[list[int]], pad_token_id: int) -> tuple:
     return input_ids, attention_mask
 
 
+def cache_keyword(model) -> str:
+    """The forward's keyword for the KV cache: `past_key_values` in transformers 5.17, `cache` in 5.24, read from the
+    signature, since a forward takes an unknown keyword into **kwargs and would silently decode without the cache.
+    (Every argument goes by keyword: a Gemma 3 takes pixel_values second.) rlvr's sampler and eval's both use it."""
+    from transformers import PreTrainedModel
+
+    hf_model = next(module for module in model.modules() if isinstance(module, PreTrainedModel))
+    parameters = inspect.signature(hf_model.forward).parameters
+    for name in ("cache", "past_key_values"):
+        if name in parameters:
+            return name
+    raise TypeError(f"{type(hf_model).__name__}.forward takes neither `cache` nor `past_key_values`: this version of "
+                    "transformers names the KV cache otherwise; add its name to data_mix.cache_keyword")
+
+
 def sample_top_p(logits, temperature: float, top_p: float, generator):
     """One token per row from softmax(logits / T) restricted to the top-p nucleus (T > 0). [B, V] -> [B].
-    rlvr's rollouts and eval's sampled tasks both draw with this one function, so both sample the same way."""
+    rlvr's rollouts and eval's sampled tasks both draw with this one function, so both sample the same way.
+
+    By the inverse CDF: one uniform number per row, found in the row's cumulative probabilities by binary search,
+    all on the device (no host sync, unlike torch.multinomial), drawing B numbers where an exponential race or
+    Gumbel-max draws B x V (on a CPU that draw cost half the sampling time)."""
     probs = torch.softmax(logits.float() / temperature, dim=-1)  # [B, V]
     if top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keep the smallest prefix reaching top_p
         probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
-    # argmax(p / q) with q ~ Exp(1) is an exact draw from p (the exponential race), with no host sync,
-    # unlike torch.multinomial, so the GPU never waits for the CPU here.
-    race = torch.empty_like(probs).exponential_(generator=generator)
-    return (probs / race).argmax(-1)
+    cdf = probs.cumsum(-1)  # [B, V]
+    total = cdf[:, -1:]  # [B, 1] (< 1 after top-p: no renormalizing needed)
+    u = torch.rand(total.shape, device=total.device, generator=generator) * total
+    u = torch.minimum(u, total.nextafter(torch.zeros_like(total)))  # u < total, even where rounding reached it
+    return torch.searchsorted(cdf, u, right=True)[:, 0]  # the first token with cdf > u: never one of probability 0

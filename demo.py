@@ -112,7 +112,7 @@ def rlvr_command(args, model: str, output_dir: str) -> list[str]:
             "--dataset_mixer_list", shown_path(f"{DATA_DIR}/rlvr_train.jsonl"), "1.0",
             "--max_seq_length", "256",  # the sampler's KV cache is rows x max_seq_length: keep it small
             "--total_episodes", str(steps * prompts * samples),
-            "--num_unique_prompts_rollout", str(prompts), "--num_samples_per_prompt", str(samples),
+            "--num_unique_prompts_rollout", str(prompts), "--num_samples_per_prompt_rollout", str(samples),
             "--response_length", str(args.max_new_tokens), "--temperature", "1.0",
             "--beta", "0.01", "--learning_rate", "3e-6", "--per_device_train_batch_size", "8",
             "--seed", str(args.seed), "--output_dir", shown_path(output_dir)]

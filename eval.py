@@ -333,11 +333,10 @@ def generate_batch(model, tokenizer, prompts, partials, max_new_tokens: int, sto
     window = attention_window(model.config)
     shared = shared if shared >= MIN_SHARED_PREFIX and (window is None or capacity <= window) else 0
     cache = Cache(layer_class_to_replicate=functools.partial(GrowingLayer, capacity=capacity))
-    # The cache goes by the keyword every supported transformers takes: 5.24 renamed it `cache` and accepts
-    # `past_key_values` (warning once) until 5.40, which requirements.txt therefore stays below.
+    keyword = data_mix.cache_keyword(model)  # `cache` or `past_key_values`, by the transformers version
     if shared:  # few-shot exemplars: encode them once, then copy their cache to every row
         model(input_ids=torch.tensor([prompts[0][:shared]], device=device), use_cache=True, logits_to_keep=1,
-              past_key_values=cache)
+              **{keyword: cache})
         cache.batch_repeat_interleave(len(prompts))
     # rows: [shared prefix | padding | own tokens]; the masked padding sits in the middle (see above)
     input_ids, own_mask = (t.to(device) for t in data_mix.collate_prompts([p[shared:] for p in prompts],
@@ -351,7 +350,7 @@ def generate_batch(model, tokenizer, prompts, partials, max_new_tokens: int, sto
     outputs, ended = [list(partial) for partial in partials], [False] * len(prompts)
     while len(rows) > leave_at:
         out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                    use_cache=True, logits_to_keep=1, past_key_values=cache)  # logits of the last position only
+                    use_cache=True, logits_to_keep=1, **{keyword: cache})  # logits of the last position only
         logits = out.logits[:, -1]  # [B, V]
         token = logits.argmax(-1) if args.temperature == 0 else data_mix.sample_top_p(
             logits, args.temperature, args.top_p, generator)  # [B]

@@ -1,7 +1,7 @@
 """RLVR: reinforcement learning with verifiable rewards, the third stage of the Tülu 3 recipe.
 
     python rlvr.py --model_name_or_path output/dpo --dataset_mixer_list data/demo/rlvr_train.jsonl 1.0 \
-        --output_dir output/rlvr --num_unique_prompts_rollout 8 --num_samples_per_prompt 4 --response_length 64
+        --output_dir output/rlvr --num_unique_prompts_rollout 8 --num_samples_per_prompt_rollout 4 --response_length 64
     torchrun --nproc_per_node 8 rlvr.py --model_name_or_path allenai/Llama-3.1-Tulu-3-8B-DPO \
         --dataset_mixer_list allenai/RLVR-GSM-MATH-IF-Mixed-Constraints 1.0 --chat_template_name tulu \
         --algo grpo --output_dir output/rlvr-8b
@@ -14,7 +14,8 @@ temperature, the distribution sampled) of the policy before the update and of th
 - --algo grpo (Tülu 3.1, default): G samples per prompt, advantages normalized within each group (unbiased
   std), the clipped ratio loss averaged over every response token, k3 KL to the reference inside the loss; each
   rollout in 2 mini-batches (so the second step's ratio differs from 1 and the clip can act); a response cut
-  at --response_length scores 0 (--penalty_reward_value). Tülu 3.1's run, flag for flag.
+  at --response_length scores 0 (--penalty_reward_value). These defaults are Tülu 3.1's flags (open-instruct's
+  command for Llama-3.1-Tulu-3.1-8B); its run length and seed are not defaults: README.md's full-scale command.
 - --algo ppo (the Tülu 3 paper): a value model with its own gradient clipping, per-token k1 KL penalty in the
   reward, GAE, whitened advantages, clipped policy and value losses, several epochs over each rollout batch, a
   cut response scores -10.
@@ -35,7 +36,6 @@ import datetime
 import fcntl
 import functools
 import hashlib
-import inspect
 import itertools
 import json
 import math
@@ -59,7 +59,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
-from transformers import PreTrainedModel, StaticCache
+from transformers import StaticCache
 from transformers.cache_utils import StaticLayer
 from transformers.utils import cached_file
 
@@ -67,15 +67,17 @@ import data_mix
 import verifiers
 
 # Flags that may change when a run is resumed; every other flag must match the run in --output_dir. The two
-# batch flags may change only together with the number of ranks, keeping the sequences per optimizer step.
+# batch flags may change, on any number of ranks, as long as the sequences per optimizer step stay the same.
 RESUMABLE_FLAGS = {"resume", "checkpointing_steps", "preprocessing_num_workers", "per_device_train_batch_size",
                    "gradient_accumulation_steps"}
 # Defaults that differ between the two algorithms (Tülu 3.1 GRPO: 2 mini-batches per rollout, a response cut at
 # the length limit scores 0; Tülu 3 8B PPO: one, and -10).
-ALGO_DEFAULTS = {"grpo": dict(learning_rate=5e-7, lr_scheduler_type="constant", beta=0.01, num_samples_per_prompt=16,
-                               ppo_epochs=1, num_mini_batches=2, penalty_reward_value=0.0),
-                 "ppo": dict(learning_rate=3e-7, lr_scheduler_type="linear", beta=0.05, num_samples_per_prompt=1,
-                              ppo_epochs=4, num_mini_batches=1, penalty_reward_value=-10.0)}
+ALGO_DEFAULTS = {"grpo": dict(learning_rate=5e-7, lr_scheduler_type="constant", beta=0.01,
+                               num_samples_per_prompt_rollout=16, ppo_epochs=1, num_mini_batches=2,
+                               penalty_reward_value=0.0),
+                 "ppo": dict(learning_rate=3e-7, lr_scheduler_type="linear", beta=0.05,
+                              num_samples_per_prompt_rollout=1, ppo_epochs=4, num_mini_batches=1,
+                              penalty_reward_value=-10.0)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -91,7 +93,7 @@ def parse_args(argv=None):
                         help="sampled responses over the whole run")
     parser.add_argument("--num_unique_prompts_rollout", type=data_mix.POSITIVE_INT, default=48,
                         help="prompts per step (all ranks)")
-    parser.add_argument("--num_samples_per_prompt", type=data_mix.POSITIVE_INT, default=None,
+    parser.add_argument("--num_samples_per_prompt_rollout", type=data_mix.POSITIVE_INT, default=None,
                         help="G; default 16 (grpo), 1 (ppo)")
     parser.add_argument("--response_length", type=data_mix.POSITIVE_INT, default=2048,
                         help="max new tokens; prompts longer than max_seq_length - response_length are dropped")
@@ -147,7 +149,8 @@ def parse_args(argv=None):
                         help="e.g. sdpa, eager; default: the model's own choice (sdpa where it supports it)")
     parser.add_argument("--checkpointing_steps", type=data_mix.POSITIVE_INT, default=500,
                         help="write a resumable checkpoint every N steps")
-    parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --output_dir")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --output_dir from its newest checkpoint (or start it, if none)")
     parser.add_argument("--seed", type=int, default=123)
     args = parser.parse_args(argv)
     for name, value in ALGO_DEFAULTS[args.algo].items():
@@ -157,8 +160,8 @@ def parse_args(argv=None):
     args.clip_higher = args.cliprange if args.clip_higher is None else args.clip_higher
     if args.response_length >= args.max_seq_length:
         parser.error("--response_length must leave room for a prompt in --max_seq_length")
-    if args.algo == "grpo" and args.num_samples_per_prompt < 2:
-        parser.error("--algo grpo compares samples within a group: --num_samples_per_prompt must be >= 2")
+    if args.algo == "grpo" and args.num_samples_per_prompt_rollout < 2:
+        parser.error("--algo grpo compares samples within a group: --num_samples_per_prompt_rollout must be >= 2")
     if args.algo == "ppo" and (args.filter_zero_std_samples or args.advantage_normalization_type != "standard"):
         parser.error("--filter_zero_std_samples and --advantage_normalization_type act on GRPO's groups only")
     if args.loss_denominator != "token" and not args.loss_denominator > 0:
@@ -370,14 +373,6 @@ class Rollout:
     responses: torch.Tensor  # [B, N] the responses alone (the end of query_responses)
 
 
-def next_token(logits, temperature, top_p, generator):
-    """Sample from softmax(logits / T) restricted to the top-p nucleus (data_mix.sample_top_p, which eval
-    shares); T = 0 means greedy. [B, V] -> [B]."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    return data_mix.sample_top_p(logits, temperature, top_p, generator)
-
-
 @contextlib.contextmanager
 def full_parameters(model):
     """Hold FSDP2's unsharded parameters for the whole rollout: a decode step is one token per sequence, so
@@ -395,13 +390,6 @@ def full_parameters(model):
             module.set_reshard_after_forward(module is not model, recurse=False)
 
 
-def cache_keyword(model) -> str:
-    """The forward's name for the KV cache: `past_key_values` in transformers 5.17, `cache` in 5.24. (Arguments go by
-    keyword: a Gemma 3 takes pixel_values second.)"""
-    hf_model = next(module for module in model.modules() if isinstance(module, PreTrainedModel))
-    return "cache" if "cache" in inspect.signature(hf_model.forward).parameters else "past_key_values"
-
-
 class Sampler:
     """Batched sampling with temperature, top-p, EOS / stop strings and a per-row done mask.
 
@@ -409,12 +397,17 @@ class Sampler:
     attends only to its filled slots rounded up to a power of two (>= 128), so its cost follows the longest
     response so far, not the allocation, and the shapes stay a handful. With `compile_decode` (for CUDA) the
     one-token forward is captured in CUDA graphs ("reduce-overhead"), one per length, removing the per-kernel
-    launch cost that dominates decoding; the prompt (prefill) runs eagerly. A finished row keeps stepping,
-    masked, until all are done (a batch costs its longest response; finished rows are not refilled). Ranks run
-    in lock-step: the all-reduced "all done" flag is read every CHECK_DONE_EVERY steps (a host sync spared on the
-    others, at most 7 steps past the end), at the same steps everywhere, so collectives inside the forward
-    never wait on a rank that left the loop. `model` takes Hugging Face's forward arguments (under FSDP: the
-    root unit, inside full_parameters()).
+    launch cost that dominates decoding; the prompt (prefill) runs eagerly.
+
+    Rows that finish early keep stepping, masked, until all are done: a rollout costs its longest response for
+    every row. Where decoding is memory-bound (a GPU), a step reads the weights once for all rows, so a finished
+    row adds only its share of the compute and its KV reads; on a CPU, compute-bound, it costs a live row's share.
+    Chosen over refilling finished rows with new prompts (responses of one step from several policy versions, as
+    asynchronous RL does) and over dropping them from the batch (a new shape per drop: no fixed CUDA graphs).
+    Ranks run in lock-step: the all-reduced "all done" flag is read every CHECK_DONE_EVERY steps (a host sync
+    spared on the others, at most 7 steps past the end), at the same steps everywhere, so collectives inside the
+    forward never wait on a rank that left the loop. `model` takes Hugging Face's forward arguments (under FSDP:
+    the root unit, inside full_parameters()).
     """
     CHECK_DONE_EVERY = 8
 
@@ -422,7 +415,7 @@ class Sampler:
         self.model, self.max_new_tokens = model, max_new_tokens
         self.max_cache_length = max_prompt_length + max_new_tokens
         self.cache, self.cache_batch_size, self.views = None, None, {}
-        self.cache_keyword = cache_keyword(model)
+        self.cache_keyword = data_mix.cache_keyword(model)
         self.decode = torch.compile(model, mode="reduce-overhead") if compile_decode else model
 
     def forward(self, model, input_ids, position_ids, attention_mask, filled, **kwargs):
@@ -444,21 +437,19 @@ class Sampler:
         if self.cache_batch_size != batch_size:  # a cache keeps its addresses (and CUDA graphs stay valid)
             self.cache = StaticCache(config=self.model.config, max_cache_len=self.max_cache_length)
             self.cache_batch_size, self.views = batch_size, {}
-        self._attend_to(self.max_cache_length)
-        self.cache.reset()  # (zeroes the whole allocation)
+        self._clear_cache()
         # One fixed-size mask for every step: prompt padding is 0, every later slot 1 (causality hides the future).
         attention_mask = torch.ones((batch_size, self.max_cache_length), dtype=torch.long, device=device)
         attention_mask[:, :prompt_length] = prompt_mask
         next_position = prompt_mask.sum(dim=1, keepdim=True)  # [B, 1] position of each row's first new token
-        logprob_temperature = temperature if temperature > 0 else 1.0
 
         tokens, logprobs, alive = [], [], []
         done, stopped = (torch.zeros(batch_size, dtype=torch.bool, device=device) for _ in range(2))
         positions = (prompt_mask.cumsum(dim=1) - 1).clamp(min=0)  # left padding shifts no position
         logits = self.forward(self.model, prompt_ids, positions, attention_mask, prompt_length, logits_to_keep=1)
         for step in range(self.max_new_tokens):
-            token = next_token(logits, temperature, top_p, generator)  # [B]
-            logprob = token_logprobs(logits[:, None], token[:, None], logprob_temperature)[:, 0]
+            token = data_mix.sample_top_p(logits, temperature, top_p, generator)  # [B]
+            logprob = token_logprobs(logits[:, None], token[:, None], temperature)[:, 0]
             tokens.append(token.masked_fill(done, pad_token_id))
             logprobs.append(logprob.masked_fill(done, 0.0))
             alive.append(~done)
@@ -492,6 +483,20 @@ class Sampler:
                 torch._dynamo.mark_static_address(view)  # (CUDA graphs) a fixed address, like the full buffers
         for layer, (keys, values) in zip(layers, self.views[length]):
             layer.keys, layer.values, layer.max_cache_len = keys, values, length
+
+    def _clear_cache(self):
+        """Leave the cache as StaticCache.reset() would (all zeros, nothing filled) at the cost of the slots the last
+        rollout filled: reset() zeroes the whole allocation (1.5 GB for 8 rows x 4096 slots of SmolLM2-135M, measured
+        0.05 s on a quiet 2-core CPU and 2.5 s on a loaded one). Other kinds of cache: reset()."""
+        self._attend_to(self.max_cache_length)
+        full = self.views.get(self.max_cache_length)
+        if full is None:  # not all full-attention layers, or never filled
+            return self.cache.reset()
+        for layer, (keys, values) in zip(self.cache.layers, full):
+            filled = int(layer.cumulative_length)  # (a host sync per layer, once per rollout)
+            keys[:, :, :filled].zero_()
+            values[:, :, :filled].zero_()
+            layer.cumulative_length.zero_()
 
     @staticmethod
     def _all_done(done):
@@ -552,6 +557,11 @@ def load_model(path: str, args, device, rank: int, wrapper=HFModel):
 
     config = AutoConfig.from_pretrained(path)
     config.use_cache = False
+    quantization = getattr(config, "quantization_config", None)
+    if quantization:  # from_pretrained would build quantized modules that this full-precision training never sees
+        method = quantization.get("quant_method") if isinstance(quantization, dict) else type(quantization).__name__
+        raise SystemExit(f"{path}: a quantized checkpoint ({method}); this script trains full-precision weights: "
+                         "start from the unquantized model")
     text = config.get_text_config()
     rope = getattr(text, "rope_parameters", None) or {}
     original_length = rope.get("original_max_position_embeddings") or text.max_position_embeddings
@@ -1055,29 +1065,32 @@ def old_and_reference_outputs(policy, reference, value_model, rollout, args) -> 
     return {name: torch.cat([output[name] for output in outputs]) for name in outputs[0]}
 
 
-def compute_advantages(batch: dict, scores, rollout, args) -> None:
+def compute_advantages(old: dict, scores, rollout, args) -> None:
     """GRPO: one advantage per response, normalized within its prompt's group. PPO: GAE on per-token
     rewards (-beta k1 each token, the score on the last), whitened; plus the value targets. And the loss's
-    token mask (batch["loss_mask"], [B, N]): the response tokens of the rows trained_rows() keeps."""
-    mask, group = rollout.response_mask, args.num_samples_per_prompt
+    token mask (old["loss_mask"], [B, N]): the response tokens of the rows trained_rows() keeps."""
+    mask, group = rollout.response_mask, args.num_samples_per_prompt_rollout
     keep = trained_rows(scores, rollout.stopped, group, args.mask_truncated_completions, args.filter_zero_std_samples)
-    batch["loss_mask"] = mask * keep[:, None]
+    old["loss_mask"] = mask * keep[:, None]
     if args.algo == "grpo":
-        batch["advantages"] = group_advantages(scores, group, args.advantage_normalization_type)  # [B]
+        old["advantages"] = group_advantages(scores, group, args.advantage_normalization_type)  # [B]
         return
-    ref_logps = batch.get("ref_logps", batch["old_logps"])  # --beta 0: no reference, and no KL term to weigh
-    rewards = ppo_token_rewards(scores, batch["old_logps"], ref_logps, mask, args.beta)  # [B, N]
-    advantages, batch["returns"] = gae(rewards, batch["old_values"], mask, args.gamma, args.lam)
-    batch["advantages"] = whiten(advantages, mask)
+    ref_logps = old.get("ref_logps", old["old_logps"])  # --beta 0: no reference, and no KL term to weigh
+    rewards = ppo_token_rewards(scores, old["old_logps"], ref_logps, mask, args.beta)  # [B, N]
+    advantages, old["returns"] = gae(rewards, old["old_values"], mask, args.gamma, args.lam)
+    old["advantages"] = whiten(advantages, mask)
 
 
-def update(trained, optimizer, rollout, batch: dict, args, step: int, rank: int, world_size: int) -> dict:
-    """--ppo_epochs passes over the rollout, each in --num_mini_batches optimizer steps. Returns mean losses.
+def update(trained, optimizer, rollout, old: dict, args, step: int, rank: int, world_size: int) -> dict:
+    """--ppo_epochs passes over the rollout, each in --num_mini_batches optimizer steps. `old` holds the [B]/[B, N]
+    tensors fixed before the first update (compute_advantages). Returns the means over the optimizer steps of the
+    loss, the value loss and each model's grad norm (before clipping), and the clipped fraction of trained tokens.
     PPO's value model has its own gradient clipping and parameter group (AdamW acts per parameter: as its own
     optimizer, open-instruct's), so a large value gradient never shrinks the policy's step."""
-    mask, length = batch["loss_mask"], rollout.response_mask.shape[1]
+    mask, length = old["loss_mask"], rollout.response_mask.shape[1]
     generator = torch.Generator().manual_seed(args.seed + 7919 * step + rank)  # mini-batch order, resumable
     totals = torch.zeros(4, dtype=torch.float64, device=mask.device)  # loss, value loss, clipped tokens, tokens
+    grad_norm_sums = dict.fromkeys(trained.keys(), 0.0)
     for _ in range(args.ppo_epochs):
         for mini_batch in torch.randperm(len(mask), generator=generator).chunk(args.num_mini_batches):
             # One divisor for the whole mini-batch (every rank's rows), counted before any forward.
@@ -1085,50 +1098,50 @@ def update(trained, optimizer, rollout, batch: dict, args, step: int, rank: int,
             dist.all_reduce(divisor)
             divisor = divisor.clamp(min=1e-8)  # nothing to train: loss 0, not 0 / 0
             for rows in mini_batch.split(args.per_device_train_batch_size):
-                old = {name: values[rows] for name, values in batch.items()}
+                micro = {name: values[rows] for name, values in old.items()}
                 sequences, attention = rollout.query_responses[rows], rollout.attention_mask[rows]
-                rows_mask = mask[rows]
                 logps, _ = response_logprobs(trained["policy"], sequences, attention, length, args.temperature)
                 value_loss = torch.zeros((), device=mask.device)
                 if args.algo == "grpo":
-                    loss, clipped = grpo_loss(logps, old["old_logps"], old.get("ref_logps"), old["advantages"],
-                                              rows_mask, args.clip_lower, args.clip_higher, args.beta, divisor)
+                    loss, clipped = grpo_loss(logps, micro["old_logps"], micro.get("ref_logps"), micro["advantages"],
+                                              micro["loss_mask"], args.clip_lower, args.clip_higher, args.beta, divisor)
                 else:
-                    policy_loss, clipped = clipped_policy_loss(logps, old["old_logps"], old["advantages"],
+                    policy_loss, clipped = clipped_policy_loss(logps, micro["old_logps"], micro["advantages"],
                                                                args.clip_lower, args.clip_higher)
                     values = response_values(trained["value"], sequences, attention, length)
-                    value_loss = masked_sum(clipped_value_loss(values, old["old_values"], old["returns"],
-                                                               args.cliprange_value), rows_mask, divisor)
-                    loss = masked_sum(policy_loss, rows_mask, divisor) + args.vf_coef * value_loss
+                    value_loss = masked_sum(clipped_value_loss(values, micro["old_values"], micro["returns"],
+                                                               args.cliprange_value), micro["loss_mask"], divisor)
+                    loss = masked_sum(policy_loss, micro["loss_mask"], divisor) + args.vf_coef * value_loss
                 # FSDP averages gradients over ranks; multiplying by world_size turns that average into a sum.
                 (loss * world_size).backward()
-                totals += torch.stack([loss.detach(), value_loss.detach(), (clipped * rows_mask).sum(),
-                                       rows_mask.sum()]).double()
-            grad_norms = {}
+                totals += torch.stack([loss.detach(), value_loss.detach(), (clipped * micro["loss_mask"]).sum(),
+                                       micro["loss_mask"].sum()]).double()
             for name, model in trained.items():  # each model's gradient clipped by its own norm
                 norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm
                                                       if args.max_grad_norm > 0 else float("inf"))
-                grad_norms[name] = (norm.full_tensor() if isinstance(norm, DTensor) else norm).item()
-                if not math.isfinite(grad_norms[name]):
-                    raise FloatingPointError(f"step {step + 1}: {name} grad norm {grad_norms[name]}; stopped before "
+                norm = (norm.full_tensor() if isinstance(norm, DTensor) else norm).item()
+                if not math.isfinite(norm):
+                    raise FloatingPointError(f"step {step + 1}: {name} grad norm {norm}; stopped before "
                                              "the update, the last checkpoint in --output_dir is intact")
+                grad_norm_sums[name] += norm
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     dist.all_reduce(totals)  # each rank's share of a mini-batch loss is sum / all ranks' tokens: the sum is the loss
     optimizer_steps = args.ppo_epochs * args.num_mini_batches
-    return {"loss": totals[0].item() / optimizer_steps, "value_loss": totals[1].item() / optimizer_steps,
-            "clip_fraction": totals[2].item() / max(totals[3].item(), 1), "grad_norm": grad_norms["policy"],
-            **({"value_grad_norm": grad_norms["value"]} if "value" in grad_norms else {})}
+    losses = {"loss": totals[0].item() / optimizer_steps, "value_loss": totals[1].item() / optimizer_steps,
+              "clip_fraction": totals[2].item() / max(totals[3].item(), 1)}
+    names = {"policy": "grad_norm", "value": "value_grad_norm"}
+    return losses | {names[name]: total / optimizer_steps for name, total in grad_norm_sums.items()}
 
 
-def rollout_metrics(rollout, batch: dict, scores, verified, rows: list[dict]) -> dict:
+def rollout_metrics(rollout, old: dict, scores, verified, rows: list[dict]) -> dict:
     """Step metrics over every rank's responses: reward, accuracy per dataset, KL, entropy, lengths."""
     mask = rollout.response_mask
     sums = {"responses": len(rows), "reward": scores.sum(), "reward_squared": (scores ** 2).sum(),
-            "kl": (kl_k1(batch["old_logps"], batch.get("ref_logps", math.nan)) * mask).sum(),  # NaN: --beta 0
+            "kl": (kl_k1(old["old_logps"], old.get("ref_logps", math.nan)) * mask).sum(),  # NaN: --beta 0
             "tokens": mask.sum(),
-            "entropy": (batch["entropy"] * mask).sum(), "cut": (~rollout.stopped).sum(),
-            "logprob_diff": ((rollout.logprobs - batch["old_logps"]).abs() * mask).sum(),
+            "entropy": (old["entropy"] * mask).sum(), "cut": (~rollout.stopped).sum(),
+            "logprob_diff": ((rollout.logprobs - old["old_logps"]).abs() * mask).sum(),
             "sequence_tokens": rollout.attention_mask.sum()}
     for kind in data_mix.RLVR_DATASETS:
         sums[f"correct/{kind}"] = sum(v for v, row in zip(verified.tolist(), rows) if row["dataset"] == kind)
@@ -1172,7 +1185,7 @@ def train(args, rank: int, world_size: int, device) -> None:
     tokenizer = data_mix.load_tokenizer(args.model_name_or_path, args.chat_template_name)
     prompts, data_report = load_rlvr_data(args, tokenizer, rank)
 
-    group, batch_prompts = args.num_samples_per_prompt, args.num_unique_prompts_rollout
+    group, batch_prompts = args.num_samples_per_prompt_rollout, args.num_unique_prompts_rollout
     if batch_prompts % world_size or (batch_prompts // world_size * group) % args.num_mini_batches:
         raise SystemExit(f"--num_unique_prompts_rollout {batch_prompts} x {group} samples must split evenly over "
                          f"{world_size} ranks and then into --num_mini_batches {args.num_mini_batches}")
@@ -1231,18 +1244,18 @@ def train(args, rank: int, world_size: int, device) -> None:
         scores, verified = score_responses(tokenizer.batch_decode(rollout.responses, skip_special_tokens=True), rows,
                                            rollout.stopped, args)
         scored = time.perf_counter()
-        batch = old_and_reference_outputs(policy, reference, trained["value"] if args.algo == "ppo" else None,
-                                          rollout, args)
-        compute_advantages(batch, scores, rollout, args)
+        old = old_and_reference_outputs(policy, reference, trained["value"] if args.algo == "ppo" else None,
+                                        rollout, args)
+        compute_advantages(old, scores, rollout, args)
         referenced = time.perf_counter()
         trained.train()
         lr = optimizer.param_groups[0]["lr"]  # the rate this step's updates really use
-        losses = update(trained, optimizer, rollout, batch, args, step, rank, world_size)
+        losses = update(trained, optimizer, rollout, old, args, step, rank, world_size)
         scheduler.step()
         finished = time.perf_counter()
 
         metrics = {"step": step + 1, "episodes": (step + 1) * batch_prompts * group, "lr": lr, **losses,
-                   **rollout_metrics(rollout, batch, scores, verified, rows)}
+                   **rollout_metrics(rollout, old, scores, verified, rows)}
         metrics.update({"sampling_tokens_per_s": metrics["response_tokens"] / (sampled - started),
                         "training_tokens_per_s": metrics["sequence_tokens"] * args.ppo_epochs / (finished - referenced),
                         "time/sampling": sampled - started, "time/scoring": scored - sampled,

@@ -251,6 +251,11 @@ def load_model(path: str, args, device, rank: int, wrapper=CausalLMLogProbs):
 
     config = AutoConfig.from_pretrained(path)
     config.use_cache = False
+    quantization = getattr(config, "quantization_config", None)
+    if quantization:  # from_pretrained would build quantized modules that this full-precision training never sees
+        method = quantization.get("quant_method") if isinstance(quantization, dict) else type(quantization).__name__
+        raise SystemExit(f"{path}: a quantized checkpoint ({method}); this script trains full-precision weights: "
+                         "start from the unquantized model")
     text = config.get_text_config()
     rope = getattr(text, "rope_parameters", None) or {}
     original_length = rope.get("original_max_position_embeddings") or text.max_position_embeddings

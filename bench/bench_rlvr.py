@@ -132,7 +132,7 @@ def bench_rl_step(args, model, device, workdir):
     data = os.path.join(ROOT, "data", "demo", "rlvr_train.jsonl")
     prompts = args.batch_size // 4
     argv = ["--model_name_or_path", model_dir, "--dataset_mixer_list", data, "1.0", "--output_dir", out_dir,
-            "--num_unique_prompts_rollout", str(prompts), "--num_samples_per_prompt", "4",
+            "--num_unique_prompts_rollout", str(prompts), "--num_samples_per_prompt_rollout", "4",
             "--total_episodes", str(2 * prompts * 4), "--response_length", str(args.new_tokens),
             "--max_seq_length", str(args.new_tokens + 256), "--per_device_train_batch_size", "4",
             "--learning_rate", "1e-6", "--compile_sampling" if args.compile else "--no-compile_sampling"]

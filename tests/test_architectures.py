@@ -100,7 +100,7 @@ def stage_run(family, stage, *flags):
         if stage == "rlvr":
             run_in_process(rlvr.main, common + [
                 "--dataset_mixer_list", str(family["files"]["rlvr"]), "1.0", "--num_unique_prompts_rollout", "2",
-                "--num_samples_per_prompt", "2", "--total_episodes", "4", "--response_length", "4",
+                "--num_samples_per_prompt_rollout", "2", "--total_episodes", "4", "--response_length", "4",
                 "--max_seq_length", "64", "--per_device_train_batch_size", "2", "--num_mini_batches", "1", *flags])
         else:
             run_in_process((sft if stage == "sft" else dpo).main, common + [

@@ -491,6 +491,16 @@ def test_a_hub_id_loads_shard_by_shard_through_the_caches_symlinks(tiny_tokenize
     assert len(expected) == 21 and [name for name in expected if not torch.equal(loaded[name], expected[name])] == []
 
 
+def test_a_quantized_checkpoint_is_refused(tiny_model_dir, tmp_path):
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic"}
+    (model_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SystemExit, match=r"a quantized checkpoint \(fp8\); .* start from the unquantized model"):
+        load_on_one_rank(str(model_dir))
+
+
 def test_weights_that_are_not_safetensors_are_refused(tiny_model_dir, tmp_path):
     model_dir = tmp_path / "model"
     shutil.copytree(tiny_model_dir, model_dir)

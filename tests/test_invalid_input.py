@@ -171,7 +171,7 @@ def test_rlvr_decontaminates_its_prompts(tmp_path, tiny_tokenizer, benchmarks_di
     ("dpo", "--dpo_label_smoothing", "2", "2 must be >= 0.0 and < 0.5"),
     ("dpo", "--learning_rate", "nan", "nan must be >= 0.0"),
     ("dpo", "--decontaminate_threshold", "1", "1 must be >= 0.0 and < 1.0"),
-    ("rlvr", "--num_samples_per_prompt", "0", "0 must be >= 1"),
+    ("rlvr", "--num_samples_per_prompt_rollout", "0", "0 must be >= 1"),
     ("rlvr", "--per_device_train_batch_size", "0", "0 must be >= 1"),
     ("rlvr", "--top_p", "0", "0 must be > 0.0 and <= 1.0"),
     ("rlvr", "--temperature", "0", "0 must be > 0.0"),

@@ -17,8 +17,8 @@ def test_a_short_grpo_run_raises_the_training_reward_on_arithmetic(bundled_model
     data = tmp_path / "arithmetic.jsonl"
     data.write_text("".join(problems))
     run_rlvr(["--model_name_or_path", bundled_model_dir, "--dataset_mixer_list", str(data), "1.0",
-              "--output_dir", str(tmp_path / "out"), "--num_unique_prompts_rollout", "4", "--num_samples_per_prompt",
-              "4", "--total_episodes", "128", "--response_length", "32", "--max_seq_length", "128",
+              "--output_dir", str(tmp_path / "out"), "--num_unique_prompts_rollout", "4",
+              "--num_samples_per_prompt_rollout", "4", "--total_episodes", "128", "--response_length", "32", "--max_seq_length", "128",
               "--temperature", "0.6", "--learning_rate", "2e-5", "--per_device_train_batch_size", "16"])
     rewards = [m["reward_mean"] for m in read_metrics(tmp_path / "out")]
     assert len(rewards) == 8

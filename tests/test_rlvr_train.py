@@ -33,7 +33,7 @@ def base_args(model_dir, data, output_dir, *extra):
     # 4 prompts x 2 samples per step, 2 steps; responses of at most 6 tokens, which the random model never ends
     # with EOS: without --no-non_stop_penalty, every reward would be the penalty
     return ["--model_name_or_path", model_dir, "--dataset_mixer_list", data, "1.0", "--output_dir", str(output_dir),
-            "--num_unique_prompts_rollout", "4", "--num_samples_per_prompt", "2", "--total_episodes", "16",
+            "--num_unique_prompts_rollout", "4", "--num_samples_per_prompt_rollout", "2", "--total_episodes", "16",
             "--response_length", "6", "--max_seq_length", "64", "--per_device_train_batch_size", "2",
             "--num_mini_batches", "2", "--learning_rate", "1e-3", "--no-non_stop_penalty", *extra]
 
@@ -95,10 +95,20 @@ def test_interrupted_then_resumed_run_repeats_the_same_steps(tiny_model_dir, tmp
 def _two_rank_worker(rank, runs):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1")
     torch.set_num_threads(1)
+    real_score_responses = rlvr.score_responses
     for port, argv in runs:
         # A fresh rendezvous port per run: a rank that finishes first must not join the last run's store.
         os.environ["MASTER_PORT"] = port
+        prompts = []  # per step, the prompt of each response this rank sampled
+
+        def score_responses(responses, rows, stopped, args):
+            prompts.append([row["input_ids"] for row in rows])
+            return real_score_responses(responses, rows, stopped, args)
+        rlvr.score_responses = score_responses
         rlvr.main(argv)
+        output_dir = argv[argv.index("--output_dir") + 1]
+        with open(os.path.join(output_dir, f"prompts_rank{rank}.json"), "w") as f:
+            json.dump(prompts, f)
 
 
 def test_two_gloo_ranks_split_the_prompts_and_finish_grpo_and_ppo(tiny_model_dir, tmp_path):
@@ -115,6 +125,11 @@ def test_two_gloo_ranks_split_the_prompts_and_finish_grpo_and_ppo(tiny_model_dir
         assert [m["step"] for m in metrics] == [1, 2] and metrics[-1]["episodes"] == 16
         assert all(m["response_tokens"] <= 8 * 6 and m["sampling_logprob_diff"] < 1e-4 for m in metrics)
         assert os.path.exists(tmp_path / algo / "model.safetensors")
+        ranks = [json.loads((tmp_path / algo / f"prompts_rank{rank}.json").read_text()) for rank in (0, 1)]
+        for step_prompts in zip(*ranks):  # each step's 4 prompts: 2 on each rank, each sampled twice in a row
+            groups = [[tuple(ids) for ids in prompts[::2]] for prompts in step_prompts]
+            assert all(prompts[::2] == prompts[1::2] for prompts in step_prompts)
+            assert len(set(groups[0])) == len(set(groups[1])) == 2 and not set(groups[0]) & set(groups[1])
 
 
 def test_prompts_that_do_not_fill_one_step_are_a_clear_error(tiny_model_dir, tmp_path):
@@ -123,17 +138,26 @@ def test_prompts_that_do_not_fill_one_step_are_a_clear_error(tiny_model_dir, tmp
         run_rlvr(base_args(tiny_model_dir, data, tmp_path / "out", "--num_unique_prompts_rollout", "16"))
 
 
-@pytest.mark.parametrize("bad", [["--response_length", "64"], ["--temperature", "0"]])
-def test_response_length_must_leave_room_for_a_prompt_and_sampling_must_be_random(bad, tiny_model_dir, tmp_path):
-    with pytest.raises(SystemExit):
-        rlvr.parse_args(base_args(tiny_model_dir, "x.jsonl", tmp_path, *bad))
+def refusal(argv, capsys) -> str:
+    """parse_args's error message for argv (argparse prints it and exits with status 2)."""
+    with pytest.raises(SystemExit) as stop:
+        rlvr.parse_args(argv)
+    assert stop.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad, message", [(["--response_length", "64"], "--response_length must leave room"),
+                                          (["--temperature", "0"], "--temperature: 0 must be > 0.0")])
+def test_response_length_must_leave_room_for_a_prompt_and_sampling_must_be_random(bad, message, tiny_model_dir,
+                                                                                 tmp_path, capsys):
+    assert message in refusal(base_args(tiny_model_dir, "x.jsonl", tmp_path, *bad), capsys)
 
 
 def test_algorithm_defaults_follow_tulu():
     grpo = rlvr.parse_args(["--model_name_or_path", "m", "--dataset_mixer_list", "d", "1", "--output_dir", "o"])
     ppo = rlvr.parse_args(["--model_name_or_path", "m", "--dataset_mixer_list", "d", "1", "--output_dir", "o",
                            "--algo", "ppo"])
-    assert (grpo.beta, grpo.learning_rate, grpo.num_samples_per_prompt, grpo.lr_scheduler_type) == \
+    assert (grpo.beta, grpo.learning_rate, grpo.num_samples_per_prompt_rollout, grpo.lr_scheduler_type) == \
         (0.01, 5e-7, 16, "constant")
     # Tülu 3.1: 2 mini-batches per rollout, a response cut at the length limit scores 0
     assert (grpo.num_mini_batches, grpo.non_stop_penalty, grpo.penalty_reward_value) == (2, True, 0.0)
@@ -147,11 +171,14 @@ def test_algorithm_defaults_follow_tulu():
     assert not grpo.mask_truncated_completions and not grpo.filter_zero_std_samples
 
 
-@pytest.mark.parametrize("bad", [["--num_samples_per_prompt", "1"], ["--loss_denominator", "0"],
-                                 ["--loss_denominator", "tokens"], ["--algo", "ppo", "--filter_zero_std_samples"]])
-def test_options_that_cannot_work_are_refused(bad, tmp_path):
-    with pytest.raises(SystemExit):
-        rlvr.parse_args(["--model_name_or_path", "m", "--dataset_mixer_list", "d", "1", "--output_dir", "o", *bad])
+@pytest.mark.parametrize("bad, message", [
+    (["--num_samples_per_prompt_rollout", "1"], "--num_samples_per_prompt_rollout must be >= 2"),
+    (["--loss_denominator", "0"], "--loss_denominator must be token or a number > 0"),
+    (["--loss_denominator", "tokens"], "--loss_denominator: invalid"),
+    (["--algo", "ppo", "--filter_zero_std_samples"], "act on GRPO's groups only")])
+def test_options_that_cannot_work_are_refused(bad, message, capsys):
+    argv = ["--model_name_or_path", "m", "--dataset_mixer_list", "d", "1", "--output_dir", "o", *bad]
+    assert message in refusal(argv, capsys)
 
 
 def test_beta_0_loads_no_reference_model_and_trains(tiny_model_dir, tmp_path, monkeypatch):
