@@ -1,6 +1,7 @@
 """Data shared by every stage: load and mix datasets, validate records, render chats, tokenize, batch;
 the attention for packed rows; preference and RLVR records; the benchmarks eval.py scores, and the
-decontamination of training data against them.
+decontamination of training data against them; the sampling helpers rlvr.py and eval.py share (left-padded
+prompts, the KV cache's keyword, top-p draws).
 
 A mixture is a list of (dataset, amount) pairs, written on the command line as
     --dataset_mixer_list allenai/tulu-3-sft-mixture 1.0 my_data.jsonl 5000
@@ -788,6 +789,9 @@ def tokenize_rlvr_dataset(dataset, tokenizer, max_prompt_token_length: int, num_
                             num_proc=num_proc if num_proc > 1 else None, desc="dropping long prompts")
     return kept, len(tokenized) - len(kept)
 
+
+# ---------------------------------------------------------------------------------------------
+# Sampling helpers: rlvr's rollouts and eval's generations pad, call the model and draw alike
 
 def collate_prompts(prompts: list[list[int]], pad_token_id: int) -> tuple:
     """Left-pad prompts for sampling: input_ids and attention_mask [B, P], every row ending at column P."""
