@@ -44,6 +44,7 @@ Deviations from the references, all documented where they live:
 """
 import ast
 import atexit
+import inspect
 import json
 import os
 import re
@@ -658,47 +659,42 @@ def _case_ok(text: str, upper: bool) -> bool:
     return cased and _detect_language(text) in ("en", None)  # undetectable counts as followed
 
 
-# id -> (check(text, **kwargs), kwargs it requires)
+# id -> check(text, **kwargs): the check's parameters after the text are the kwargs the id requires
 _IFEVAL = {
-    "keywords:existence": (lambda t, keywords: all(re.search(re.escape(k), t, re.I) for k in keywords),
-                           ("keywords",)),
-    "keywords:frequency": (lambda t, keyword, frequency, relation: _compare(
-        len(re.findall(re.escape(keyword.strip()), t, re.I)), relation, frequency), ("keyword", "frequency", "relation")),
-    "keywords:forbidden_words": (lambda t, forbidden_words: not any(
-        re.search(r"\b" + re.escape(w) + r"\b", t, re.I) for w in forbidden_words), ("forbidden_words",)),
-    "keywords:letter_frequency": (lambda t, letter, let_frequency, let_relation: _compare(
-        t.lower().count(letter.lower()), let_relation, let_frequency), ("letter", "let_frequency", "let_relation")),
-    "language:response_language": (lambda t, language: _detect_language(t) in (language, None), ("language",)),
-    "length_constraints:number_sentences": (lambda t, num_sentences, relation: _compare(
-        count_sentences(t), relation, num_sentences), ("num_sentences", "relation")),
-    "length_constraints:number_paragraphs": (_number_paragraphs_ok, ("num_paragraphs",)),
-    "length_constraints:number_words": (lambda t, num_words, relation: _compare(
-        len(re.findall(r"\w+", t)), relation, num_words), ("num_words", "relation")),
-    "length_constraints:nth_paragraph_first_word": (_nth_paragraph_first_word_ok,
-                                                    ("num_paragraphs", "nth_paragraph", "first_word")),
-    "detectable_content:number_placeholders": (lambda t, num_placeholders: _number_placeholders(t) >= num_placeholders,
-                                               ("num_placeholders",)),
-    "detectable_content:postscript": (_postscript_ok, ("postscript_marker",)),
-    "detectable_format:number_bullet_lists": (lambda t, num_bullets: _number_bullets(t) == num_bullets, ("num_bullets",)),
-    "detectable_format:constrained_response": (lambda t: any(
-        option in t.strip() for option in ("My answer is yes.", "My answer is no.", "My answer is maybe.")), ()),
-    "detectable_format:number_highlighted_sections": (lambda t, num_highlights: _number_highlights(t) >= num_highlights,
-                                                      ("num_highlights",)),
-    "detectable_format:multiple_sections": (lambda t, section_spliter, num_sections: len(re.findall(
-        r"\s?" + re.escape(section_spliter.strip()) + r"\s?\d+\s?", t)) >= num_sections, ("section_spliter", "num_sections")),
-    "detectable_format:json_format": (_json_ok, ()),
-    "detectable_format:title": (_has_title, ()),
-    "combination:two_responses": (_two_responses_ok, ()),
-    "combination:repeat_prompt": (lambda t, prompt_to_repeat: t.strip().lower().startswith(
-        prompt_to_repeat.strip().lower()), ("prompt_to_repeat",)),
-    "startend:end_checker": (_end_ok, ("end_phrase",)),
-    "change_case:capital_word_frequency": (lambda t, capital_frequency, capital_relation: _compare(
+    "keywords:existence": lambda t, keywords: all(re.search(re.escape(k), t, re.I) for k in keywords),
+    "keywords:frequency": lambda t, keyword, frequency, relation: _compare(
+        len(re.findall(re.escape(keyword.strip()), t, re.I)), relation, frequency),
+    "keywords:forbidden_words": lambda t, forbidden_words: not any(
+        re.search(r"\b" + re.escape(w) + r"\b", t, re.I) for w in forbidden_words),
+    "keywords:letter_frequency": lambda t, letter, let_frequency, let_relation: _compare(
+        t.lower().count(letter.lower()), let_relation, let_frequency),
+    "language:response_language": lambda t, language: _detect_language(t) in (language, None),
+    "length_constraints:number_sentences": lambda t, num_sentences, relation: _compare(
+        count_sentences(t), relation, num_sentences),
+    "length_constraints:number_paragraphs": _number_paragraphs_ok,
+    "length_constraints:number_words": lambda t, num_words, relation: _compare(
+        len(re.findall(r"\w+", t)), relation, num_words),
+    "length_constraints:nth_paragraph_first_word": _nth_paragraph_first_word_ok,
+    "detectable_content:number_placeholders": lambda t, num_placeholders: _number_placeholders(t) >= num_placeholders,
+    "detectable_content:postscript": _postscript_ok,
+    "detectable_format:number_bullet_lists": lambda t, num_bullets: _number_bullets(t) == num_bullets,
+    "detectable_format:constrained_response": lambda t: any(
+        option in t.strip() for option in ("My answer is yes.", "My answer is no.", "My answer is maybe.")),
+    "detectable_format:number_highlighted_sections": lambda t, num_highlights: _number_highlights(t) >= num_highlights,
+    "detectable_format:multiple_sections": lambda t, section_spliter, num_sections: len(re.findall(
+        r"\s?" + re.escape(section_spliter.strip()) + r"\s?\d+\s?", t)) >= num_sections,
+    "detectable_format:json_format": _json_ok,
+    "detectable_format:title": _has_title,
+    "combination:two_responses": _two_responses_ok,
+    "combination:repeat_prompt": lambda t, prompt_to_repeat: t.strip().lower().startswith(
+        prompt_to_repeat.strip().lower()),
+    "startend:end_checker": _end_ok,
+    "change_case:capital_word_frequency": lambda t, capital_frequency, capital_relation: _compare(
         sum(w.isupper() for w in treebank_words(t)), capital_relation, capital_frequency),
-        ("capital_frequency", "capital_relation")),
-    "change_case:english_capital": (lambda t: _case_ok(t, upper=True), ()),
-    "change_case:english_lowercase": (lambda t: _case_ok(t, upper=False), ()),
-    "punctuation:no_comma": (lambda t: "," not in t, ()),
-    "startend:quotation": (lambda t: len(t.strip()) >= 2 and t.strip()[0] == t.strip()[-1] == '"', ()),
+    "change_case:english_capital": lambda t: _case_ok(t, upper=True),
+    "change_case:english_lowercase": lambda t: _case_ok(t, upper=False),
+    "punctuation:no_comma": lambda t: "," not in t,
+    "startend:quotation": lambda t: len(t.strip()) >= 2 and t.strip()[0] == t.strip()[-1] == '"',
 }
 _INTEGER_ARGUMENTS = {"frequency", "let_frequency", "num_sentences", "num_paragraphs", "num_words", "nth_paragraph",
                       "num_placeholders", "num_bullets", "num_highlights", "num_sections", "capital_frequency", "N", "i"}
@@ -751,9 +747,15 @@ def _checker(table: dict, name: str, kwargs: dict | None, kind: str):
     """check(text) of instruction `name` in `table` (_IFEVAL or _TULU), its arguments validated."""
     if not isinstance(name, str) or name not in table:
         raise ValueError(f"unknown {kind} {name!r}")
-    check, required = table[name]
-    arguments = _validated_arguments(f"{kind} {name!r}", kwargs, required)
+    check = table[name]
+    arguments = _validated_arguments(f"{kind} {name!r}", kwargs, _argument_names(check))
     return lambda text: check(text, **arguments)
+
+
+@lru_cache(maxsize=None)
+def _argument_names(check) -> tuple:
+    """The kwargs an instruction requires: its check's parameters after the text."""
+    return tuple(inspect.signature(check).parameters)[1:]
 
 
 def loose_variants(response: str) -> list[str]:
@@ -851,38 +853,34 @@ def _tulu_postscript(text: str, postscript_marker: str) -> bool:
 
 
 _TULU = {
-    "verify_keywords": (lambda t, keyword_list: all(k.lower() in t.lower() for k in keyword_list), ("keyword_list",)),
-    "verify_keyword_frequency": (lambda t, word, N: len(re.findall(
-        r"\b" + re.escape(word.strip()) + r"\b", t, re.I)) == N, ("word", "N")),
-    "validate_forbidden_words": (lambda t, forbidden_words: not any(
-        w.lower() in t.lower() for w in forbidden_words), ("forbidden_words",)),
-    "verify_letter_frequency": (lambda t, letter, N: t.count(letter) == N, ("letter", "N")),
-    "validate_response_language": (lambda t, language: _detect_language(t) == language, ("language",)),
-    "verify_paragraph_count": (_tulu_paragraph_count, ("N",)),
-    "validate_word_constraint": (lambda t, N, quantifier: _quantified(
-        len(t.split()), quantifier, N, max(round(0.1 * N), 1)), ("N", "quantifier")),
-    "verify_sentence_constraint": (lambda t, N, quantifier: _quantified(
-        count_sentences(t), quantifier, N, 1), ("N", "quantifier")),
-    "validate_paragraphs": (_tulu_paragraphs, ("N", "first_word", "i")),
-    "verify_postscript": (_tulu_postscript, ("postscript_marker",)),
-    "validate_placeholders": (lambda t, N: _number_placeholders(t) >= N, ("N",)),
-    "verify_bullet_points": (lambda t, N: sum(
-        line.strip().startswith(("*", "-")) for line in t.split("\n")) == N, ("N",)),
-    "validate_title": (_has_title, ()),
-    "validate_choice": (_tulu_choice, ("options",)),
-    "validate_highlighted_sections": (lambda t, N: _number_highlights(t) >= N, ("N",)),
-    "validate_sections": (_tulu_sections, ("N", "section_splitter")),
-    "validate_json_format": (_json_ok, ()),
-    "validate_repeat_prompt": (lambda t, original_prompt: t.strip().lower().startswith(
-        original_prompt.strip().lower()), ("original_prompt",)),
-    "validate_two_responses": (_tulu_two_responses, ()),
-    "validate_uppercase": (lambda t: t == t.upper(), ()),
-    "validate_lowercase": (lambda t: t == t.lower(), ()),
-    "validate_frequency_capital_words": (lambda t, N, quantifier: _quantified(
-        len(re.findall(r"\b[A-Z]+\b", t)), quantifier, N, 0), ("N", "quantifier")),
-    "validate_end": (lambda t, end_phrase: t.strip().endswith(end_phrase.strip()), ("end_phrase",)),
-    "validate_quotation": (_IFEVAL["startend:quotation"][0], ()),
-    "validate_no_commas": (lambda t: "," not in t, ()),
+    "verify_keywords": lambda t, keyword_list: all(k.lower() in t.lower() for k in keyword_list),
+    "verify_keyword_frequency": lambda t, word, N: len(re.findall(
+        r"\b" + re.escape(word.strip()) + r"\b", t, re.I)) == N,
+    "validate_forbidden_words": lambda t, forbidden_words: not any(w.lower() in t.lower() for w in forbidden_words),
+    "verify_letter_frequency": lambda t, letter, N: t.count(letter) == N,
+    "validate_response_language": lambda t, language: _detect_language(t) == language,
+    "verify_paragraph_count": _tulu_paragraph_count,
+    "validate_word_constraint": lambda t, N, quantifier: _quantified(
+        len(t.split()), quantifier, N, max(round(0.1 * N), 1)),
+    "verify_sentence_constraint": lambda t, N, quantifier: _quantified(count_sentences(t), quantifier, N, 1),
+    "validate_paragraphs": _tulu_paragraphs,
+    "verify_postscript": _tulu_postscript,
+    "validate_placeholders": lambda t, N: _number_placeholders(t) >= N,
+    "verify_bullet_points": lambda t, N: sum(line.strip().startswith(("*", "-")) for line in t.split("\n")) == N,
+    "validate_title": _has_title,
+    "validate_choice": _tulu_choice,
+    "validate_highlighted_sections": lambda t, N: _number_highlights(t) >= N,
+    "validate_sections": _tulu_sections,
+    "validate_json_format": _json_ok,
+    "validate_repeat_prompt": lambda t, original_prompt: t.strip().lower().startswith(original_prompt.strip().lower()),
+    "validate_two_responses": _tulu_two_responses,
+    "validate_uppercase": lambda t: t == t.upper(),
+    "validate_lowercase": lambda t: t == t.lower(),
+    "validate_frequency_capital_words": lambda t, N, quantifier: _quantified(
+        len(re.findall(r"\b[A-Z]+\b", t)), quantifier, N, 0),
+    "validate_end": lambda t, end_phrase: t.strip().endswith(end_phrase.strip()),
+    "validate_quotation": _IFEVAL["startend:quotation"],
+    "validate_no_commas": _IFEVAL["punctuation:no_comma"],
 }
 
 
