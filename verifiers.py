@@ -20,27 +20,16 @@ JSON string in the IFEval format ({"instruction_id_list", "kwargs"}) or Tülu 3'
 Time bounds. Responses come from a model under training, so they can be hostile: megabytes of
 text, thousands of nested braces, 9^{9^{9^9}}, LaTeX that sends sympy into a hang. All string work
 here is linear (no regex that can backtrack over its input, long inputs bounded before the
-quadratic-prone steps). The symbolic MATH comparison (math-verify + sympy) runs in a long-lived
-helper subprocess (`python verifiers.py --symbolic-server`), one per calling process, shared by its
-threads under a lock. The helper interrupts itself (SIGALRM, in its own main thread) after 80% of
-`timeout_s` (1 s by default); if it has not answered by `timeout_s` (stuck in C code, e.g. a huge
-integer power) it is killed and replaced, and from then on a warm spare is kept ready. Either way
-the string comparison's verdict stands. This holds from the main thread, worker threads and worker processes alike, unlike
-math-verify's own SIGALRM timeouts, which fail silently outside the main thread. The first symbolic
-comparison in a process waits for the helper to import sympy (1-5 s); that wait is not bounded by
-`timeout_s`.
+quadratic-prone steps). The symbolic MATH comparison (math-verify + sympy) runs in a helper
+subprocess that is killed and replaced when it has not answered within `timeout_s` (1 s by
+default); the string comparison's verdict then stands, from any thread or process.
 
-Deviations from the references, all documented where they live:
-- IFEval sentences: NLTK's punkt data is not available offline, so `count_sentences` is a small
-  rule-based splitter (abbreviations, numbers, decimals, ellipses) that agrees with punkt's count
-  on 99% of real texts, not all.
-- IFEval capital words: `treebank_words` approximates NLTK's word_tokenize.
-- IFEval keyword arguments are matched as literal text (the reference builds unescaped regexes);
-  a non-letter `letter` ("#", "!" occur in the data) is counted as is, like 2025 upstream, where
-  the original release substituted a random letter.
-- MATH: Minerva's unit words are removed only when no letter precedes them (so \\infty survives);
-  the whole output is a candidate only when <= 1,000 chars; candidates over 500 chars are
-  compared as strings only.
+Deviations from the references, each documented where it lives: IFEval's sentence count and capital
+words approximate NLTK's punkt and word_tokenize (punkt's data is not available offline); IFEval
+keywords are matched as literal text, and a non-letter `letter` ("#", "!" occur in the data) is
+counted as is, like 2025 upstream; MATH's unit words are removed only where no letter precedes them,
+the whole output is a candidate only up to 1,000 chars, and candidates over 500 chars are compared
+as strings only.
 """
 import ast
 import atexit
@@ -297,7 +286,10 @@ def _math_correct(response: str, ground_truth: str, timeout_s: float) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------
-# Symbolic equivalence in a helper process that can be killed when sympy hangs.
+# Symbolic equivalence in a helper process that can be killed when sympy hangs. math-verify's own
+# timeouts use SIGALRM, which fails silently outside the main thread; the helper interrupts itself
+# (SIGALRM in its own main thread) after 80% of `timeout_s`, so the bound holds from any thread or
+# process of ours, and is killed only when stuck in C code (a huge integer power), which no signal ends.
 
 class _SymbolicHelper:
     """`python verifiers.py --symbolic-server` children speaking JSON lines over pipes.
@@ -466,8 +458,9 @@ def _symbolic_server():
 
 # ------------------------------------------------------------------------------------------------
 # IFEval (Zhou et al. 2023): the 25 instruction checkers, with the official kwargs and semantics.
-# One deliberate difference: keyword-type arguments are matched as literal text (re.escape), where
-# the reference inserts them into regexes unescaped; the two agree on every keyword of the dataset.
+# Deliberate differences: keyword-type arguments are matched as literal text (re.escape), where the
+# reference inserts them into regexes unescaped (the two agree on every keyword of the dataset); a
+# non-letter `letter` is counted as is, like 2025 upstream (the original release drew a random one).
 
 def _compare(count: int, relation: str, threshold: int) -> bool:
     return count < threshold if relation == "less than" else count >= threshold
