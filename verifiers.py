@@ -569,15 +569,17 @@ def _has_title(text: str) -> bool:
     return False
 
 
+def _divided(pieces: list[str]) -> list[str] | None:
+    """The non-blank pieces between dividers, stripped; None if two dividers are in a row (a blank
+    piece in the middle). A blank first or last piece (a leading or trailing divider) is dropped."""
+    if not all(piece.strip() for piece in pieces[1:-1]):
+        return None
+    return [piece.strip() for piece in pieces if piece.strip()]
+
+
 def _number_paragraphs_ok(text: str, num_paragraphs: int) -> bool:
-    pieces = re.split(r"\s?\*\*\*\s?", text)
-    count = len(pieces)
-    for position, piece in enumerate(pieces):
-        if not piece.strip():
-            if 0 < position < len(pieces) - 1:
-                return False  # two dividers in a row
-            count -= 1
-    return count == num_paragraphs
+    paragraphs = _divided(re.split(r"\s?\*\*\*\s?", text))
+    return paragraphs is not None and len(paragraphs) == num_paragraphs
 
 
 def _nth_paragraph_first_word_ok(text: str, num_paragraphs: int, nth_paragraph: int, first_word: str) -> bool:
@@ -620,15 +622,8 @@ def _json_ok(text: str) -> bool:
 
 
 def _two_responses_ok(text: str) -> bool:
-    pieces = text.split("******")
-    kept = []
-    for position, piece in enumerate(pieces):
-        if not piece.strip():
-            if 0 < position < len(pieces) - 1:
-                return False
-            continue
-        kept.append(piece.strip())
-    return len(kept) == 2 and kept[0] != kept[1]
+    responses = _divided(text.split("******"))
+    return responses is not None and len(responses) == 2 and responses[0] != responses[1]
 
 
 def _end_ok(text: str, end_phrase: str) -> bool:
