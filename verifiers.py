@@ -287,9 +287,8 @@ def _math_correct(response: str, ground_truth: str, timeout_s: float) -> bool:
 
 # ------------------------------------------------------------------------------------------------
 # Symbolic equivalence in a helper process that can be killed when sympy hangs. math-verify's own
-# timeouts use SIGALRM, which fails silently outside the main thread; the helper interrupts itself
-# (SIGALRM in its own main thread) after 80% of `timeout_s`, so the bound holds from any thread or
-# process of ours, and is killed only when stuck in C code (a huge integer power), which no signal ends.
+# timeouts use SIGALRM, which fails silently outside the main thread; the helper's run in its own
+# main thread, so the bound holds from any thread or process of ours.
 
 class _SymbolicHelper:
     """`python verifiers.py --symbolic-server` children speaking JSON lines over pipes.
