@@ -607,11 +607,7 @@ def _number_highlights(text: str) -> int:
 
 
 def _json_ok(text: str) -> bool:
-    text = text.strip()
-    for fence in ("```json", "```Json", "```JSON"):
-        if text.startswith(fence):
-            text = text[len(fence):]
-            break
+    text = re.sub(r"^```(?:json|Json|JSON)", "", text.strip())  # `^`: one leading fence at most
     text = text.removeprefix("```").removesuffix("```").strip()
     try:
         json.loads(text)
