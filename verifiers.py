@@ -822,14 +822,6 @@ def _tulu_sections(text: str, N: int, section_splitter: str) -> bool:
     return len(sections) == N
 
 
-def _tulu_two_responses(text: str) -> bool:
-    """Exactly one `******`, with two different non-blank responses around it."""
-    if text.count("******") != 1:
-        return False
-    first, second = (piece.strip() for piece in text.split("******"))
-    return bool(first and second) and first != second
-
-
 def _tulu_postscript(text: str, postscript_marker: str) -> bool:
     start = text.find(postscript_marker)
     return start >= 0 and bool(text[start + len(postscript_marker):].strip())
@@ -856,7 +848,7 @@ _TULU = {
     "validate_sections": _tulu_sections,
     "validate_json_format": _json_ok,
     "validate_repeat_prompt": lambda t, original_prompt: t.strip().lower().startswith(original_prompt.strip().lower()),
-    "validate_two_responses": _tulu_two_responses,
+    "validate_two_responses": lambda t: t.count("******") == 1 and _two_responses_ok(t),  # IFEval's, one divider
     "validate_uppercase": lambda t: t == t.upper(),
     "validate_lowercase": lambda t: t == t.lower(),
     "validate_frequency_capital_words": lambda t, N, quantifier: _quantified(
