@@ -22,7 +22,8 @@ text, thousands of nested braces, 9^{9^{9^9}}, LaTeX that sends sympy into a han
 here is linear (no regex that can backtrack over its input, long inputs bounded before the
 quadratic-prone steps). The symbolic MATH comparison (math-verify + sympy) runs in a helper
 subprocess that is killed and replaced when it has not answered within `timeout_s` (1 s by
-default); the string comparison's verdict then stands, from any thread or process.
+default); the string comparison's verdict then stands, from any thread or process. The first
+symbolic comparison in a process waits for the helper to import sympy (1-5 s), outside `timeout_s`.
 
 Deviations from the references, each documented where it lives: IFEval's sentence count and capital
 words approximate NLTK's punkt and word_tokenize (punkt's data is not available offline); IFEval
