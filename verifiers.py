@@ -622,10 +622,6 @@ def _two_responses_ok(text: str) -> bool:
     return responses is not None and len(responses) == 2 and responses[0] != responses[1]
 
 
-def _end_ok(text: str, end_phrase: str) -> bool:
-    return text.strip().strip('"').lower().endswith(end_phrase.strip().lower())
-
-
 def _detect_language(text: str) -> str | None:
     """langdetect's language code, seeded for determinism; None if it cannot tell (no letters)."""
     from langdetect import DetectorFactory, detect
@@ -672,7 +668,7 @@ _IFEVAL = {
     "combination:two_responses": _two_responses_ok,
     "combination:repeat_prompt": lambda t, prompt_to_repeat: t.strip().lower().startswith(
         prompt_to_repeat.strip().lower()),
-    "startend:end_checker": _end_ok,
+    "startend:end_checker": lambda t, end_phrase: t.strip().strip('"').lower().endswith(end_phrase.strip().lower()),
     "change_case:capital_word_frequency": lambda t, capital_frequency, capital_relation: _compare(
         sum(w.isupper() for w in treebank_words(t)), capital_relation, capital_frequency),
     "change_case:english_capital": lambda t: _case_ok(t, upper=True),
