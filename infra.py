@@ -67,7 +67,8 @@ def check_model_path(path: str) -> None:
 
 def load_model(path: str, args, device, rank: int, wrapper):
     """wrapper(the model), sharded with FSDP2: each decoder layer is its own unit (gathered just before use,
-    freed after), the root unit holds the embeddings, final norm and head.
+    freed after), the root unit holds the embeddings, final norm and head. The wrapper is the stage's module
+    around the Hugging Face model (sft and dpo: CausalLMLogProbs; rlvr: HFModel, or ValueModel with its head).
 
     Built empty on the meta device; then each rank reads just the slices of its own shards from the model's
     safetensors files (DCP), cast to fp32, so no rank holds a full copy. Where the files do not hold exactly
@@ -327,6 +328,17 @@ def save_hf_model(model, tokenizer, source: str, output_dir: str, rank: int) -> 
             os.replace(os.path.join(tmp, name), os.path.join(output_dir, name))
         os.rmdir(tmp)
     dist.barrier()
+
+
+def final_model_saved(output_dir: str, rank: int) -> bool:
+    """Whether output_dir holds this run's final model: save_hf_model moves config.json in last. A kill may have
+    left its emptied temporary directory; rank 0 removes it."""
+    if not os.path.exists(os.path.join(output_dir, "config.json")):
+        return False
+    if rank == 0:
+        shutil.rmtree(os.path.join(output_dir, "model.tmp"), ignore_errors=True)
+        print(f"{output_dir} holds this run's final model already: nothing to do")
+    return True
 
 
 # ---------------------------------------------------------------------------------------------

@@ -35,7 +35,6 @@ import functools
 import json
 import math
 import os
-import shutil
 import time
 from dataclasses import dataclass
 
@@ -659,10 +658,7 @@ def main(argv=None):
 
 def train(args, rank: int, world_size: int, device) -> None:
     torch.manual_seed(args.seed)
-    if os.path.exists(os.path.join(args.output_dir, "config.json")):  # the final save moves it in last
-        if rank == 0:  # (a kill may have left its emptied temporary directory)
-            shutil.rmtree(os.path.join(args.output_dir, "model.tmp"), ignore_errors=True)
-            print(f"{args.output_dir} holds this run's final model already: nothing to do")
+    if infra.final_model_saved(args.output_dir, rank):
         return
     tokenizer = data_mix.load_tokenizer(args.model_name_or_path, args.chat_template_name)
     prompts, data_report = load_rlvr_data(args, tokenizer, rank)

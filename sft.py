@@ -31,7 +31,6 @@ optimizer batch of an epoch is dropped.
 import argparse
 import math
 import os
-import shutil
 import time
 
 import torch
@@ -282,10 +281,7 @@ def main(argv=None):
 
 def train(args, rank: int, world_size: int, device) -> None:
     torch.manual_seed(args.seed)
-    if os.path.exists(os.path.join(args.output_dir, "config.json")):  # the final save moves it in last
-        if rank == 0:  # (a kill may have left its emptied temporary directory)
-            shutil.rmtree(os.path.join(args.output_dir, "model.tmp"), ignore_errors=True)
-            print(f"{args.output_dir} holds this run's final model already: nothing to do")
+    if infra.final_model_saved(args.output_dir, rank):
         return
     tokenizer = data_mix.load_tokenizer(args.model_name_or_path, args.chat_template_name)
     examples, data_report = load_sft_data(args, tokenizer, rank)
