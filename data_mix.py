@@ -1,7 +1,6 @@
 """Data shared by every stage: load and mix datasets, validate records, render chats, tokenize, batch;
-the attention for packed rows; preference and RLVR records; the benchmarks eval.py scores, and the
-decontamination of training data against them; the sampling helpers rlvr.py and eval.py share (left-padded
-prompts, the KV cache's keyword, top-p draws).
+preference and RLVR records; the benchmarks eval.py scores, and the decontamination of training data
+against them. (The attention for packed rows and the sampling helpers are model code: infra.py.)
 
 A mixture is a list of (dataset, amount) pairs, written on the command line as
     --dataset_mixer_list allenai/tulu-3-sft-mixture 1.0 my_data.jsonl 5000
@@ -16,8 +15,6 @@ Decontamination (--decontaminate_against gsm8k,math,...) drops a training row wh
 (--decontaminate_threshold) of its prompt's word 8-grams occur in the prompts eval.py scores.
 """
 import argparse
-import functools
-import inspect
 import json
 import math
 import os
@@ -417,79 +414,6 @@ def micro_batch_indices(mine: list[int], size: int, max_tokens: int | None, leng
 
 
 # ---------------------------------------------------------------------------------------------
-# Packed attention
-# Attention inside each packed document, without a [T, T] mask: an attention implementation registered with
-# transformers (--attn_implementation packed_varlen), so the model stays Hugging Face's code. Its mask function
-# builds nothing; the attention finds the documents in position_ids (they restart at every example).
-PACKED_ATTENTION = "packed_varlen"
-
-
-def register_packed_attention() -> None:
-    from transformers import AttentionInterface, AttentionMaskInterface
-
-    AttentionInterface.register(PACKED_ATTENTION, packed_attention)
-    AttentionMaskInterface.register(PACKED_ATTENTION, packed_attention_mask)
-
-
-def packed_attention_mask(batch_size: int, q_length: int, kv_length: int, attention_mask=None, **kwargs):
-    """No mask (transformers calls this once per forward); a padded batch is refused: it would need one."""
-    if attention_mask is not None and not attention_mask.all():
-        raise ValueError(f"{PACKED_ATTENTION} attention takes packed rows, not padded ones: use --packing, "
-                         "or another --attn_implementation")
-    return None
-
-
-@functools.lru_cache(maxsize=1)  # keyed by the tensor's identity and version: every layer gets the same
-def document_bounds(position_ids, rows: int, version: int):  # position_ids, so one host sync per forward
-    """cu_seqlens [D+1] (int32) and the longest length of the D documents of position_ids [rows or 1, T]
-    flattened: a document starts where a row starts or its position does not follow the previous one."""
-    flat = position_ids.expand(rows, -1).flatten()
-    starts = torch.ones_like(flat, dtype=torch.bool)
-    starts[1:] = flat[1:] != flat[:-1] + 1
-    starts[::position_ids.shape[-1]] = True
-    bounds = torch.cat([starts.nonzero().flatten(), torch.tensor([flat.numel()], device=flat.device)])
-    return bounds.to(torch.int32), int(bounds.diff().max())
-
-
-def packed_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
-                     position_ids=None, **kwargs):
-    """Causal attention within each document of packed rows: query, key, value [B, H or Hkv, T, E] -> [B, T, H, E].
-    CUDA (bf16/fp16): one variable-length flash kernel (torch.nn.attention.varlen) over all documents;
-    elsewhere one SDPA call per document (each sees only its own keys)."""
-    batch, heads, length = query.shape[:3]
-    if position_ids is None or attention_mask is not None or key.shape[2] != length \
-            or not getattr(module, "is_causal", False):
-        raise ValueError(f"{PACKED_ATTENTION} attention takes packed causal rows (position_ids, no attention_mask): "
-                         "use --packing, or another --attn_implementation")
-    if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None or dropout:
-        raise ValueError(f"{PACKED_ATTENTION} attention has no logit soft-capping, attention sinks or dropout: "
-                         "this model needs --attn_implementation eager or flex_attention")
-    bounds, longest = document_bounds(position_ids, batch, position_ids._version)
-    if kwargs.get("sliding_window") is not None and longest > kwargs["sliding_window"]:
-        raise ValueError(f"{PACKED_ATTENTION} attention has no sliding window, and a {longest}-token document is "
-                         f"longer than this layer's window of {kwargs['sliding_window']}: use a shorter "
-                         "--max_seq_length or --attn_implementation flex_attention")
-    # [B, H, T, E] -> [B*T, H, E]: the documents end to end
-    q, k, v = (x.transpose(1, 2).reshape(batch * length, x.shape[1], x.shape[-1]) for x in (query, key, value))
-    if query.is_cuda and query.dtype in (torch.bfloat16, torch.float16):
-        from torch.nn.attention.varlen import varlen_attn
-
-        options = inspect.signature(varlen_attn).parameters
-        if "window_size" not in options:
-            raise RuntimeError(f"{PACKED_ATTENTION} attention on CUDA needs torch >= 2.10 (varlen_attn's window_size)")
-        grouped = {"enable_gqa": True} if heads != key.shape[1] and "enable_gqa" in options else {}
-        if heads != key.shape[1] and not grouped:  # torch 2.10 / 2.11: repeat each key/value head for its group
-            k, v = (x.repeat_interleave(heads // key.shape[1], dim=1) for x in (k, v))
-        out = varlen_attn(q, k, v, bounds, bounds, longest, longest, scale=scaling, window_size=(-1, 0), **grouped)
-    else:
-        spans = bounds.tolist()
-        out = torch.cat([torch.nn.functional.scaled_dot_product_attention(
-            q[s:e].transpose(0, 1), k[s:e].transpose(0, 1), v[s:e].transpose(0, 1), is_causal=True, scale=scaling,
-            enable_gqa=heads != key.shape[1]).transpose(0, 1) for s, e in zip(spans, spans[1:])])
-    return out.reshape(batch, length, heads, value.shape[-1]), None
-
-
-# ---------------------------------------------------------------------------------------------
 # Preference records
 # DPO trains on pairs of whole conversations that share the prompt turns and differ in the final
 # assistant turn. Two record shapes are accepted:
@@ -788,51 +712,3 @@ def tokenize_rlvr_dataset(dataset, tokenizer, max_prompt_token_length: int, num_
     kept = tokenized.filter(lambda row: len(row["input_ids"]) <= max_prompt_token_length,
                             num_proc=num_proc if num_proc > 1 else None, desc="dropping long prompts")
     return kept, len(tokenized) - len(kept)
-
-
-# ---------------------------------------------------------------------------------------------
-# Sampling helpers: rlvr's rollouts and eval's generations pad, call the model and draw alike
-
-def collate_prompts(prompts: list[list[int]], pad_token_id: int) -> tuple:
-    """Left-pad prompts for sampling: input_ids and attention_mask [B, P], every row ending at column P."""
-    width = max(len(prompt) for prompt in prompts)
-    input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        input_ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
-        attention_mask[row, width - len(prompt):] = 1
-    return input_ids, attention_mask
-
-
-def cache_keyword(model) -> str:
-    """The forward's keyword for the KV cache: `past_key_values` in transformers 5.17, `cache` in 5.24, read from the
-    signature, since a forward takes an unknown keyword into **kwargs and would silently decode without the cache.
-    (Every argument goes by keyword: a Gemma 3 takes pixel_values second.) rlvr's sampler and eval's both use it."""
-    from transformers import PreTrainedModel
-
-    hf_model = next(module for module in model.modules() if isinstance(module, PreTrainedModel))
-    parameters = inspect.signature(hf_model.forward).parameters
-    for name in ("cache", "past_key_values"):
-        if name in parameters:
-            return name
-    raise TypeError(f"{type(hf_model).__name__}.forward takes neither `cache` nor `past_key_values`: this version of "
-                    "transformers names the KV cache otherwise; add its name to data_mix.cache_keyword")
-
-
-def sample_top_p(logits, temperature: float, top_p: float, generator):
-    """One token per row from softmax(logits / T) restricted to the top-p nucleus (T > 0). [B, V] -> [B].
-    rlvr's rollouts and eval's sampled tasks both draw with this one function, so both sample the same way.
-
-    By the inverse CDF: one uniform number per row, found in the row's cumulative probabilities by binary search,
-    all on the device (no host sync, unlike torch.multinomial), drawing B numbers where an exponential race or
-    Gumbel-max draws B x V (on a CPU that draw cost half the sampling time)."""
-    probs = torch.softmax(logits.float() / temperature, dim=-1)  # [B, V]
-    if top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keep the smallest prefix reaching top_p
-        probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
-    cdf = probs.cumsum(-1)  # [B, V]
-    total = cdf[:, -1:]  # [B, 1] (< 1 after top-p: no renormalizing needed)
-    u = torch.rand(total.shape, device=total.device, generator=generator) * total
-    u = torch.minimum(u, total.nextafter(torch.zeros_like(total)))  # u < total, even where rounding reached it
-    return torch.searchsorted(cdf, u, right=True)[:, 0]  # the first token with cdf > u: never one of probability 0

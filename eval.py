@@ -4,11 +4,11 @@
     torchrun --nproc_per_node 8 eval.py --model_name_or_path allenai/Llama-3.1-Tulu-3-8B \
         --tasks tulu3 --output_dir output/eval-8b
 
-The story: arguments; distributed init (each rank holds a whole model and takes every world_size-th
-example, rank 0 gathers); the tasks (one declarative entry each in data/olmes/tasks.json, with the
+The story: arguments; distributed (infra.init_distributed; each rank holds a whole model and takes every
+world_size-th example, rank 0 gathers); the tasks (one declarative entry each in data/olmes/tasks.json, with the
 OLMES config it reproduces: shots, turn format, stop sequences, token limit, sampling, metric,
 averaging; exemplars and prompt texts next to it; here only each task's prompt layout and scorer); a
-batched sampling loop (greedy, or data_mix.sample_top_p, rlvr's sampler); HumanEval(+) programs (run
+batched sampling loop (greedy, or infra.sample_top_p, rlvr's sampler); HumanEval(+) programs (run
 in verifiers.run_program's sandbox, which passes a program only if its tests ran to the end; where the
 OS cannot isolate it, eval refuses unless --allow_unsandboxed_code); the run (results.json with each
 task's settings and per-subject scores, a predictions JSONL per task and model, a table with one
@@ -22,15 +22,11 @@ the README), AlpacaEval or safety suites (they need an LLM judge).
 """
 import argparse
 import collections
-import ctypes
-import datetime
 import functools
 import json
 import math
 import os
 import re
-import signal
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -40,6 +36,7 @@ from tqdm import tqdm
 from transformers.cache_utils import Cache, DynamicLayer
 
 import data_mix
+import infra
 import verifiers
 
 # ---------------------------------------------------------------------------------------------
@@ -92,26 +89,6 @@ def parse_args(argv=None):
         except ValueError as error:
             parser.error(str(error))
     return args
-
-
-# ---------------------------------------------------------------------------------------------
-# Distributed init (identical to sft.py's)
-
-def init_distributed():
-    """One process group for torchrun and for plain `python`: NCCL on GPU, gloo on CPU."""
-    if "RANK" not in os.environ:  # plain python: a group of one
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 10000))
-    elif sys.platform == "linux":  # torchrun starts workers in their own session: a killed launcher would leave
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # them running; PR_SET_PDEATHSIG kills them with it instead
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device, timeout=datetime.timedelta(minutes=30))
-    else:
-        device = torch.device("cpu")
-        dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=30))
-    return dist.get_rank(), dist.get_world_size(), device
 
 
 # ---------------------------------------------------------------------------------------------
@@ -333,13 +310,13 @@ def generate_batch(model, tokenizer, prompts, partials, max_new_tokens: int, sto
     window = attention_window(model.config)
     shared = shared if shared >= MIN_SHARED_PREFIX and (window is None or capacity <= window) else 0
     cache = Cache(layer_class_to_replicate=functools.partial(GrowingLayer, capacity=capacity))
-    keyword = data_mix.cache_keyword(model)  # `cache` or `past_key_values`, by the transformers version
+    keyword = infra.cache_keyword(model)  # `cache` or `past_key_values`, by the transformers version
     if shared:  # few-shot exemplars: encode them once, then copy their cache to every row
         model(input_ids=torch.tensor([prompts[0][:shared]], device=device), use_cache=True, logits_to_keep=1,
               **{keyword: cache})
         cache.batch_repeat_interleave(len(prompts))
     # rows: [shared prefix | padding | own tokens]; the masked padding sits in the middle (see above)
-    input_ids, own_mask = (t.to(device) for t in data_mix.collate_prompts([p[shared:] for p in prompts],
+    input_ids, own_mask = (t.to(device) for t in infra.collate_prompts([p[shared:] for p in prompts],
                                                                           tokenizer.pad_token_id))
     attention_mask = torch.cat([own_mask.new_ones(len(prompts), shared), own_mask], dim=1)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]  # padding does not shift positions
@@ -352,7 +329,7 @@ def generate_batch(model, tokenizer, prompts, partials, max_new_tokens: int, sto
         out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                     use_cache=True, logits_to_keep=1, **{keyword: cache})  # logits of the last position only
         logits = out.logits[:, -1]  # [B, V]
-        token = logits.argmax(-1) if args.temperature == 0 else data_mix.sample_top_p(
+        token = logits.argmax(-1) if args.temperature == 0 else infra.sample_top_p(
             logits, args.temperature, args.top_p, generator)  # [B]
         finished = torch.isin(token, eos_ids).tolist()
         for i, (row, next_id) in enumerate(zip(rows, token.tolist())):
@@ -437,7 +414,7 @@ def choose_letters(model, tokenizer, prompts, args) -> list[int]:
     device = next(model.parameters()).device
     choices = []
     for start in range(0, len(prompts), args.per_device_eval_batch_size):
-        input_ids, attention_mask = (t.to(device) for t in data_mix.collate_prompts(
+        input_ids, attention_mask = (t.to(device) for t in infra.collate_prompts(
             prompts[start:start + args.per_device_eval_batch_size], tokenizer.pad_token_id))
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -570,7 +547,7 @@ def main(argv=None):
         raise SystemExit(f"humaneval runs model-written code, but the sandbox cannot isolate it here (missing: "
                          f"{', '.join(missing)}; namespaces need root or user namespaces). Pass "
                          f"--allow_unsandboxed_code to run it anyway, at your own risk.")
-    rank, world_size, device = init_distributed()
+    rank, world_size, device = infra.init_distributed()
     try:
         if rank == 0:
             os.makedirs(args.output_dir, exist_ok=True)

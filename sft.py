@@ -8,11 +8,12 @@
         --per_device_train_batch_size 1 --gradient_accumulation_steps 16 --output_dir output/sft-8b
 
 The file's sections, top to bottom: arguments; the loss (written by hand on the model's own head,
-so no [tokens, vocab] logits exist in full); distributed setup (torchrun or plain python, NCCL on GPU,
-gloo on CPU), model loading (sharded with FSDP2 per decoder layer, each rank reading only its own shard
-of the safetensors files, and checked against plain from_pretrained before the first update) and the
-Hugging Face save; the output directory and checkpoints that make an interrupted run resume onto the
-same loss curve; data (mix, validate, tokenize with the loss only on assistant turns); training (the loop).
+so no [tokens, vocab] logits exist in full); data (mix, validate, tokenize with the loss only on assistant
+turns); training (the loop). What every stage needs around that lives in infra.py: distributed setup
+(torchrun or plain python), model loading (sharded with FSDP2 per decoder layer, each rank reading only
+its own shard of the safetensors files, and checked against plain from_pretrained before the first
+update), the Hugging Face save, and the output directory and checkpoints that make an interrupted run
+resume onto the same loss curve.
 
 Loss reduction (--reduce_loss). Every trained token weighs the same. `sum` divides the summed
 token losses by the number of sequences in the optimizer batch (Tülu 3); `mean` divides by the
@@ -28,37 +29,18 @@ Simplified relative to open-instruct: no LoRA, no DeepSpeed, no logging services
 optimizer batch of an epoch is dropped.
 """
 import argparse
-import contextlib
-import ctypes
-import datetime
-import fcntl
-import hashlib
-import itertools
-import json
 import math
 import os
-import shutil
-import signal
-import socket
-import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 
-import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
-from transformers.utils import cached_file
 
 import data_mix
+import infra
 
 # Flags that may change when a run is resumed; every other flag must match the run in --output_dir. The two
 # batch flags may change, on any number of ranks, as long as the sequences per optimizer step stay the same.
@@ -100,7 +82,7 @@ def parse_args(argv=None):
     parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
                         help="compute dtype; auto = bf16 on GPU, fp32 on CPU (master weights stay fp32)")
     parser.add_argument("--attn_implementation", default=None,
-                        help=f"e.g. sdpa, eager, or {data_mix.PACKED_ATTENTION}: packed rows attend within each example "
+                        help=f"e.g. sdpa, eager, or {infra.PACKED_ATTENTION}: packed rows attend within each example "
                              "without a [T, T] mask; default: the model's own choice (sdpa where it supports it)")
     parser.add_argument("--max_tokens_per_micro_batch", type=data_mix.POSITIVE_INT, default=None, metavar="N",
                         help="pack each rank's share of the optimizer batch into rows of at most N tokens, first-fit "
@@ -209,510 +191,6 @@ class CausalLMLogProbs(torch.nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# Distributed setup, model loading and saving (the same in sft.py, dpo.py and rlvr.py but for the module
-# load_model wraps the model in: CausalLMLogProbs in sft.py and dpo.py, HFModel in rlvr.py)
-
-def init_distributed():
-    """One process group for torchrun and for plain `python`: NCCL on GPU, gloo on CPU."""
-    if "RANK" not in os.environ:  # plain python: a group of one
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 10000))
-    elif sys.platform == "linux":  # torchrun starts workers in their own session: a killed launcher would leave
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # them running; PR_SET_PDEATHSIG kills them with it instead
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device, timeout=datetime.timedelta(minutes=30))
-    else:
-        device = torch.device("cpu")
-        dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=30))
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-def check_model_path(path: str) -> None:
-    looks_local = os.path.isabs(path) or path.startswith(".") or path.count("/") != 1
-    if not os.path.isdir(path) and looks_local:
-        raise SystemExit(f"--model_name_or_path {path}: no such directory (and not an org/name hub id)")
-    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")):
-        raise SystemExit(f"--model_name_or_path {path}: not a model directory (it has no config.json)")
-
-
-def load_model(path: str, args, device, rank: int, wrapper=CausalLMLogProbs):
-    """wrapper(the model), sharded with FSDP2: each decoder layer is its own unit (gathered just before use,
-    freed after), the root unit holds the embeddings, final norm and head.
-
-    Built empty on the meta device; then each rank reads just the slices of its own shards from the model's
-    safetensors files (DCP), cast to fp32, so no rank holds a full copy. Where the files do not hold exactly
-    the model's tensors under its names (transformers converts some keys as it loads them), rank 0 loads the
-    model with from_pretrained instead, holding one full fp32 copy in CPU RAM, and sends each rank its shard.
-    A tensor of the wrapper's own that the files lack (a new value head) is made on rank 0 either way.
-    """
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(path)
-    config.use_cache = False
-    quantization = getattr(config, "quantization_config", None)
-    if quantization:  # from_pretrained would build quantized modules that this full-precision training never sees
-        method = quantization.get("quant_method") if isinstance(quantization, dict) else type(quantization).__name__
-        raise SystemExit(f"{path}: a quantized checkpoint ({method}); this script trains full-precision weights: "
-                         "start from the unquantized model")
-    text = config.get_text_config()
-    rope = getattr(text, "rope_parameters", None) or {}
-    original_length = rope.get("original_max_position_embeddings") or text.max_position_embeddings
-    if rope.get("rope_type") in ("longrope", "dynamic") and args.max_seq_length > original_length:
-        raise SystemExit(f"--max_seq_length {args.max_seq_length}: {rope['rope_type']} RoPE picks its frequencies "
-                         f"from the longest sequence in a forward once it passes {original_length} tokens, so a "
-                         f"sequence would be scored differently packed or batched than alone; use at most {original_length}")
-    with torch.device("meta"):
-        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=args.attn_implementation)
-        model = wrapper(plain)
-    aliases = {}  # each tensor's names in the Hugging Face model: two for tied weights, none for the wrapper's own
-    for name, tensor in plain.state_dict(keep_vars=True).items():
-        aliases.setdefault(id(tensor), []).append(name)
-    names = {key: aliases.get(id(tensor), []) for key, tensor in model.state_dict(keep_vars=True).items()}
-    try:
-        directory, plan = sharded_load_plan(path, plain, model, names)
-        verdict = ("sharded" if directory else "from rank 0", "")
-    except SystemExit as error:
-        verdict = ("refused", str(error))
-    verdicts = [None] * dist.get_world_size()
-    dist.all_gather_object(verdicts, verdict)  # one path for all ranks, or the collectives below would hang
-    if {kind for kind, _ in verdicts} != {verdict[0]} or verdict[0] == "refused":
-        refusal = next((why for kind, why in verdicts if kind == "refused"), "")
-        raise SystemExit(refusal or f"{path}: the ranks see different model files (per rank: "
-                         f"{', '.join(kind for kind, _ in verdicts)}); give every node the same copy")
-    if args.gradient_checkpointing:
-        model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    compute_dtype = torch.bfloat16 if resolve_dtype(args.dtype, device) == "bf16" else torch.float32
-    policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
-    for layer in model.model.get_decoder().layers:
-        if args.compile:  # fuses each layer's elementwise ops; compiled once, reused by every layer
-            layer.compile()
-        fully_shard(layer, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)
-    model.to_empty(device=device)
-    if directory:
-        shards = get_model_state_dict(model)
-        stored = {plan[key]: tensor for key, tensor in shards.items() if key in plan}  # tied weights: one entry
-        dcp.load(stored, storage_reader=HuggingFaceStorageReader(directory))
-        set_model_state_dict(model, {key: stored[plan[key]] for key in plan}, options=StateDictOptions(strict=False))
-        fresh = [key for key in shards if key not in plan]  # the wrapper's own, not in the files: a new value head
-        if fresh:  # made on rank 0, as a full load makes it
-            made = wrapper(plain).state_dict() if rank == 0 else {}
-            set_model_state_dict(model, {key: made[key] for key in fresh} if rank == 0 else {}, options=StateDictOptions(
-                full_state_dict=True, broadcast_from_rank0=True, strict=False))
-    else:
-        full_state, verdict = {}, [""]
-        if rank == 0:
-            print(f"{path}: rank 0 loads the whole model with from_pretrained and sends each rank its shard ({plan})")
-            loaded, info = AutoModelForCausalLM.from_pretrained(
-                path, config=config, dtype=torch.float32, attn_implementation=args.attn_implementation,
-                use_safetensors=True, output_loading_info=True)
-            full_state = wrapper(loaded).state_dict()
-            missing = [names[key][0] for key in full_state  # (the wrapper's own tensors are made, not loaded)
-                       if names[key] and set(names[key]) <= set(info["missing_keys"])]
-            held = loaded.state_dict(keep_vars=True)
-            untied = next((tied for tied in names.values() if len({id(held[name]) for name in tied}) > 1), None)
-            if missing:  # from_pretrained starts them at random: a different model than the checkpoint
-                verdict = [f"{path}: the checkpoint has no {', '.join(missing)}"]
-            elif untied:  # from_pretrained unties them; loaded into one tensor here, one copy would be lost
-                verdict = [f"{path}: config.json ties {' and '.join(untied)}, but the checkpoint holds them with "
-                           f"different values; set tie_word_embeddings to false in config.json to train both, or "
-                           f"remove {untied[-1]} from the checkpoint"]
-        dist.broadcast_object_list(verdict, src=0)
-        if verdict[0]:
-            raise SystemExit(verdict[0])
-        set_model_state_dict(model, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    init_non_persistent_buffers(model.model)
-    return model
-
-
-def sharded_load_plan(path: str, plain, model, names: dict):
-    """(the model's directory, {key in `model`: key in the files}) if the safetensors files hold each tensor of
-    `model` once, under one of its `names` in `plain` (the Hugging Face model inside; a tensor of the wrapper's
-    own under its key, or not at all if new), in its shape, in a dtype that casts to it, and nothing that
-    transformers converts or the model lacks; else (None, why not)."""
-    from safetensors import SafetensorError, safe_open
-    from safetensors.torch import _getdtype
-    from transformers.conversion_mapping import get_model_conversion_mapping
-
-    index = cached_file(path, "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False)
-    if index:
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-    elif cached_file(path, "model.safetensors", _raise_exceptions_for_missing_entries=False):
-        files = ["model.safetensors"]
-    else:  # from_pretrained would read pytorch_model.bin with pickle
-        raise SystemExit(f"{path}: no model.safetensors (nor its index); the weights must be safetensors")
-    stored, holder = {}, {}
-    for file in files:
-        try:  # a refusal, so every rank stops with it (a rank that raised alone would leave the others waiting)
-            with safe_open(cached_file(path, file), "pt") as f:  # cached_file: a hub id's files are downloaded
-                for key in f.keys():
-                    if key in stored:  # DCP's reader and from_pretrained need not take the same copy
-                        return None, f"{key} is in both {holder[key]} and {file}"
-                    shape, dtype = f.get_slice(key).get_shape(), _getdtype(f.get_slice(key).get_dtype())
-                    stored[key], holder[key] = (shape, dtype), file
-        except (OSError, SafetensorError) as error:  # a file the index lists is missing, or cut short
-            raise SystemExit(f"{os.path.join(path, file)}: {error}")
-    directory = os.path.dirname(cached_file(path, files[0]))
-    if sorted(name for name in os.listdir(directory) if name.endswith(".safetensors")) != files:
-        return None, f"{directory} holds other .safetensors files too"  # DCP's reader would read them all
-    transforms = get_model_conversion_mapping(plain)
-    converted = [key for key in stored if any(t.rename_source_key(key)[1] is not None for t in transforms)]
-    if converted:
-        return None, f"transformers converts {converted[0]}"
-    plan = {}
-    for key, tensor in model.state_dict(keep_vars=True).items():
-        found = [name for name in names[key] or [key] if name in stored]  # the wrapper's own: under its own key
-        if not found and not names[key]:  # the wrapper's own, new (a value head): made on rank 0
-            continue
-        if len(found) != 1:
-            return None, f"the checkpoint has {len(found)} of {names[key]}"
-        shape, dtype = stored[found[0]]
-        castable = dtype == tensor.dtype or tensor.is_floating_point() and dtype in (torch.bfloat16, torch.float16)
-        if shape != list(tensor.shape) or not castable:  # (float8 and int weights are quantized: not castable)
-            return None, f"{found[0]} is stored as {dtype} {shape}, the model's is {tensor.dtype} {list(tensor.shape)}"
-        plan[key] = found[0]
-    unknown = sorted(stored.keys() - plain.state_dict().keys() - set(plan.values()))
-    return (None, f"transformers drops {unknown[0]}") if unknown else (directory, plan)
-
-
-def init_non_persistent_buffers(model) -> None:
-    """Fill the buffers that no state dict carries (rotary frequencies, Gemma's embedding scale, ...) exactly
-    as from_pretrained does: transformers' own weight init, told that every loaded tensor is initialized.
-
-    to_empty left them garbage; they are set to a sentinel first (NaN, or the lowest integer for integer
-    buffers such as a vision tower's position ids), so a buffer that this init does not fill stops the run
-    here instead of training a different model than the checkpoint."""
-    unfilled = []
-    for module in model.modules():
-        module.__dict__.pop("_is_hf_initialized", None)  # from_config marked every module as done
-        for param in module.parameters(recurse=False):
-            param._is_hf_initialized = True
-        for name, buffer in module.named_buffers(recurse=False):
-            if name in module._non_persistent_buffers_set and buffer.dtype != torch.bool:
-                sentinel = float("nan") if buffer.is_floating_point() else torch.iinfo(buffer.dtype).min
-                unfilled.append((module, name, sentinel))
-                buffer.fill_(sentinel)
-            else:
-                buffer._is_hf_initialized = True
-    model.initialize_weights()
-    for module, name, sentinel in unfilled:
-        buffer = getattr(module, name)
-        if (buffer.isnan() if buffer.is_floating_point() else buffer == sentinel).any():
-            raise SystemExit(f"{type(model).__name__}: transformers' init does not fill the buffer {name} of "
-                             f"{type(module).__name__}; this architecture cannot be loaded correctly here")
-
-
-def check_loaded_model(model, path: str, input_ids, stage_logprobs, compute_dtype: str, rank: int) -> None:
-    """Guard for architectures nobody tested: before the first update, the log-probs the stage trains on
-    (`stage_logprobs(input_ids, position_ids)` -> [1, T-1]) must equal those of the model as plain
-    from_pretrained gives it, for `input_ids` [1, T], the start of the run's first example. It catches a wrong
-    loss path (a head transform the loss ignores) and a wrongly loaded model (a buffer left unfilled).
-
-    Cheap at any size: both sides run only the first layers, up to one layer of each kind (attention type,
-    dense or MoE), so rank 0 reads just those layers, the embeddings and the head with from_pretrained on
-    the CPU (Llama-70B: about 12 GB in fp32, computed), and the sharded model runs the same layers."""
-    model.eval()  # no dropout on either side
-    with torch.random.fork_rng(devices=[]):  # whatever loading draws leaves the run's random stream as it was
-        gap, num_layers = logprob_gap(model, path, input_ids, stage_logprobs, rank)
-    tolerance = 2e-2 if compute_dtype == "bf16" else 1e-4  # SmolLM2-135M on CPU: bf16 6e-3, fp32 5e-7
-    if gap > tolerance:
-        raise SystemExit(f"{type(model.model).__name__} ({model.model.config.model_type}): the log-probs this stage "
-                         f"trains on differ from the model's as from_pretrained loads it by {gap:.3g} (relative; tolerance "
-                         f"{tolerance}; first {num_layers} layers, first {input_ids.shape[1]} tokens of the first "
-                         f"example; the stage's attention: {model.model.config._attn_implementation}, the reference's: "
-                         "eager). This architecture is not loaded or scored correctly here; nothing was trained. If the "
-                         "attention implementation does not support the model, pass --attn_implementation eager.")
-
-
-def logprob_gap(model, path: str, input_ids, stage_logprobs, rank: int) -> tuple[float, int]:
-    """(max over the tokens' log-probs of |stage - from_pretrained| / (1 + |from_pretrained|), layers run)."""
-    import copy
-
-    import transformers
-    from transformers import AutoModelForCausalLM
-
-    config = model.model.config.get_text_config()
-    layers = model.model.get_decoder().layers
-    layer_types = getattr(config, "layer_types", None) or [None] * len(layers)
-    kinds = [(kind, str(layer)) for kind, layer in zip(layer_types, layers)]  # str(): the layer's module tree
-    num_layers = max(kinds.index(kind) for kind in set(kinds)) + 1
-    position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
-    reference = None
-    if rank == 0:
-        reference_config = copy.deepcopy(model.model.config)
-        reference_config.get_text_config().num_hidden_layers = num_layers
-        verbosity = transformers.logging.get_verbosity()
-        transformers.logging.set_verbosity_error()  # not a word on the layers it leaves out
-        try:
-            plain = AutoModelForCausalLM.from_pretrained(path, config=reference_config, dtype=torch.float32,
-                                                         attn_implementation="eager")  # the plainest kernel
-        finally:
-            transformers.logging.set_verbosity(verbosity)
-        with torch.no_grad():
-            logits = plain(input_ids=input_ids.cpu(), position_ids=position_ids.cpu()).logits[0, :-1].float()
-        reference = logits.log_softmax(-1).gather(-1, input_ids[0, 1:, None].cpu())[:, 0].to(input_ids.device)
-        del plain
-    every_layer, config.num_hidden_layers = config.num_hidden_layers, num_layers  # the decoder runs only these
-    try:
-        with torch.no_grad():
-            trained = stage_logprobs(input_ids, position_ids)[0].float()
-    finally:
-        config.num_hidden_layers = every_layer
-        model.reshard()  # FSDP keeps the root's weights gathered after a forward without backward
-    # |stage - reference| relative to 1 + |reference|: bf16 keeps ~3 significant digits of a log-prob of -50
-    gap = ((trained - reference).abs() / (1 + reference.abs())).max() if rank == 0 else trained.new_zeros(())
-    dist.all_reduce(gap, op=dist.ReduceOp.MAX)  # rank 0's gap, so every rank stops together
-    return gap.item(), num_layers
-
-
-def resolve_dtype(dtype: str, device) -> str:
-    return ("bf16" if device.type == "cuda" else "fp32") if dtype == "auto" else dtype
-
-
-def save_hf_model(model, tokenizer, source: str, output_dir: str, rank: int) -> None:
-    """Gather the full weights to rank 0 and write a plain Hugging Face directory (safetensors).
-
-    Files are written to a temporary directory and moved in with config.json last, so a crash never
-    leaves a loadable but incomplete model.
-    """
-    from transformers import AutoModelForCausalLM, GenerationConfig
-
-    full_state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if rank == 0:
-        state = {k.removeprefix("model."): v for k, v in full_state.items()}
-        with torch.device("meta"):  # a plain (non-FSDP) model object to drive save_pretrained
-            plain = AutoModelForCausalLM.from_config(model.model.config)
-        plain.config.use_cache = True
-        try:  # keep the source's sampling defaults (eos ids, temperature) when it has them
-            plain.generation_config = GenerationConfig.from_pretrained(source)
-        except OSError:
-            pass
-        tmp = os.path.join(output_dir, "model.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        plain.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        names = sorted(os.listdir(tmp), key=lambda name: name == "config.json")
-        for name in names:
-            os.replace(os.path.join(tmp, name), os.path.join(output_dir, name))
-        os.rmdir(tmp)
-    dist.barrier()
-
-
-# ---------------------------------------------------------------------------------------------
-# Output directory, checkpoints, metrics. A kill at any instant leaves a directory from which the same
-# command (with --resume) continues at the newest complete checkpoint, on any number of ranks.
-
-LOCK_FILE, CHECKPOINT_DONE = "run.lock", "trainer_state.json"
-
-
-@contextlib.contextmanager
-def claimed_output_dir(args, rank: int):
-    """Hold --output_dir for this run's life: one run per directory, and only this run's flags in it.
-
-    Rank 0 holds an flock on output_dir/run.lock. The kernel drops it when the process ends, however it
-    ends, so a killed run leaves no stale lock, and a second launch (or a resume while a killed launcher's
-    workers still run) stops here. A directory without run_config.json must be empty but for our own
-    leftovers; the run then starts, with or without --resume. Every rank stops on rank 0's verdict.
-    """
-    check_model_path(args.model_name_or_path)
-    if os.path.abspath(args.output_dir) == os.path.abspath(args.model_name_or_path):
-        raise SystemExit("--output_dir must differ from --model_name_or_path")
-    verdict, lock = [""], None
-    if rank == 0:
-        os.makedirs(args.output_dir, exist_ok=True)
-        lock = open(os.path.join(args.output_dir, LOCK_FILE), "a+")
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            lock.truncate(0)
-            lock.write(f"{socket.gethostname()} pid {os.getpid()}\n")
-            lock.flush()
-            verdict = [record_run_config(args)]
-        except BlockingIOError:
-            lock.seek(0)
-            verdict = [f"{args.output_dir} is in use by another run ({lock.read().strip()}, holding {LOCK_FILE}); "
-                       "wait for it to end or choose another --output_dir"]
-    dist.broadcast_object_list(verdict, src=0)
-    try:
-        if verdict[0]:
-            raise SystemExit(verdict[0])
-        yield
-    finally:
-        if lock is not None:
-            lock.close()
-
-
-def record_run_config(args) -> str:
-    """Why this run may not use output_dir ('' if it may); a new run's flags go to run_config.json."""
-    run_config = {k: v for k, v in vars(args).items() if k not in RESUMABLE_FLAGS}
-    path = os.path.join(args.output_dir, "run_config.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            previous = json.load(f)
-        changed = sorted(k for k in run_config.keys() | previous.keys() if run_config.get(k) != previous.get(k))
-        if changed:
-            return (f"{args.output_dir} holds a different run (flags differ: {', '.join(changed)}); "
-                    "choose another --output_dir")
-        return "" if args.resume else f"{args.output_dir} already holds this run; pass --resume to continue it"
-    foreign = sorted(set(os.listdir(args.output_dir)) - {LOCK_FILE, "run_config.json.tmp"})
-    if foreign:
-        return f"{args.output_dir} holds no run of this script but {foreign[:3]}; choose another --output_dir"
-    write_durably(path, json.dumps(run_config, indent=2))
-    return ""
-
-
-def write_durably(path: str, text: str) -> None:
-    """Replace a file's content in one step: a kill leaves the old content or the new, never a mix."""
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
-    directory = os.open(os.path.dirname(path), os.O_RDONLY)  # the rename itself survives a power loss too
-    os.fsync(directory)
-    os.close(directory)
-
-
-def run_fingerprints(examples, model_path: str, rank: int) -> dict:
-    """sha256 of the training data as tokenized and mixed (in order), and of the base model's files.
-
-    A resume checks both against its checkpoint. The model files are hashed whole rather than by size
-    and mtime: the same model copied to a new node's cache must pass, a retrained one in place must not.
-    Rank 0 hashes the data; the first rank of each node hashes its copy of the model files (in parallel
-    threads), and a node whose copy differs from rank 0's stops every rank: each rank reads its shard of the
-    weights from its own node's files, so it would train a mix of two models.
-    """
-    fingerprints, model = [None], None
-    if rank == 0:
-        data = hashlib.sha256()
-        table = examples.with_format("arrow")[:]
-        for name in table.column_names:
-            column = table.column(name).combine_chunks()
-            data.update(name.encode())
-            if pa.types.is_list(column.type) and pa.types.is_integer(column.type.value_type):  # token ids
-                data.update(pc.list_value_length(column).to_numpy().tobytes())
-                data.update(pc.list_flatten(column).to_numpy().tobytes())
-            else:
-                data.update(json.dumps(column.to_pylist()).encode())
-    if int(os.environ["LOCAL_RANK"]) == 0:
-        model_dir = model_path if os.path.isdir(model_path) else os.path.dirname(cached_file(model_path, "config.json"))
-        files = sorted(os.path.join(model_dir, name) for name in os.listdir(model_dir)
-                       if name == "config.json" or name.endswith((".safetensors", ".bin", ".index.json")))
-
-        def file_sha256(path):
-            with open(path, "rb") as f:
-                return f"{os.path.basename(path)}:{hashlib.file_digest(f, 'sha256').hexdigest()}"
-        with ThreadPoolExecutor() as pool:  # hashlib releases the GIL: one thread per file
-            model = hashlib.sha256(" ".join(pool.map(file_sha256, files)).encode()).hexdigest()
-    per_rank = [None] * dist.get_world_size()
-    dist.all_gather_object(per_rank, model)
-    unlike = [other for other, digest in enumerate(per_rank) if digest not in (None, per_rank[0])]
-    if unlike:
-        raise SystemExit(f"{model_path}: the model files differ between ranks: rank 0's and rank {unlike[0]}'s "
-                         "copies hash differently; give every node the same copy")
-    if rank == 0:
-        fingerprints = [{"data": data.hexdigest(), "model": model}]
-    dist.broadcast_object_list(fingerprints, src=0)
-    return fingerprints[0]
-
-
-def resume_checkpoint(output_dir: str, run_facts: dict, world_size: int):
-    """The newest complete checkpoint, (path, trainer state) or None, if it continues this launch: same
-    data and base model fingerprints, same sequences per optimizer step (however split)."""
-    names = os.listdir(output_dir)
-    if {"checkpoint", "checkpoint.old", "checkpoint.tmp"} & set(names):
-        raise SystemExit(f"{output_dir}: a checkpoint in the format before checkpoint-<step>/ (torch.save files); "
-                         "finish this run with the version of this script that wrote it")
-    done = [name for name in names
-            if name.startswith("checkpoint-") and os.path.exists(os.path.join(output_dir, name, CHECKPOINT_DONE))]
-    if not done:
-        return None
-    path = os.path.join(output_dir, max(done, key=lambda name: int(name.removeprefix("checkpoint-"))))
-    with open(os.path.join(path, CHECKPOINT_DONE)) as f:
-        saved = json.load(f)
-    changed = [name for name in ("data", "model") if saved[name] != run_facts[name]]
-    if changed:
-        raise SystemExit(f"--resume: the {' and the '.join(changed)} changed since {path} was written "
-                         f"(sha256 {', '.join(f'{n} {saved[n][:12]} -> {run_facts[n][:12]}' for n in changed)}); "
-                         "restore them or train into a new --output_dir")
-    batch = saved["optimizer_batch"]
-    if batch != run_facts["optimizer_batch"]:
-        splits = [f"{p} x {batch // world_size // p}" for p in range(1, batch // world_size + 1)
-                  if batch % world_size == 0 and batch // world_size % p == 0][:4]
-        raise SystemExit(f"--resume: {path} trained on {batch} sequences per optimizer step, this launch would use "
-                         f"{run_facts['optimizer_batch']}; on {world_size} ranks keep {batch} with "
-                         "--per_device_train_batch_size x --gradient_accumulation_steps = "
-                         + (" or ".join(splits) if splits else f"(none: {batch} is not a multiple of {world_size})"))
-    return path, saved
-
-
-def save_checkpoint(model, optimizer, scheduler, step: int, output_dir: str, rank: int, run_facts: dict) -> None:
-    """output_dir/checkpoint-{step}: each rank writes its own shards of the weights and AdamW moments (DCP,
-    safetensors, fsynced); then rank 0 writes the trainer state, the mark of a complete checkpoint, and only
-    then removes the older ones. The data position and the global RNG are functions of the step."""
-    path = os.path.join(output_dir, f"checkpoint-{step}")
-    state = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)["state"]}
-    dcp.save(state, storage_writer=HuggingFaceStorageWriter(path, save_distributed=True))
-    if rank == 0:  # dcp.save returns on rank 0 after every rank has reported its files written
-        write_durably(os.path.join(path, CHECKPOINT_DONE),
-                      json.dumps({"step": step, "scheduler": scheduler.state_dict(), **run_facts}))
-        remove_checkpoints(output_dir, keep=path)
-    dist.barrier()
-
-
-def load_checkpoint(model, optimizer, scheduler, checkpoint) -> int:
-    """Restore weights, AdamW moments and scheduler, resharded onto this launch's ranks; return the step."""
-    path, saved = checkpoint
-    optimizer_state = get_optimizer_state_dict(model, optimizer)  # creates the moments to load into
-    state = {"model": get_model_state_dict(model), "optimizer": optimizer_state["state"]}
-    dcp.load(state, storage_reader=HuggingFaceStorageReader(path))  # each rank reads the slices of its shards
-    set_model_state_dict(model, state["model"])
-    set_optimizer_state_dict(model, optimizer, optimizer_state)
-    scheduler.load_state_dict(saved["scheduler"])
-    for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):  # the scheduler state alone
-        group["lr"] = lr                                                    # does not reach the optimizer
-    return saved["step"]
-
-
-def remove_checkpoints(output_dir: str, keep: str | None) -> None:
-    """Delete every checkpoint directory but `keep`, its mark of completeness first, so that a kill
-    mid-delete never leaves a directory that looks complete without its shards."""
-    for name in os.listdir(output_dir):
-        path = os.path.join(output_dir, name)
-        if name.startswith("checkpoint-") and path != keep:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(path, CHECKPOINT_DONE))
-            shutil.rmtree(path)
-
-
-def append_metrics(path: str, metrics: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(metrics) + "\n")
-
-
-def truncate_metrics(path: str, step: int) -> None:
-    """On resume, keep the steps the checkpoint covers: a killed run's later steps are repeated, and its
-    last line may be half-written. Rewritten durably, so a kill here loses nothing."""
-    if os.path.exists(path):
-        with open(path) as f:
-            kept = itertools.takewhile(lambda line: line.endswith("\n") and json.loads(line)["step"] <= step, f)
-            write_durably(path, "".join(kept))
-
-
-def make_scheduler(optimizer, kind: str, warmup_steps: int, total_steps: int):
-    """Linear warmup, then linear decay to 0 (or constant)."""
-    def factor(step):
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        if kind == "constant":
-            return 1.0
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-# ---------------------------------------------------------------------------------------------
 # Data
 
 def load_sft_data(args, tokenizer, rank: int):
@@ -793,9 +271,9 @@ def accumulate_gradients(model, examples, batch: list[int], args, rank: int, wor
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, world_size, device = init_distributed()
+    rank, world_size, device = infra.init_distributed()
     try:
-        with claimed_output_dir(args, rank):
+        with infra.claimed_output_dir(args, rank, RESUMABLE_FLAGS):
             train(args, rank, world_size, device)
     finally:
         dist.destroy_process_group()
@@ -803,10 +281,7 @@ def main(argv=None):
 
 def train(args, rank: int, world_size: int, device) -> None:
     torch.manual_seed(args.seed)
-    if os.path.exists(os.path.join(args.output_dir, "config.json")):  # the final save moves it in last
-        if rank == 0:  # (a kill may have left its emptied temporary directory)
-            shutil.rmtree(os.path.join(args.output_dir, "model.tmp"), ignore_errors=True)
-            print(f"{args.output_dir} holds this run's final model already: nothing to do")
+    if infra.final_model_saved(args.output_dir, rank):
         return
     tokenizer = data_mix.load_tokenizer(args.model_name_or_path, args.chat_template_name)
     examples, data_report = load_sft_data(args, tokenizer, rank)
@@ -817,17 +292,18 @@ def train(args, rank: int, world_size: int, device) -> None:
         raise SystemExit(f"{len(examples)} examples are fewer than one optimizer batch of {batch_size} "
                          "(per_device_train_batch_size x gradient_accumulation_steps x ranks)")
     total_steps = args.max_train_steps or steps_per_epoch * args.num_train_epochs
-    run_facts = {"optimizer_batch": batch_size, **run_fingerprints(examples, args.model_name_or_path, rank)}
-    checkpoint = resume_checkpoint(args.output_dir, run_facts, world_size)
+    run_facts = {"optimizer_batch": batch_size, **infra.run_fingerprints(examples, args.model_name_or_path, rank)}
+    checkpoint = infra.resume_checkpoint(args.output_dir, run_facts, world_size)
     if rank == 0:
         data_mix.save_json(os.path.join(args.output_dir, "mixture.json"), data_report)
 
-    data_mix.register_packed_attention()  # --attn_implementation packed_varlen
-    model = load_model(args.model_name_or_path, args, device, rank)
+    infra.register_packed_attention()  # --attn_implementation packed_varlen
+    model = infra.load_model(args.model_name_or_path, args, device, rank, CausalLMLogProbs)
     first_example = examples[torch.randperm(len(examples), generator=torch.Generator().manual_seed(args.seed))[0].item()]
-    check_loaded_model(model, args.model_name_or_path, torch.tensor([first_example["input_ids"][:64]], device=device),
-                       lambda ids, positions: model(input_ids=ids, labels=ids, position_ids=positions),
-                       resolve_dtype(args.dtype, device), rank)
+    first_ids = torch.tensor([first_example["input_ids"][:64]], device=device)
+    infra.check_loaded_model(model, args.model_name_or_path, first_ids,
+                             lambda ids, positions: model(input_ids=ids, labels=ids, position_ids=positions),
+                             infra.resolve_dtype(args.dtype, device), rank)
     if args.load_balancing_loss:  # Mixtral, OLMoE, Qwen-MoE, ...: their configs carry the router loss's weight
         text_config = model.model.config.get_text_config()
         if not hasattr(text_config, "router_aux_loss_coef"):
@@ -836,13 +312,13 @@ def train(args, rank: int, world_size: int, device) -> None:
             args.load_balancing_weight = text_config.router_aux_loss_coef
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay,
                                   fused=device.type == "cuda")
-    scheduler = make_scheduler(optimizer, args.lr_scheduler_type, math.ceil(args.warmup_ratio * total_steps),
+    scheduler = infra.make_scheduler(optimizer, args.lr_scheduler_type, math.ceil(args.warmup_ratio * total_steps),
                                total_steps)
     metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
-    start_step = load_checkpoint(model, optimizer, scheduler, checkpoint) if checkpoint else 0
+    start_step = infra.load_checkpoint(model, optimizer, scheduler, checkpoint) if checkpoint else 0
     if rank == 0:  # forget what the checkpoint does not cover: later steps' metrics, incomplete checkpoints
-        truncate_metrics(metrics_path, start_step)
-        remove_checkpoints(args.output_dir, keep=checkpoint and checkpoint[0])
+        infra.truncate_metrics(metrics_path, start_step)
+        infra.remove_checkpoints(args.output_dir, keep=checkpoint and checkpoint[0])
 
     model.train()
     progress = tqdm(total=total_steps, initial=start_step, desc="sft", disable=rank != 0)
@@ -875,13 +351,13 @@ def train(args, rank: int, world_size: int, device) -> None:
                    **({"router_loss": router_loss.item()} if args.load_balancing_loss else {}),
                    "tokens_per_s": input_tokens.item() / elapsed}
         if rank == 0:
-            append_metrics(metrics_path, metrics)
+            infra.append_metrics(metrics_path, metrics)
             progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
             progress.update()
         if (step + 1) % args.checkpointing_steps == 0 and step + 1 < total_steps:
-            save_checkpoint(model, optimizer, scheduler, step + 1, args.output_dir, rank, run_facts)
+            infra.save_checkpoint(model, optimizer, scheduler, step + 1, args.output_dir, rank, run_facts)
     progress.close()
-    save_hf_model(model, tokenizer, args.model_name_or_path, args.output_dir, rank)
+    infra.save_hf_model(model, tokenizer, args.model_name_or_path, args.output_dir, rank)
 
 
 if __name__ == "__main__":

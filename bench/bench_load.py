@@ -1,4 +1,4 @@
-"""Peak memory (RSS) per rank of sft.load_model: today's sharded load against the rank-0 load it replaced.
+"""Peak memory (RSS) per rank of infra.load_model: today's sharded load against the rank-0 load it replaced.
 
     python bench/bench_load.py                      # Llama-3.2-1B shape, 2 gloo ranks (needs ~2.5 GB of /tmp)
     python bench/bench_load.py --num_hidden_layers 2 --vocab_size 32000     # a quick look
@@ -26,6 +26,7 @@ import torch
 import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import infra  # noqa: E402
 import sft  # noqa: E402
 
 LOADERS = ("rank0_broadcast", "sharded_dcp")
@@ -47,16 +48,16 @@ def worker(rank, ranks, port, loader, model_dir, results):
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(ranks), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=port)
-    rank, _, device = sft.init_distributed()
+    rank, _, device = infra.init_distributed()
     if loader == "rank0_broadcast":
-        sft.sharded_load_plan = lambda *args: (None, "the benchmark asks for the rank-0 load")
+        infra.sharded_load_plan = lambda *args: (None, "the benchmark asks for the rank-0 load")
     args = sft.parse_args(["--model_name_or_path", model_dir, "--dataset_mixer_list", "x", "1", "--output_dir", "x"])
     torch.distributed.barrier()
     before = memory_gb("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # the peak (VmHWM) starts again from the current RSS
     started = time.perf_counter()
-    model = sft.load_model(model_dir, args, device, rank)
+    model = infra.load_model(model_dir, args, device, rank, sft.CausalLMLogProbs)
     torch.distributed.barrier()
     seconds = time.perf_counter() - started
     peak = memory_gb("VmHWM")

@@ -10,10 +10,10 @@
 Per model (random weights in a temporary directory, read by the scripts' own loaders), one process
 times each variant in turn on the same random-token examples:
 - baseline:   the Hugging Face model and its own loss (model(input_ids, attention_mask, labels)),
-              FSDP2-sharded like sft.load_model, padded micro-batches, clipping, AdamW; never compiled.
-- sft_padded / sft_packed: sft.load_model + sft.accumulate_gradients (--no-packing / --packing),
+              FSDP2-sharded like infra.load_model, padded micro-batches, clipping, AdamW; never compiled.
+- sft_padded / sft_packed: infra.load_model + sft.accumulate_gradients (--no-packing / --packing),
               then sft's clipping and AdamW.
-- dpo_packed: dpo.load_model + dpo.accumulate_gradients on the same tokens (neighbouring examples of
+- dpo_packed: infra.load_model + dpo.accumulate_gradients on the same tokens (neighbouring examples of
               a row are a chosen/rejected pair, so a micro-batch is again one row), with constant
               reference log-probs in place of dpo.py's cached table.
 - sft_budget / dpo_budget: the same with --max_tokens_per_micro_batch (rows of at most that many tokens).
@@ -59,6 +59,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data_mix  # noqa: E402
 import dpo  # noqa: E402
+import infra  # noqa: E402
 import sft  # noqa: E402
 
 BUNDLED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".cache", "models",
@@ -191,13 +192,13 @@ def make_update(model, run_args, device):
 
 
 def baseline_runner(path, run_args, examples, rank, world_size, device):
-    """Plain transformers: the HF model and its own loss, sharded like sft.load_model."""
+    """Plain transformers: the HF model and its own loss, sharded like infra.load_model."""
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
                                                  attn_implementation=run_args.attn_implementation).to(device)
     model.config.use_cache = False
     if run_args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    dtype = torch.bfloat16 if sft.resolve_dtype(run_args.dtype, device) == "bf16" else torch.float32
+    dtype = torch.bfloat16 if infra.resolve_dtype(run_args.dtype, device) == "bf16" else torch.float32
     policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     for layer in model.get_decoder().layers:
         fully_shard(layer, mp_policy=policy)
@@ -219,7 +220,7 @@ def baseline_runner(path, run_args, examples, rank, world_size, device):
 
 
 def sft_runner(path, run_args, examples, rank, world_size, device):
-    model = sft.load_model(path, run_args, device, rank).train()
+    model = infra.load_model(path, run_args, device, rank, sft.CausalLMLogProbs).train()
     update = make_update(model, run_args, device)
 
     def plan(batch):
@@ -239,7 +240,7 @@ def dpo_runner(path, run_args, examples, rank, world_size, device):
               "rejected_input_ids": r["input_ids"], "rejected_labels": r["labels"]}
              for c, r in zip(examples[0::2], examples[1::2])]
     reference = tuple(torch.full((len(pairs),), -1.0, device=device) for _ in range(2))
-    model = dpo.load_model(path, run_args, device, rank).train()
+    model = infra.load_model(path, run_args, device, rank, dpo.CausalLMLogProbs).train()
     update = make_update(model, run_args, device)
 
     def pair_batch(batch):  # rank r's examples are batch[r::world_size] in order; examples 2j, 2j+1 are pair j
@@ -410,8 +411,8 @@ def main():
     args = parse_args()
     if args.plan_ranks:
         return plan_only(args)
-    rank, world_size, device = sft.init_distributed()
-    data_mix.register_packed_attention()  # --attn_implementation packed_varlen
+    rank, world_size, device = infra.init_distributed()
+    infra.register_packed_attention()  # --attn_implementation packed_varlen
     try:
         if args.lengths == "rows" and args.rows_per_step % world_size:
             raise SystemExit(f"--rows_per_step {args.rows_per_step} must be a multiple of the {world_size} ranks")
@@ -422,7 +423,7 @@ def main():
                      ("length_scale", "gradient_accumulation_steps")) + (
                 "lengths", "max_tokens_per_micro_batch", "warmup_steps", "steps", "compile", "gradient_checkpointing",
                 "attn_implementation")
-            print(f"\n{name} x{world_size}, {sft.resolve_dtype('auto', device)}, "
+            print(f"\n{name} x{world_size}, {infra.resolve_dtype('auto', device)}, "
                   + ", ".join(f"{key}={getattr(args, key)}" for key in shown) + "\n")
             print(markdown(rows))
             for model in args.models:

@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import dpo
 import eval as evaluation
+import infra
 import rlvr
 import sft
 from conftest import build_tiny_tokenizer, plain_python_environment, read_metrics, run_in_process
@@ -131,9 +132,9 @@ def test_every_tensor_holds_what_from_pretrained_gives(family, capsys):
     args = sft.parse_args(["--model_name_or_path", family["model_dir"], "--dataset_mixer_list", "x", "1",
                            "--output_dir", "x", "--max_seq_length", "128"])
     with plain_python_environment():
-        sft.init_distributed()
+        infra.init_distributed()
         try:
-            loaded = sft.load_model(family["model_dir"], args, torch.device("cpu"), rank=0).model
+            loaded = infra.load_model(family["model_dir"], args, torch.device("cpu"), 0, sft.CausalLMLogProbs).model
             tensors = {name: tensor.full_tensor() if isinstance(tensor, DTensor) else tensor for name, tensor in
                        [*loaded.named_parameters(remove_duplicate=False), *loaded.named_buffers()]}
         finally:
@@ -216,7 +217,7 @@ def zero_buffers(model):  # a planted loading fault: the buffers no state dict c
 @pytest.mark.parametrize("stage", [sft, dpo, rlvr])
 def test_a_buffer_left_unfilled_is_caught_before_training(stage, tmp_path, monkeypatch):
     family = make_family("gemma3", tmp_path)
-    monkeypatch.setattr(stage, "init_non_persistent_buffers", zero_buffers)
+    monkeypatch.setattr(infra, "init_non_persistent_buffers", zero_buffers)
     name = stage.__name__
     with pytest.raises(SystemExit, match=r"Gemma3ForCausalLM \(gemma3_text\): the log-probs this stage trains on differ"):
         stage_run(family, name, *(["--algo", "grpo"] if name == "rlvr" else []))

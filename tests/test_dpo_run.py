@@ -10,6 +10,7 @@ import torch.multiprocessing as mp
 
 import data_mix
 import dpo
+import infra
 from conftest import build_tiny_model, free_port, read_metrics, run_in_process
 
 PROBLEMS = [(3, 4), (12, 30), (7, 8), (21, 2), (5, 5), (40, 1), (9, 6), (13, 13)]
@@ -98,17 +99,17 @@ class Interrupt(Exception):
 def test_resumed_run_reads_the_initial_model_reference_and_continues_the_same_curve(tiny_model_dir, pairs, tmp_path,
                                                                                     monkeypatch, capsys):
     uninterrupted = run_dpo(tiny_model_dir, pairs, tmp_path / "whole")
-    append_metrics = dpo.append_metrics
+    append_metrics = infra.append_metrics
 
     def crash_at_step_3(path, metrics):
         if metrics["step"] == 3:
             raise Interrupt
         append_metrics(path, metrics)
 
-    monkeypatch.setattr(dpo, "append_metrics", crash_at_step_3)
+    monkeypatch.setattr(infra, "append_metrics", crash_at_step_3)
     with pytest.raises(Interrupt):
         run_dpo(tiny_model_dir, pairs, tmp_path / "resumed", "--checkpointing_steps", "2")
-    monkeypatch.setattr(dpo, "append_metrics", append_metrics)
+    monkeypatch.setattr(infra, "append_metrics", append_metrics)
     capsys.readouterr()
     resumed = run_dpo(tiny_model_dir, pairs, tmp_path / "resumed", "--checkpointing_steps", "2", "--resume")
     assert "reference log-probs: read from" in capsys.readouterr().out
@@ -126,11 +127,11 @@ def gradient_worker(rank, world_size, port, model_dir, data, cache_dir, out_path
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=port)
     torch.set_num_threads(1)
-    rank, world_size, device = dpo.init_distributed()
+    rank, world_size, device = infra.init_distributed()
     tokenizer = data_mix.load_tokenizer(model_dir)
     rows, _ = data_mix.mix_datasets([data, "1.0"], seed=0, validate=data_mix.validate_preference_record)
     examples, _ = data_mix.tokenize_preference_dataset(rows, tokenizer, 128)
-    fingerprints = dpo.run_fingerprints(examples, model_dir, rank)
+    fingerprints = infra.run_fingerprints(examples, model_dir, rank)
     results = {}
     for packing in (True, False):
         for loss_type in ("dpo_norm", "dpo"):
@@ -138,7 +139,7 @@ def gradient_worker(rank, world_size, port, model_dir, data, cache_dir, out_path
                                    "--output_dir", "x", "--reference_cache_dir", f"{cache_dir}/{world_size}",
                                    "--dpo_loss_type", loss_type, "--dpo_beta", "0.5",
                                    "--packing" if packing else "--no-packing"])
-            model = dpo.load_model(model_dir, args, device, rank)
+            model = infra.load_model(model_dir, args, device, rank, dpo.CausalLMLogProbs)
             # scored with 3 pairs per micro-batch: on 2 ranks the last group leaves a rank a stand-in pair
             args.per_device_train_batch_size = 3
             reference = dpo.cached_reference_logps(model, examples, args, rank, world_size, device,

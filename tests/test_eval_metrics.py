@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-import data_mix
 import eval as evaluation
+import infra
 from conftest import build_tiny_model
 
 
@@ -164,8 +164,8 @@ def test_a_shared_few_shot_prefix_is_encoded_once_with_the_same_result(tiny_toke
 def test_sampling_keeps_only_the_top_p_nucleus():
     logits = torch.tensor([[0.0, 3.0, 1.0, 2.9]]).repeat(64, 1)
     generator = torch.Generator().manual_seed(0)
-    assert data_mix.sample_top_p(logits, 1.0, 1e-6, generator).unique().tolist() == [1]  # only the top token
-    assert set(data_mix.sample_top_p(logits, 1.0, 0.9, generator).tolist()) == {1, 3}  # 1 and 3 hold ~0.9
+    assert infra.sample_top_p(logits, 1.0, 1e-6, generator).unique().tolist() == [1]  # only the top token
+    assert set(infra.sample_top_p(logits, 1.0, 0.9, generator).tolist()) == {1, 3}  # 1 and 3 hold ~0.9
 
 
 def test_a_task_without_a_prompt_or_scorer_is_an_error():
@@ -178,8 +178,8 @@ def test_a_task_without_a_prompt_or_scorer_is_an_error():
 def test_sampled_generation_draws_each_token_with_the_shared_sampler(tiny_tokenizer, monkeypatch):
     model = build_tiny_model(tiny_tokenizer).eval()
     model.generation_config.eos_token_id = None
-    calls, real = [], data_mix.sample_top_p
-    monkeypatch.setattr(data_mix, "sample_top_p", lambda logits, t, p, g: calls.append((len(logits), t, p)) or
+    calls, real = [], infra.sample_top_p
+    monkeypatch.setattr(infra, "sample_top_p", lambda logits, t, p, g: calls.append((len(logits), t, p)) or
                         real(logits, t, p, g))
 
     class Sampled(Args):

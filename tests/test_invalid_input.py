@@ -203,5 +203,11 @@ def test_ipo_with_label_smoothing_is_refused_at_parse_time(capsys):
 def test_a_directory_that_is_not_a_model_is_named(tmp_path, stage):
     import importlib
 
-    with pytest.raises(SystemExit, match=f"--model_name_or_path {tmp_path}: not a model directory"):
-        importlib.import_module(stage).check_model_path(str(tmp_path))
+    from conftest import run_in_process
+
+    argv = ["--model_name_or_path", str(tmp_path / "not-a-model"), "--dataset_mixer_list", "d.jsonl", "1",
+            "--output_dir", str(tmp_path / "out")]
+    os.makedirs(tmp_path / "not-a-model")
+    with pytest.raises(SystemExit, match=f"--model_name_or_path {tmp_path / 'not-a-model'}: not a model directory"):
+        run_in_process(importlib.import_module(stage).main, argv)
+    assert not os.path.exists(tmp_path / "out")  # stopped before the output directory was made

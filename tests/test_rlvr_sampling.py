@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 from torch._dynamo.utils import counters
 from transformers import LogitsProcessor, LogitsProcessorList
 
-import data_mix
+import infra
 import rlvr
 from conftest import build_tiny_model, build_tiny_tokenizer
 
@@ -27,19 +27,19 @@ def prompts_of(tokenizer, texts=TEXTS):
 
 
 class SameDraws(LogitsProcessor):
-    """Makes model.generate's greedy search take the token data_mix.sample_top_p draws from the same random stream (the
+    """Makes model.generate's greedy search take the token infra.sample_top_p draws from the same random stream (the
     scores become 0 there, -inf elsewhere), so model.generate is a reference for the sampler's decode loop."""
 
     def __init__(self, temperature, top_p, seed):
         self.temperature, self.top_p, self.generator = temperature, top_p, torch.Generator().manual_seed(seed)
 
     def __call__(self, input_ids, scores):
-        token = data_mix.sample_top_p(scores, self.temperature, self.top_p, self.generator)
+        token = infra.sample_top_p(scores, self.temperature, self.top_p, self.generator)
         return torch.full_like(scores, -math.inf).scatter(-1, token[:, None], 0.0)
 
 
 def hf_sampled(model, tokenizer, prompts, max_new_tokens, eos_token_id, seed, temperature=1.0, top_p=1.0):
-    ids, mask = data_mix.collate_prompts(prompts, tokenizer.pad_token_id)
+    ids, mask = infra.collate_prompts(prompts, tokenizer.pad_token_id)
     out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                          logits_processor=LogitsProcessorList([SameDraws(temperature, top_p, seed)]),
                          eos_token_id=eos_token_id, pad_token_id=tokenizer.pad_token_id)
@@ -96,8 +96,8 @@ def test_a_reused_cache_gives_what_a_fresh_one_gives_and_is_cleared_like_reset(t
 
 def test_the_cache_keyword_is_found_in_the_models_forward(tiny):
     _, model = tiny
-    assert data_mix.cache_keyword(model) in inspect.signature(model.forward).parameters
-    assert data_mix.cache_keyword(rlvr.HFModel(model)) == data_mix.cache_keyword(model)  # the FSDP root wraps the model
+    assert infra.cache_keyword(model) in inspect.signature(model.forward).parameters
+    assert infra.cache_keyword(rlvr.HFModel(model)) == infra.cache_keyword(model)  # the FSDP root wraps the model
 
 
 def test_a_forward_that_takes_no_known_cache_keyword_is_a_clear_error(tiny_tokenizer):
@@ -108,7 +108,7 @@ def test_a_forward_that_takes_no_known_cache_keyword_is_a_clear_error(tiny_token
             return super().forward(input_ids=input_ids, **kwargs)
     model.__class__ = RenamedCache
     with pytest.raises(TypeError, match="RenamedCache.forward takes neither"):
-        data_mix.cache_keyword(model)
+        infra.cache_keyword(model)
 
 
 def test_compiled_decode_step_gives_the_same_output(tiny):
@@ -156,7 +156,7 @@ def test_sampled_logprobs_equal_the_training_forward(tiny):
 def test_sampling_follows_the_temperature_scaled_distribution():
     logits = torch.tensor([[0.0, 1.0, 2.0]]).repeat(20000, 1)
     generator = torch.Generator().manual_seed(0)
-    tokens = data_mix.sample_top_p(logits, temperature=2.0, top_p=1.0, generator=generator)
+    tokens = infra.sample_top_p(logits, temperature=2.0, top_p=1.0, generator=generator)
     frequencies = torch.bincount(tokens, minlength=3) / len(tokens)
     torch.testing.assert_close(frequencies, torch.softmax(logits[0] / 2.0, -1), atol=0.015, rtol=0)
 
@@ -165,10 +165,10 @@ def test_top_p_keeps_the_smallest_nucleus_reaching_p():
     # probabilities 0.1, 0.2, 0.7: top_p 0.8 keeps {0.7, 0.2}; top_p 0.5 keeps only the 0.7 token
     logits = torch.tensor([[0.1, 0.2, 0.7]]).log().repeat(5000, 1)
     generator = torch.Generator().manual_seed(0)
-    assert set(data_mix.sample_top_p(logits, 1.0, 0.8, generator).tolist()) == {1, 2}
-    assert set(data_mix.sample_top_p(logits, 1.0, 0.5, generator).tolist()) == {2}
+    assert set(infra.sample_top_p(logits, 1.0, 0.8, generator).tolist()) == {1, 2}
+    assert set(infra.sample_top_p(logits, 1.0, 0.5, generator).tolist()) == {2}
     # the nucleus first in the vocabulary: the tokens after it (probability 0) fill the end of the cumulative sum
-    assert set(data_mix.sample_top_p(logits.flip(-1), 1.0, 0.5, generator).tolist()) == {0}
+    assert set(infra.sample_top_p(logits.flip(-1), 1.0, 0.5, generator).tolist()) == {0}
 
 
 def test_stop_strings_end_a_row(tiny):

@@ -8,6 +8,7 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
+import infra
 import rlvr
 from conftest import free_port, read_metrics, run_in_process
 
@@ -184,8 +185,8 @@ def test_options_that_cannot_work_are_refused(bad, message, capsys):
 def test_beta_0_loads_no_reference_model_and_trains(tiny_model_dir, tmp_path, monkeypatch):
     data = write_rlvr_data(tmp_path / "rlvr.jsonl")
     loads = []
-    real_load_model = rlvr.load_model
-    monkeypatch.setattr(rlvr, "load_model", lambda *a, **k: loads.append(a[0]) or real_load_model(*a, **k))
+    real_load_model = infra.load_model
+    monkeypatch.setattr(infra, "load_model", lambda *a, **k: loads.append(a[0]) or real_load_model(*a, **k))
     run_rlvr(base_args(tiny_model_dir, data, tmp_path / "out", "--beta", "0", "--loss_denominator", "6",
                        "--advantage_normalization_type", "centered", "--clip_higher", "0.28"))
     assert loads == [tiny_model_dir]  # the policy only

@@ -9,6 +9,7 @@ import torch.multiprocessing as mp
 from torch._dynamo.utils import counters
 
 import data_mix
+import infra
 import sft
 from conftest import free_port, read_metrics, run_in_process
 
@@ -77,7 +78,7 @@ def start_worker(rank, world_size, port, model_dir):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=port)
     torch.set_num_threads(1)
-    rank, world_size, device = sft.init_distributed()
+    rank, world_size, device = infra.init_distributed()
     tokenizer = data_mix.load_tokenizer(model_dir)
     return rank, world_size, device, tokenizer, [data_mix.tokenize_sft(tokenizer, m, 128) for m in conversations()]
 
@@ -88,7 +89,7 @@ def gradient_worker(rank, world_size, port, model_dir, out_path):
     for packing in (True, False):
         args = sft.parse_args(["--model_name_or_path", model_dir, "--dataset_mixer_list", "x", "1", "--output_dir", "x",
                                "--packing" if packing else "--no-packing"])
-        model = sft.load_model(model_dir, args, device, rank)
+        model = infra.load_model(model_dir, args, device, rank, sft.CausalLMLogProbs)
         for reduction in ("sum", "mean"):
             for per_device, accumulation in SPLITS[world_size]:
                 args.per_device_train_batch_size, args.reduce_loss = per_device, reduction
@@ -129,7 +130,7 @@ def compile_worker(rank, world_size, port, model_dir, out_path):
         args = sft.parse_args(["--model_name_or_path", model_dir, "--dataset_mixer_list", "x", "1", "--output_dir", "x",
                                "--packing", "--per_device_train_batch_size", "4"] + ["--compile"] * compiled)
         counters.clear()
-        model = sft.load_model(model_dir, args, device, rank)
+        model = infra.load_model(model_dir, args, device, rank, sft.CausalLMLogProbs)
         nll = sft.accumulate_gradients(model, examples, list(range(8)), args, rank, world_size, device,
                                        tokenizer.pad_token_id)[0]
         graphs[compiled] = counters["stats"]["unique_graphs"]  # graphs dynamo compiled in this forward
@@ -254,12 +255,12 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tiny_model_dir, tmp_path, 
     monkeypatch.setattr(sft, "sft_loss", loss)
     checkpoint, saved = tmp_path / "out" / "checkpoint-2", {}
     digest = lambda: {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in checkpoint.iterdir()}  # noqa: E731
-    real_save = sft.save_checkpoint
+    real_save = infra.save_checkpoint
 
     def save_and_digest(*args):  # the checkpoint as step 2 first wrote it, before the NaN step runs
         real_save(*args)
         saved.update({} if saved else digest())
-    monkeypatch.setattr(sft, "save_checkpoint", save_and_digest)
+    monkeypatch.setattr(infra, "save_checkpoint", save_and_digest)
     with pytest.raises(FloatingPointError, match="step 3.*checkpoint .* is intact"):
         run_sft(base_args(tiny_model_dir, data, tmp_path / "out", "--checkpointing_steps", "2"))
     assert json.loads((checkpoint / "trainer_state.json").read_text())["step"] == 2
