@@ -25,8 +25,6 @@ import socket
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -425,6 +423,9 @@ def run_fingerprints(examples, model_path: str, rank: int) -> dict:
     threads), and a node whose copy differs from rank 0's stops every rank: each rank reads its shard of the
     weights from its own node's files, so it would train a mix of two models.
     """
+    import pyarrow as pa  # (here, not above: eval.py imports this file and reads no arrow data)
+    import pyarrow.compute as pc
+
     fingerprints, model = [None], None
     if rank == 0:
         data = hashlib.sha256()
