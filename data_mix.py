@@ -1,6 +1,7 @@
 """Data shared by every stage: load and mix datasets, validate records, render chats, tokenize, batch;
-preference and RLVR records; the benchmarks eval.py scores, and the decontamination of training data
-against them. (The attention for packed rows and the sampling helpers are model code: infra.py.)
+RLVR records; the benchmarks eval.py scores, and the decontamination of training data against them.
+(Preference records are dpo.py's own; the attention for packed rows and the sampling helpers are model
+code: infra.py.)
 
 A mixture is a list of (dataset, amount) pairs, written on the command line as
     --dataset_mixer_list allenai/tulu-3-sft-mixture 1.0 my_data.jsonl 5000
@@ -411,95 +412,6 @@ def micro_batch_indices(mine: list[int], size: int, max_tokens: int | None, leng
         groups[fits].append(index)
         loads[fits] += lengths[index]
     return groups
-
-
-# ---------------------------------------------------------------------------------------------
-# Preference records
-# DPO trains on pairs of whole conversations that share the prompt turns and differ in the final
-# assistant turn. Two record shapes are accepted:
-#   {"chosen": [messages], "rejected": [messages]}         (Tülu 3's preference mixture; its
-#                                                           "prompt" string repeats the user turn)
-#   {"prompt": str | [messages], "chosen": str | [assistant messages], "rejected": ...}
-# A side that is a string, or a message list starting with an assistant turn, is a response to
-# `prompt`; a side that starts with a system or user turn is already a whole conversation.
-
-def preference_side(row: dict, side: str, where: str) -> list[dict]:
-    """One side of a preference record as a whole conversation ending in the assistant response."""
-    value = row.get(side)
-    if value is None:
-        raise InvalidRecord(f"{where}, field {side}: missing (a preference record needs chosen and rejected)")
-    if isinstance(value, str):
-        response = [{"role": "assistant", "content": value}]
-    elif isinstance(value, list):
-        response = value
-    else:
-        raise InvalidRecord(f"{where}, field {side}: expected a response string or a list of messages, "
-                            f"got {type(value).__name__}")
-    starts_with_response = not response or (isinstance(response[0], dict) and response[0].get("role") == "assistant")
-    if starts_with_response:
-        prompt = row.get("prompt")
-        if isinstance(prompt, str) and prompt.strip():
-            prompt = [{"role": "user", "content": prompt}]
-        if not isinstance(prompt, list) or not prompt:
-            raise InvalidRecord(f"{where}, field prompt: {side} is a response only, so a non-empty prompt "
-                                f"(string or list of messages) is needed, got {prompt!r}")
-        response = prompt + response
-    response = validate_messages(response, f"{where}, field {side}")
-    if response[-1]["role"] != "assistant":
-        raise InvalidRecord(f"{where}, field {side}: the last turn must be the assistant response, "
-                            f"got {response[-1]['role']!r}")
-    return response
-
-
-def preference_messages(row: dict, where: str) -> tuple[list[dict], list[dict]]:
-    """(chosen_messages, rejected_messages) of a record; InvalidRecord names dataset, row and field."""
-    chosen = preference_side(row, "chosen", where)
-    rejected = preference_side(row, "rejected", where)
-    if chosen[:-1] != rejected[:-1]:  # DPO compares two answers to one prompt
-        turn = next((i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b), min(len(chosen), len(rejected)) - 1)
-        raise InvalidRecord(f"{where}, field rejected: its prompt turns differ from chosen's at turn {turn}")
-    if chosen == rejected:  # no preference to learn: the DPO margin is 0 whatever the model does
-        raise InvalidRecord(f"{where}, field rejected: identical to chosen")
-    return chosen, rejected
-
-
-def validate_preference_record(row: dict, where: str) -> dict:
-    chosen, rejected = preference_messages(row, where)
-    return {"chosen": chosen, "rejected": rejected}
-
-
-def tokenize_preference(tokenizer, row: dict, max_seq_length: int, last_turn_only: bool = False) -> dict:
-    """Each side tokenized with the SFT masking: chosen_/rejected_ input_ids and labels."""
-    chosen, rejected = preference_messages(row, f"dataset {row.get('source')}")
-    tokenized = {}
-    for side, messages in (("chosen", chosen), ("rejected", rejected)):
-        example = tokenize_sft(tokenizer, messages, max_seq_length, last_turn_only)
-        tokenized[f"{side}_input_ids"], tokenized[f"{side}_labels"] = example["input_ids"], example["labels"]
-    return tokenized
-
-
-def tokenize_preference_dataset(dataset, tokenizer, max_seq_length: int, num_proc: int = 1,
-                                last_turn_only: bool = False):
-    """Tokenize every pair; drop (and count) pairs where truncation left a side with no trained token."""
-    tokenized = dataset.map(
-        lambda row: tokenize_preference(tokenizer, row, max_seq_length, last_turn_only),
-        remove_columns=[c for c in dataset.column_names if c != "source"],
-        num_proc=num_proc if num_proc > 1 else None, desc="tokenizing preferences")
-    trainable = tokenized.filter(
-        lambda row: all(any(label != IGNORE_INDEX for label in row[f"{side}_labels"])
-                        for side in ("chosen", "rejected")),
-        num_proc=num_proc if num_proc > 1 else None, desc="dropping fully masked pairs")
-    return trainable, len(tokenized) - len(trainable)
-
-
-def collate_preference_pairs(examples, indices: list[int], pad_token_id: int, packing: bool) -> dict:
-    """These pairs' chosen then rejected sequences in one batch, so one forward scores both: [2B, T]
-    padded or [1, sum T] packed, with position_ids (they mark where each sequence starts) and `index` [B]."""
-    sequences = [{"input_ids": examples[i][f"{side}_input_ids"], "labels": examples[i][f"{side}_labels"]}
-                 for side in ("chosen", "rejected") for i in indices]
-    batch = collate_packed(sequences) if packing else collate_padded(sequences, pad_token_id)
-    batch.setdefault("position_ids", torch.arange(batch["input_ids"].shape[1]).expand_as(batch["input_ids"]))
-    return {**batch, "index": torch.tensor(indices)}
 
 
 # ---------------------------------------------------------------------------------------------

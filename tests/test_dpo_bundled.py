@@ -2,12 +2,12 @@
 toward the chosen responses on held-out pairs it never trained on."""
 import json
 import os
-import socket
 
 import torch
 
 import data_mix
 import dpo
+from conftest import run_in_process
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "data", "demo")
@@ -29,7 +29,7 @@ def mean_logps(model_dir, examples):
     from transformers import AutoModelForCausalLM
 
     model = dpo.CausalLMLogProbs(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)).eval()
-    batch = data_mix.collate_preference_pairs(examples, list(range(len(examples))), pad_token_id=0, packing=True)
+    batch = dpo.collate_preference_pairs(examples, list(range(len(examples))), pad_token_id=0, packing=True)
     with torch.no_grad():
         return dpo.concatenated_logps(model, batch, mean=True)
 
@@ -38,19 +38,15 @@ def test_short_run_raises_heldout_preference_accuracy_and_margin(bundled_model_d
     train = instruction_pairs("pref_train.jsonl", 12, tmp_path / "train.jsonl")
     heldout = instruction_pairs("pref_heldout.jsonl", 10, tmp_path / "heldout.jsonl")
     output_dir = str(tmp_path / "dpo")
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):  # as `python dpo.py` runs it: a process group of one
-        os.environ.pop(key, None)
-    with socket.socket() as free:
-        free.bind(("127.0.0.1", 0))
-        os.environ["MASTER_PORT"] = str(free.getsockname()[1])
-    dpo.main(["--model_name_or_path", bundled_model_dir, "--dataset_mixer_list", train, "1.0",
-              "--chat_template_name", "tulu", "--max_seq_length", "256", "--output_dir", output_dir,
-              "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1",
-              "--learning_rate", "2e-5", "--warmup_ratio", "0"])  # Tülu's dpo_norm and beta 5; lr for 3 steps
+    # as `python dpo.py` runs it (a process group of one), leaving no torchrun variable to a later test's subprocess
+    run_in_process(dpo.main, ["--model_name_or_path", bundled_model_dir, "--dataset_mixer_list", train, "1.0",
+                              "--chat_template_name", "tulu", "--max_seq_length", "256", "--output_dir", output_dir,
+                              "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1",
+                              "--learning_rate", "2e-5", "--warmup_ratio", "0"])  # Tülu's dpo_norm, beta 5; lr: 3 steps
 
     tokenizer = data_mix.load_tokenizer(bundled_model_dir, "tulu")
-    rows, _ = data_mix.mix_datasets([heldout, "1.0"], seed=0, validate=data_mix.validate_preference_record)
-    examples, _ = data_mix.tokenize_preference_dataset(rows, tokenizer, max_seq_length=256)
+    rows, _ = data_mix.mix_datasets([heldout, "1.0"], seed=0, validate=dpo.validate_preference_record)
+    examples, _ = dpo.tokenize_preference_dataset(rows, tokenizer, max_seq_length=256)
     chosen_before, rejected_before = mean_logps(bundled_model_dir, examples)
     chosen_after, rejected_after = mean_logps(output_dir, examples)
     # DPO's held-out preference: implicit reward margin beta ((L_c - R_c) - (L_r - R_r)), the initial

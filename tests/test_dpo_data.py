@@ -1,11 +1,11 @@
-"""Preference records (data_mix.py, section "Preference records"): the accepted shapes, clear errors
+"""Preference records (dpo.py, section "Preference records"): the accepted shapes, clear errors
 naming dataset / row / field, counted skips, and tokenization with the SFT masking."""
 import json
 
 import pytest
 
-from data_mix import (IGNORE_INDEX, InvalidRecord, mix_datasets, preference_messages, tokenize_preference,
-                      tokenize_preference_dataset, validate_preference_record)
+from data_mix import IGNORE_INDEX, InvalidRecord, mix_datasets
+from dpo import preference_messages, tokenize_preference, tokenize_preference_dataset, validate_preference_record
 
 USER = {"role": "user", "content": "What is 12 plus 30?"}
 GOOD = {"role": "assistant", "content": "The answer is 42."}

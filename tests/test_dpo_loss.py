@@ -5,8 +5,7 @@ import math
 import pytest
 import torch
 
-from data_mix import collate_preference_pairs
-from dpo import CausalLMLogProbs, concatenated_logps, dpo_loss, sequence_logps
+from dpo import CausalLMLogProbs, collate_preference_pairs, concatenated_logps, dpo_loss, sequence_logps
 from tests.conftest import build_tiny_model
 
 

@@ -129,8 +129,8 @@ def gradient_worker(rank, world_size, port, model_dir, data, cache_dir, out_path
     torch.set_num_threads(1)
     rank, world_size, device = infra.init_distributed()
     tokenizer = data_mix.load_tokenizer(model_dir)
-    rows, _ = data_mix.mix_datasets([data, "1.0"], seed=0, validate=data_mix.validate_preference_record)
-    examples, _ = data_mix.tokenize_preference_dataset(rows, tokenizer, 128)
+    rows, _ = data_mix.mix_datasets([data, "1.0"], seed=0, validate=dpo.validate_preference_record)
+    examples, _ = dpo.tokenize_preference_dataset(rows, tokenizer, 128)
     fingerprints = infra.run_fingerprints(examples, model_dir, rank)
     results = {}
     for packing in (True, False):

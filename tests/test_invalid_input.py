@@ -7,6 +7,7 @@ import os
 import pytest
 
 import data_mix
+import dpo
 import verifiers
 
 USER = {"role": "user", "content": "What is 2 plus 3?"}
@@ -72,7 +73,7 @@ def test_strings_stay_strings_in_a_column_that_mixes_strings_and_lists(tmp_path)
     rows = [{"prompt": "Say a number.", "chosen": "five", "rejected": text} for text in texts]
     rows.append({"chosen": [USER, ANSWER], "rejected": [USER, {"role": "assistant", "content": "6"}]})
     path = write_lines(tmp_path / "p.jsonl", rows)
-    mixed, report = mix(path, data_mix.validate_preference_record)
+    mixed, report = mix(path, dpo.validate_preference_record)
     assert report[path]["skipped_invalid"] == 0
     assert sorted(row["rejected"][-1]["content"] for row in mixed) == sorted(texts + ["6"])
 
@@ -84,7 +85,7 @@ def test_chosen_and_rejected_with_different_prompt_turns_are_named(tmp_path):
     path = write_lines(tmp_path / "p.jsonl", [{"chosen": [USER, ANSWER], "rejected": [other, ANSWER]}])
     with pytest.raises(data_mix.InvalidRecord, match=f"{path}, line 1, field rejected: its prompt turns differ "
                                                      "from chosen's at turn 0"):
-        mix(path, data_mix.validate_preference_record)
+        mix(path, dpo.validate_preference_record)
 
 
 @pytest.mark.parametrize("content", ["", "  \n"])

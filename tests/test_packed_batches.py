@@ -67,8 +67,8 @@ def step_worker(rank, world_size, port, model_dir, data, out_path):
     infra.register_packed_attention()
     tokenizer = data_mix.load_tokenizer(model_dir)
     sft_examples = [data_mix.tokenize_sft(tokenizer, m, 128) for m in conversations()]
-    rows = data_mix.load_valid_rows(str(data), data_mix.validate_preference_record)[0]
-    pairs = data_mix.tokenize_preference_dataset(rows, tokenizer, 128)[0]
+    rows = data_mix.load_valid_rows(str(data), dpo.validate_preference_record)[0]
+    pairs = dpo.tokenize_preference_dataset(rows, tokenizer, 128)[0]
     reference = (torch.full((len(pairs),), -3.0), torch.full((len(pairs),), -2.0))
     runs = [("sft", reduction, budget, "sdpa") for reduction in ("sum", "mean") for budget in BUDGETS]
     runs += [("dpo", "pairs", budget, "sdpa") for budget in BUDGETS]
