@@ -246,7 +246,7 @@ def preference_side(row: dict, side: str, where: str) -> list[dict]:
         response = value
     else:
         raise data_mix.InvalidRecord(f"{where}, field {side}: expected a response string or a list of messages, "
-                            f"got {type(value).__name__}")
+                                     f"got {type(value).__name__}")
     starts_with_response = not response or (isinstance(response[0], dict) and response[0].get("role") == "assistant")
     if starts_with_response:
         prompt = row.get("prompt")
@@ -254,12 +254,12 @@ def preference_side(row: dict, side: str, where: str) -> list[dict]:
             prompt = [{"role": "user", "content": prompt}]
         if not isinstance(prompt, list) or not prompt:
             raise data_mix.InvalidRecord(f"{where}, field prompt: {side} is a response only, so a non-empty prompt "
-                                f"(string or list of messages) is needed, got {prompt!r}")
+                                         f"(string or list of messages) is needed, got {prompt!r}")
         response = prompt + response
     response = data_mix.validate_messages(response, f"{where}, field {side}")
     if response[-1]["role"] != "assistant":
         raise data_mix.InvalidRecord(f"{where}, field {side}: the last turn must be the assistant response, "
-                            f"got {response[-1]['role']!r}")
+                                     f"got {response[-1]['role']!r}")
     return response
 
 
@@ -323,7 +323,7 @@ def load_preference_data(args, tokenizer, rank: int):
         dist.barrier()
     rows, report = data_mix.load_mixture(args, validate_preference_record)
     examples, fully_masked = tokenize_preference_dataset(rows, tokenizer, args.max_seq_length,
-                                                                  args.preprocessing_num_workers, args.last_turn_only)
+                                                         args.preprocessing_num_workers, args.last_turn_only)
     if rank == 0:
         dist.barrier()
     if len(examples) == 0:
@@ -481,7 +481,7 @@ def train(args, rank: int, world_size: int, device) -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay,
                                   fused=device.type == "cuda")
     scheduler = infra.make_scheduler(optimizer, args.lr_scheduler_type, math.ceil(args.warmup_ratio * total_steps),
-                               total_steps)
+                                     total_steps)
     metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
     start_step = infra.load_checkpoint(model, optimizer, scheduler, checkpoint) if checkpoint else 0
     if rank == 0:  # forget what the checkpoint does not cover: later steps' metrics, incomplete checkpoints

@@ -8,7 +8,7 @@ The story: arguments; distributed (infra.init_distributed; each rank holds a who
 world_size-th example, rank 0 gathers); the tasks (one declarative entry each in data/olmes/tasks.json, with the
 OLMES config it reproduces: shots, turn format, stop sequences, token limit, sampling, metric,
 averaging; exemplars and prompt texts next to it; here only each task's prompt layout and scorer); a
-batched sampling loop (greedy, or infra.sample_top_p, rlvr's sampler); HumanEval(+) programs (run
+batched sampling loop (greedy, or infra.sample_top_p, the draw rlvr's rollouts use); HumanEval(+) programs (run
 in verifiers.run_program's sandbox, which passes a program only if its tests ran to the end; where the
 OS cannot isolate it, eval refuses unless --allow_unsandboxed_code); the run (results.json with each
 task's settings and per-subject scores, a predictions JSONL per task and model, a table with one
@@ -317,7 +317,7 @@ def generate_batch(model, tokenizer, prompts, partials, max_new_tokens: int, sto
         cache.batch_repeat_interleave(len(prompts))
     # rows: [shared prefix | padding | own tokens]; the masked padding sits in the middle (see above)
     input_ids, own_mask = (t.to(device) for t in infra.collate_prompts([p[shared:] for p in prompts],
-                                                                          tokenizer.pad_token_id))
+                                                                       tokenizer.pad_token_id))
     attention_mask = torch.cat([own_mask.new_ones(len(prompts), shared), own_mask], dim=1)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]  # padding does not shift positions
     eos_ids = torch.tensor(sorted(eos_token_ids(model, tokenizer)), device=device)

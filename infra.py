@@ -1,12 +1,14 @@
-"""The machinery the scripts share around their methods: sft.py, dpo.py and rlvr.py all of it, eval.py the
-distributed setup and the sampling helpers. A reader learning the recipe can skip this file; one copying a
-stage copies it with data_mix.py (and verifiers.py for rlvr.py and eval.py).
+"""The machinery the scripts share around their methods: sft.py and dpo.py use all but the sampling
+helpers, rlvr.py all but packed attention, eval.py the distributed setup and the sampling helpers. A stage
+is copied with infra.py, data_mix.py and verifiers.py (data_mix imports it). A reader learning the recipe
+can skip all but the last two sections, which change what the model computes.
 
 The file's sections, top to bottom: distributed setup (torchrun or plain python, NCCL on GPU, gloo on CPU);
 model loading (built on the meta device, sharded with FSDP2 per decoder layer, each rank reading only its
-own shard of the safetensors files), the guard that checks the loaded model against plain from_pretrained
-before the first update, and the Hugging Face save; the output directory, checkpoints and metrics that make
-an interrupted run resume onto the same loss curve; the attention for packed rows; the sampling helpers
+own shard of the safetensors files) and the guard that checks the loaded model against plain
+from_pretrained before the first update; the Hugging Face save; the output directory, the data and model
+fingerprints a resume checks, checkpoints, metrics and the learning-rate schedule, which make an
+interrupted run resume onto the same loss curve; the attention for packed rows; the sampling helpers
 (left-padded prompts, the KV cache's keyword, top-p draws).
 """
 import contextlib
@@ -36,7 +38,7 @@ from transformers.utils import cached_file
 
 
 # ---------------------------------------------------------------------------------------------
-# Distributed setup, model loading and saving
+# Distributed setup
 
 def init_distributed():
     """One process group for torchrun and for plain `python`: NCCL on GPU, gloo on CPU."""
@@ -55,7 +57,11 @@ def init_distributed():
     return dist.get_rank(), dist.get_world_size(), device
 
 
+# ---------------------------------------------------------------------------------------------
+# Model loading and the load guard
+
 def check_model_path(path: str) -> None:
+    """Stop early on a path that is neither a model directory nor an org/name hub id."""
     looks_local = os.path.isabs(path) or path.startswith(".") or path.count("/") != 1
     if not os.path.isdir(path) and looks_local:
         raise SystemExit(f"--model_name_or_path {path}: no such directory (and not an org/name hub id)")
@@ -299,6 +305,9 @@ def resolve_dtype(dtype: str, device) -> str:
     return ("bf16" if device.type == "cuda" else "fp32") if dtype == "auto" else dtype
 
 
+# ---------------------------------------------------------------------------------------------
+# The Hugging Face save
+
 def save_hf_model(model, tokenizer, source: str, output_dir: str, rank: int) -> None:
     """Gather the full weights to rank 0 and write a plain Hugging Face directory (safetensors).
 
@@ -340,8 +349,8 @@ def final_model_saved(output_dir: str, rank: int) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# Output directory, checkpoints, metrics. A kill at any instant leaves a directory from which the same
-# command (with --resume) continues at the newest complete checkpoint, on any number of ranks.
+# Output directory, fingerprints, checkpoints, metrics, schedule. A kill at any instant leaves a directory from
+# which the same command (with --resume) continues at the newest complete checkpoint, on any number of ranks.
 
 LOCK_FILE, CHECKPOINT_DONE = "run.lock", "trainer_state.json"
 

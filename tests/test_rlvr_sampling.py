@@ -1,4 +1,5 @@
-"""rlvr.Sampler: the batched static-cache decode loop agrees with model.generate and with the training forward."""
+"""rlvr.Sampler: the batched static-cache decode loop agrees with model.generate and with the training forward;
+and the infra sampling helpers it uses (left-padded prompts, the KV cache keyword, the top-p draw)."""
 import inspect
 import math
 import socket
