@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test assets gpu-carry clean
+.PHONY: demo test test-full assets gpu-carry clean
 
 $(VENV)/installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,9 @@ assets: $(VENV)/installed
 	$(PY) data/fetch_offline.py
 
 test: assets
+	$(PY) -m pytest -q -m "not full" tests
+
+test-full: assets
 	$(PY) -m pytest -q tests
 
 demo: assets

@@ -24,6 +24,11 @@ CORPUS = [
 ]
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "full: a slow matrix (every family, every kill point, 2 ranks): "
+                                       "`make test-full` and CI run it, `make test` leaves it out")
+
+
 def build_tiny_tokenizer():
     """A byte-level BPE tokenizer (vocab ~300) trained in milliseconds on a few sentences."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
