@@ -9,7 +9,7 @@ world_size-th example, rank 0 gathers); the tasks (one declarative entry each in
 OLMES config it reproduces: shots, turn format, stop sequences, token limit, sampling, metric,
 averaging; exemplars and prompt texts next to it; here only each task's prompt layout and scorer); a
 batched sampling loop (greedy, or infra.sample_top_p, the draw rlvr's rollouts use); HumanEval(+) programs (run
-in verifiers.run_program's sandbox, which passes a program only if its tests ran to the end; where the
+in sandbox.py (sandbox.run_program), which passes a program only if its tests ran to the end; where the
 OS cannot isolate it, eval refuses unless --allow_unsandboxed_code); the run (results.json with each
 task's settings and per-subject scores, a predictions JSONL per task and model, a table with one
 column per model). `--tasks tulu3` is the part of OLMES's tulu_3_dev suite with offline data;
@@ -37,6 +37,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 import data_mix
 import infra
+import sandbox
 import verifiers
 
 # ---------------------------------------------------------------------------------------------
@@ -424,7 +425,7 @@ def choose_letters(model, tokenizer, prompts, args) -> list[int]:
 
 
 # ---------------------------------------------------------------------------------------------
-# HumanEval programs (each runs in verifiers.run_program's sandbox)
+# HumanEval programs (each runs in sandbox.run_program)
 
 def humaneval_program(example: dict, response: str) -> str:
     """The prompt (signature + docstring), the model's body, the tests and the call that runs them."""
@@ -464,7 +465,7 @@ def evaluate_task(task: str, model, tokenizer, examples: list[dict], args, rank:
                            settings["stop"], sampling, generator)
         programs = [humaneval_program(examples[i], s) for j, i in enumerate(mine) for s in samples[j * n:(j + 1) * n]]
         with ThreadPoolExecutor(max(1, (os.cpu_count() or 1) // world_size)) as pool:  # each waits on a process
-            runs = list(pool.map(lambda p: verifiers.run_program(p, args.code_timeout_s, args.code_memory_mb,
+            runs = list(pool.map(lambda p: sandbox.run_program(p, args.code_timeout_s, args.code_memory_mb,
                                                                  allow_unisolated=args.allow_unsandboxed_code), programs))
         for j, (i, text) in enumerate(zip(mine, texts)):
             mine_runs = runs[j * n:(j + 1) * n]
@@ -542,7 +543,7 @@ def evaluate(args, rank: int, world_size: int, device) -> dict:
 
 def main(argv=None):
     args = parse_args(argv)
-    missing = verifiers.missing_isolation() if set(CODE_TASKS) & set(args.tasks) else []
+    missing = sandbox.missing_isolation() if set(CODE_TASKS) & set(args.tasks) else []
     if missing and not args.allow_unsandboxed_code:  # before any model loads: say it now, not hours in
         raise SystemExit(f"humaneval runs model-written code, but the sandbox cannot isolate it here (missing: "
                          f"{', '.join(missing)}; namespaces need root or user namespaces). Pass "

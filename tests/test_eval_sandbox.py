@@ -7,7 +7,7 @@ import threading
 import pytest
 
 from eval import humaneval_program
-from verifiers import REQUIRED_ISOLATION, run_program
+from sandbox import REQUIRED_ISOLATION, run_program
 
 
 @pytest.fixture(scope="module")

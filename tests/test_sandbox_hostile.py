@@ -1,4 +1,4 @@
-"""Hostile HumanEval programs against verifiers.run_program: a fake pass fails, samples cannot reach
+"""Hostile HumanEval programs against sandbox.run_program: a fake pass fails, samples cannot reach
 each other or the eval process, the disk quota holds, threads work. Most run without the Python
 audit guard (python_guard=False), so the OS layers are what contains them."""
 import json
@@ -9,8 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from eval import humaneval_program
-import verifiers
-from verifiers import REQUIRED_ISOLATION, SANDBOX_DISK_MB, run_program
+import sandbox
+from sandbox import REQUIRED_ISOLATION, SANDBOX_DISK_MB, run_program
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -90,7 +90,7 @@ def sandbox_processes() -> list[str]:
                 command = f.read()
         except OSError:
             continue
-        if b"31.4159" in command or (b"--sandbox" in command and os.path.abspath(verifiers.__file__).encode() in command):
+        if b"31.4159" in command or (b"--sandbox" in command and os.path.abspath(sandbox.__file__).encode() in command):
             found.append(pid)
     return found
 
@@ -113,16 +113,16 @@ def test_the_eval_process_cannot_be_signalled():
 
 
 def test_without_isolation_the_program_is_refused_unless_allowed(monkeypatch):
-    monkeypatch.setattr(verifiers, "REQUIRED_ISOLATION", REQUIRED_ISOLATION + ("a-layer-no-machine-has",))
-    refused = verifiers.run_program("pass\n")
+    monkeypatch.setattr(sandbox, "REQUIRED_ISOLATION", REQUIRED_ISOLATION + ("a-layer-no-machine-has",))
+    refused = sandbox.run_program("pass\n")
     assert refused["status"] == "refused" and "a-layer-no-machine-has" in refused["output"]
-    assert verifiers.run_program("pass\n", allow_unisolated=True)["status"] == "passed"
+    assert sandbox.run_program("pass\n", allow_unisolated=True)["status"] == "passed"
 
 
 def test_eval_refuses_humaneval_without_isolation_before_loading_a_model(monkeypatch, tmp_path):
     import eval
 
-    monkeypatch.setattr(verifiers, "missing_isolation", lambda: ["pid-namespace"])
+    monkeypatch.setattr(sandbox, "missing_isolation", lambda: ["pid-namespace"])
     with pytest.raises(SystemExit, match="missing: pid-namespace.*--allow_unsandboxed_code"):
         eval.main(["--model_name_or_path", "no/such-model", "--tasks", "humaneval", "--output_dir", str(tmp_path)])
 
