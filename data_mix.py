@@ -473,7 +473,8 @@ def _hub_rows(path: str, config: str | None, split: str) -> list[dict]:
 def load_benchmark_from_hub(name: str) -> list[dict]:
     """The test sets Tülu 3 evaluates on, from the Hugging Face hub, in the local cache's fields."""
     if name == "gsm8k":
-        return [dict(r, short_answer=r["answer"].split("####")[-1].strip()) for r in _hub_rows("openai/gsm8k", "main", "test")]
+        return [dict(r, short_answer=r["answer"].split("####")[-1].strip())
+                for r in _hub_rows("openai/gsm8k", "main", "test")]
     if name == "math500":
         return [{"problem": r["problem"], "solution": r["solution"], "level": f"Level {r['level']}",
                  "type": r["subject"]} for r in _hub_rows("HuggingFaceH4/MATH-500", None, "test")]
@@ -490,7 +491,8 @@ def load_benchmark_from_hub(name: str) -> list[dict]:
     if name == "mmlu":
         return _hub_rows("cais/mmlu", "all", "test")
     if name == "bbh":  # one config per subtask; the first that fails ends the attempt
-        return [dict(r, subtask=subtask) for subtask in BBH_SUBTASKS for r in _hub_rows("lukaemon/bbh", subtask, "test")]
+        return [dict(r, subtask=subtask) for subtask in BBH_SUBTASKS
+                for r in _hub_rows("lukaemon/bbh", subtask, "test")]
     if name in ("drop", "drop_train"):
         return _hub_rows("EleutherAI/drop", None, "validation" if name == "drop" else "train")
     if name == "popqa":

@@ -64,7 +64,8 @@ def parse_args(argv=None):
                         help="only the first N examples of each task")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--benchmark_dir", default=None,
-                        help="a dir of <benchmark>.jsonl files; a benchmark not there comes from .cache/benchmarks or the hub")
+                        help="a dir of <benchmark>.jsonl files; a benchmark not there comes from .cache/benchmarks "
+                             "or the hub")
     parser.add_argument("--skip_unavailable", action="store_true",
                         help="leave out the tasks whose data cannot be had (default: stop before any model loads)")
     parser.add_argument("--overwrite", action="store_true",
@@ -80,7 +81,8 @@ def parse_args(argv=None):
     parser.add_argument("--humaneval_num_samples", type=data_mix.POSITIVE_INT, default=None,
                         help="n samples per problem (OLMES: 20)")
     parser.add_argument("--pass_at_k", default=None,
-                        help="comma list of k, each <= the samples (OLMES: 10, with 1 beside it); the largest is the headline")
+                        help="comma list of k, each <= the samples (OLMES: 10, with 1 beside it); the largest is "
+                             "the headline")
     parser.add_argument("--code_timeout_s", type=data_mix.POSITIVE, default=None,
                         help="wall-clock limit per HumanEval program (OLMES: 3 s, HumanEval+ 20 s)")
     parser.add_argument("--code_memory_mb", type=data_mix.POSITIVE_INT, default=1024,
@@ -179,9 +181,9 @@ def doc_fields(task: str, example: dict) -> dict:
         fields.update(description=exemplar_file("bbh")["subtasks"][example["subtask"]]["description"],
                       solution=re.sub("^Let's think step by step.", "", example["target"]))
     elif task == "drop":
-        fields["first_answer"] = ", ".join(drop_answers(example)[0])
+        fields["first_answer"] = ", ".join(metrics.drop_answers(example)[0])
     elif task == "truthfulqa":
-        fields["first_choice"] = truthfulqa_targets(example)["choices"][0]
+        fields["first_choice"] = metrics.truthfulqa_targets(example)["choices"][0]
     return fields
 
 
@@ -220,42 +222,9 @@ def continuations(task: str, example: dict) -> list[str]:
     chat prompt without an assistant prefix (OLMES's convert_chat_instance), so MMLU scores 'A', not ' A'."""
     entry = TASKS[task]
     choices = (LETTERS[:len(example["choices"])] if task != "truthfulqa"
-               else truthfulqa_targets(example)["choices"])
+               else metrics.truthfulqa_targets(example)["choices"])
     texts = [entry["continuations"].format(choice=choice) for choice in choices]
     return [t.lstrip() for t in texts] if entry["chat"] and not entry["assistant_prefix"] else texts
-
-
-# DROP's answers and TruthfulQA's choices (oe_eval/tasks/oe_eval_tasks/drop.py lines 95-134, truthfulqa.py 74-98)
-
-def drop_answers(example: dict) -> list[tuple[str, ...]]:
-    """The distinct gold answers, `answer` first, then the validated ones: each the number, else the spans, else
-    the date as "day month year"."""
-    def parse(answer):
-        if answer["number"] != "":
-            return (str(answer["number"]),)
-        if answer["spans"]:
-            return tuple(answer["spans"])
-        return (" ".join([answer["date"]["day"], answer["date"]["month"], answer["date"]["year"]]).strip(),)
-    validated = example["validated_answers"]
-    others = [{key: validated[key][i] for key in ("number", "date", "spans")} for i in range(len(validated["number"]))]
-    return list(dict.fromkeys(parse(answer) for answer in [example["answer"], *others]))
-
-
-def truthfulqa_targets(example: dict) -> dict:
-    """mc1's choices (one true, first), then mc2's that mc1 lacks: their labels, and which belong to mc1 / mc2.
-    OLMES's exemplars come with `choices` and `labels` already."""
-    if "choices" in example:
-        return {"choices": example["choices"], "labels": example["labels"]}
-    choices, labels = list(example["mc1_targets"]["choices"]), list(example["mc1_targets"]["labels"])
-    mc2 = []
-    for choice, label in zip(example["mc2_targets"]["choices"], example["mc2_targets"]["labels"]):
-        if choice not in choices:
-            choices.append(choice)
-            labels.append(label)
-        elif labels[choices.index(choice)] != label:
-            raise ValueError(f"truthfulqa: {example['question']!r} labels {choice!r} differently in mc1 and mc2")
-        mc2.append(choices.index(choice))
-    return {"choices": choices, "labels": labels, "mc1": list(range(len(example["mc1_targets"]["choices"]))), "mc2": mc2}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,7 +250,7 @@ def score_example(task: str, example: dict, response: str) -> dict:
         return {"extracted": extracted, "gold": gold, "subject": example["subtask"],
                 "scores": {"exact_match": metrics.bbh_correct(example["subtask"], extracted, gold)}}
     if task == "drop":  # the whole output is the answer
-        gold = drop_answers(example)
+        gold = metrics.drop_answers(example)
         return {"extracted": response, "gold": gold, "scores": metrics.drop_scores(response, gold)}
     if task == "popqa":
         gold = json.loads(example["possible_answers"])
@@ -298,7 +267,7 @@ def score_choices(task: str, example: dict, logprobs: list[float]) -> dict:
     """A log-likelihood task's record: the likeliest choice and the scores."""
     chosen = max(range(len(logprobs)), key=lambda i: logprobs[i])  # the first of equal ones
     if task == "truthfulqa":
-        targets = truthfulqa_targets(example)
+        targets = metrics.truthfulqa_targets(example)
         return {"extracted": targets["choices"][chosen], "gold": targets["choices"][0],
                 "scores": metrics.truthfulqa_scores(logprobs, targets["labels"], targets["mc1"], targets["mc2"])}
     return {"extracted": LETTERS[chosen], "gold": LETTERS[example["answer"]], "subject": example["subject"],
@@ -588,8 +557,8 @@ def load_task_data(args) -> tuple[dict, list[str]]:
             examples = data_mix.load_benchmark(TASKS[task]["benchmark"], args.benchmark_dir)
             train = data_mix.load_benchmark("drop_train", args.benchmark_dir) if task == "drop" else None
         except data_mix.BenchmarkUnavailable as error:
-            missing.append(f"{task}{' (its exemplars: 3 rows of the train split)' if 'drop_train' in str(error) else ''}:"
-                           f" {error}")
+            exemplars_too = " (its exemplars: 3 rows of the train split)" if "drop_train" in str(error) else ""
+            missing.append(f"{task}{exemplars_too}: {error}")
             continue
         data[task] = (examples[: args.limit] if args.limit else examples, train)
     return data, missing
@@ -614,7 +583,8 @@ def evaluate_task(task: str, model, tokenizer, examples: list[dict], train, sett
         programs = [humaneval_program(examples[i], s) for j, i in enumerate(mine) for s in samples[j * n:(j + 1) * n]]
         with ThreadPoolExecutor(max(1, (os.cpu_count() or 1) // world_size)) as pool:  # each waits on a process
             runs = list(pool.map(lambda p: verifiers.run_program(p, settings["timeout_s"], settings["memory_mb"],
-                                                                 allow_unisolated=args.allow_unsandboxed_code), programs))
+                                                                 allow_unisolated=args.allow_unsandboxed_code),
+                                 programs))
         for j, (i, text) in enumerate(zip(mine, texts)):
             mine_runs = runs[j * n:(j + 1) * n]
             records.append({"index": i, "prompt": text, "response": samples[j * n:(j + 1) * n],

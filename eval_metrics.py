@@ -8,8 +8,8 @@ so each rule can be read and tested alone. Each follows the OLMES code that comp
     minerva_answer, math_flex_answers  MATH: Minerva's "Final Answer" (exact_match) and OLMES's flex candidates,
     math_equal, hendrycks_equal        compared symbolically or after Hendrycks' normalization
     bbh_answer, bbh_correct            BBH: the per-task answer pattern, tried after "So the answer is", ...
-    drop_scores                        DROP: the official exact match and bag-of-words F1
-    truthfulqa_scores                  TruthfulQA: mc1 and mc2 from the choices' log-likelihoods
+    drop_answers, drop_scores          DROP: the gold answers; the official exact match and bag-of-words F1
+    truthfulqa_targets, ..._scores     TruthfulQA: the merged choices; mc1 and mc2 from their log-likelihoods
     popqa_correct                      PopQA: a gold alias inside the output
     mmlu_cot_answer                    MMLU CoT: OLMES's answer patterns in order
     pass_at_k                          HumanEval(+): the unbiased estimator
@@ -273,7 +273,22 @@ def bbh_correct(subtask: str, answer: str, gold: str) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# DROP (oe_eval/dependencies/drop/process_results.py: the official DROP evaluation, allennlp-reading-comprehension)
+# DROP (oe_eval/tasks/oe_eval_tasks/drop.py lines 95-134 for the golds; oe_eval/dependencies/drop/process_results.py,
+# the official DROP evaluation of allennlp-reading-comprehension, for the scores)
+
+def drop_answers(example: dict) -> list[tuple[str, ...]]:
+    """The distinct gold answers, `answer` first, then the validated ones: each the number, else the spans, else
+    the date as "day month year"."""
+    def parse(answer):
+        if answer["number"] != "":
+            return (str(answer["number"]),)
+        if answer["spans"]:
+            return tuple(answer["spans"])
+        return (" ".join([answer["date"]["day"], answer["date"]["month"], answer["date"]["year"]]).strip(),)
+    validated = example["validated_answers"]
+    others = [{key: validated[key][i] for key in ("number", "date", "spans")} for i in range(len(validated["number"]))]
+    return list(dict.fromkeys(parse(answer) for answer in [example["answer"], *others]))
+
 
 def drop_scores(prediction: str, golds: list[list[str]]) -> dict:
     """Exact match and F1 of one predicted answer string against each gold answer (a list of spans), the best
@@ -342,7 +357,26 @@ def _drop_normalize(answer: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# TruthfulQA (oe_eval/metrics/metric.py, MC1MC2Accuracy) and PopQA (oe_eval/tasks/oe_eval_tasks/popqa.py)
+# TruthfulQA (truthfulqa.py lines 74-98 for the choices, oe_eval/metrics/metric.py MC1MC2Accuracy for the scores)
+# and PopQA (oe_eval/tasks/oe_eval_tasks/popqa.py)
+
+def truthfulqa_targets(example: dict) -> dict:
+    """mc1's choices (one true, first), then mc2's that mc1 lacks: their labels, and which belong to mc1 / mc2.
+    OLMES's exemplars come with `choices` and `labels` already."""
+    if "choices" in example:
+        return {"choices": example["choices"], "labels": example["labels"]}
+    choices, labels = list(example["mc1_targets"]["choices"]), list(example["mc1_targets"]["labels"])
+    mc2 = []
+    for choice, label in zip(example["mc2_targets"]["choices"], example["mc2_targets"]["labels"]):
+        if choice not in choices:
+            choices.append(choice)
+            labels.append(label)
+        elif labels[choices.index(choice)] != label:
+            raise ValueError(f"truthfulqa: {example['question']!r} labels {choice!r} differently in mc1 and mc2")
+        mc2.append(choices.index(choice))
+    mc1 = list(range(len(example["mc1_targets"]["choices"])))
+    return {"choices": choices, "labels": labels, "mc1": mc1, "mc2": mc2}
+
 
 def truthfulqa_scores(logprobs: list[float], labels: list[int], mc1_indices: list[int],
                       mc2_indices: list[int]) -> dict:

@@ -100,7 +100,7 @@ def test_drop_f1_follows_the_official_definition_on_hand_checked_cases():
     example = {"answer": {"number": "", "date": {"day": "", "month": "", "year": ""}, "spans": ["Smith", "Jones"]},
                "validated_answers": {"number": ["2", ""], "date": [{"day": "", "month": "", "year": ""}] * 2,
                                      "spans": [[], ["Smith", "Jones"]]}}
-    assert evaluation.drop_answers(example) == [("Smith", "Jones"), ("2",)]  # numbers first, duplicates dropped
+    assert metrics.drop_answers(example) == [("Smith", "Jones"), ("2",)]  # numbers first, duplicates dropped
 
 
 def test_truthfulqa_mc1_and_mc2_on_hand_checked_cases():
@@ -111,7 +111,7 @@ def test_truthfulqa_mc1_and_mc2_on_hand_checked_cases():
     assert scores["mc1"] == 0.0 and scores["mc2"] == 1.0  # only true answers among mc2's: all of the mass
     example = {"question": "q", "mc1_targets": {"choices": ["yes", "no"], "labels": [1, 0]},
                "mc2_targets": {"choices": ["yes", "maybe", "no"], "labels": [1, 1, 0]}}
-    assert evaluation.truthfulqa_targets(example) == {"choices": ["yes", "no", "maybe"], "labels": [1, 0, 1],
+    assert metrics.truthfulqa_targets(example) == {"choices": ["yes", "no", "maybe"], "labels": [1, 0, 1],
                                                       "mc1": [0, 1], "mc2": [0, 2, 1]}
 
 

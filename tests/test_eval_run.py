@@ -49,8 +49,8 @@ def local_benchmarks(benchmarks_dir, tmp_path):
     with open(os.path.join(ROOT, "tests", "fixtures", "olmes", "drop.json")) as f:
         write_jsonl(local / "drop_train.jsonl", json.load(f)["tasks"]["drop::llama3"]["standin_train"])
     humaneval = read_jsonl(os.path.join(benchmarks_dir, "humaneval.jsonl"))[:2]
-    write_jsonl(local / "humanevalplus.jsonl", [dict(row, test=row["test"] + f"    assert candidate is not None  # {i}\n")
-                                                for i, row in enumerate(humaneval)])
+    write_jsonl(local / "humanevalplus.jsonl", [
+        dict(row, test=row["test"] + f"    assert candidate is not None  # {i}\n") for i, row in enumerate(humaneval)])
     return str(local)
 
 
@@ -114,7 +114,8 @@ def test_a_rerun_skips_what_is_done_and_another_model_adds_its_column(tiny_model
     first = json.loads((tmp_path / "results.json").read_text())
     evaluated = []
     real = evaluation.evaluate_task
-    monkeypatch.setattr(evaluation, "evaluate_task", lambda task, *a, **k: evaluated.append(task) or real(task, *a, **k))
+    monkeypatch.setattr(evaluation, "evaluate_task",
+                        lambda task, *a, **k: evaluated.append(task) or real(task, *a, **k))
     run(tiny_model_dir, tmp_path)
     assert evaluated == [] and "2 results already in" in capsys.readouterr().out
     other = tmp_path / "other_model"
@@ -161,7 +162,8 @@ def test_data_no_source_serves_stops_the_run_with_one_line_per_task(tiny_model_d
     lines = str(stop.value).splitlines()
     assert lines[0].startswith("humanevalplus: the hub's evalplus/humanevalplus (test) could not be loaded "
                                "(ConnectionError: Couldn't reach")
-    assert "DIR/humanevalplus.jsonl" in lines[0] and "task_id, prompt, canonical_solution, test, entry_point" in lines[0]
+    assert "DIR/humanevalplus.jsonl" in lines[0]
+    assert "task_id, prompt, canonical_solution, test, entry_point" in lines[0]
     assert lines[1].startswith("popqa: the hub's akariasai/PopQA (test)") and "--skip_unavailable" in lines[2]
     monkeypatch.undo()
     monkeypatch.setattr(datasets, "load_dataset", offline)
