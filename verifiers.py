@@ -9,6 +9,8 @@ RLVR's reward and eval.py's metrics both come from here:
     ifeval_check(response, ids, kwargs_list, loose) -> one bool per instruction
     extract_answer(response, dataset)              -> the answer string that was compared (logs)
     last_boxed(text)                               -> contents of the last \\boxed{...} / \\fbox{...}
+    latex_equivalent(gold, candidates)             -> whether a candidate equals gold symbolically
+                                                      (eval's MATH metrics, with their own answers)
 
 HumanEval's programs run in sandbox.py, not here.
 
@@ -90,6 +92,13 @@ def extract_answer(response: str, dataset: str) -> str | None:
         candidates = math_candidates(answer)
         return normalize_math_answer(candidates[0]) if candidates else None
     return None
+
+
+def latex_equivalent(gold: str, candidates, timeout_s: float = SYMBOLIC_TIMEOUT_S) -> bool:
+    """Whether some candidate is mathematically equal to `gold` (math-verify in the killable helper);
+    candidates over MAX_SYMBOLIC_CHARS are not tried, and a comparison past `timeout_s` is False."""
+    candidates = tuple(c for c in candidates if len(c) <= MAX_SYMBOLIC_CHARS)
+    return bool(candidates) and len(gold) <= MAX_SYMBOLIC_CHARS and _symbolically_equal(gold, candidates, timeout_s)
 
 
 def _dataset_kind(dataset: str) -> str:

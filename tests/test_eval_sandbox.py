@@ -97,3 +97,17 @@ def test_os_layers_alone_contain_writes_network_and_forks(tmp_path, listener):
     assert not target.exists()
     script = f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2)\n"
     assert run_program(script, python_guard=False)["status"] == "failed" and connections == []
+
+
+def test_a_chat_models_code_after_olmes_opened_fence_reaches_the_sandbox_as_code(humaneval, tiny_tokenizer):
+    """OLMES's assistant prefix opens the fence (```python), so a chat model's answer starts with code and ends
+    by closing the fence, where a stop sequence cuts it: what runs is the function, never the fence."""
+    import eval as evaluation
+
+    example = humaneval[2]  # truncate_number
+    prompt = evaluation.prompt_text("humaneval", example, [], tiny_tokenizer)
+    assert prompt.endswith("<|im_start|>assistant\nHere is the completed function:\n\n```python\n")
+    answer = (example["prompt"] + example["canonical_solution"] + "```\n\nThis keeps the decimal part.")
+    for stop in evaluation.TASKS["humaneval"]["stop"]:  # as the decoding loop cuts a response
+        answer = answer.split(stop)[0]
+    assert run_program(humaneval_program(example, answer))["status"] == "passed"
