@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import transformers
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.distributed.tensor import DTensor
 
@@ -117,14 +118,10 @@ def newest_complete_checkpoint(output_dir) -> int:
 
 
 def assert_same_run(output_dir, reference_dir):
-    """Same per-step losses and final weights as the uninterrupted run, and nothing left half-done."""
+    """Bitwise the uninterrupted run's per-step losses and final weights, and nothing left half-done."""
     ran, expected = read_metrics(output_dir), read_metrics(reference_dir)
-    assert [m["step"] for m in ran] == [m["step"] for m in expected]
-    for a, b in zip(ran, expected):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-7) and a["lr"] == b["lr"], (a, b)
-    weights, reference = (load_file(os.path.join(d, "model.safetensors")) for d in (output_dir, reference_dir))
-    for name in reference:
-        torch.testing.assert_close(weights[name], reference[name], rtol=1e-6, atol=1e-7)
+    assert [(m["step"], m["loss"], m["lr"]) for m in ran] == [(m["step"], m["loss"], m["lr"]) for m in expected]
+    assert (output_dir / "model.safetensors").read_bytes() == (reference_dir / "model.safetensors").read_bytes()
     assert sorted(os.listdir(output_dir)) == sorted(os.listdir(reference_dir))
 
 
@@ -137,10 +134,17 @@ STAGES = {  # the stage's main and its arguments for a 3-step run with a checkpo
         "--output_dir", str(out), "--max_seq_length", "128", "--per_device_train_batch_size", "2",
         "--gradient_accumulation_steps", "1", "--learning_rate", "1e-3", "--dpo_beta", "0.5",
         "--max_train_steps", "3", "--checkpointing_steps", "1", "--resume"]),
-    "rlvr": lambda model, tmp, out: (rlvr.main, test_rlvr_train.base_args(
-        model, test_rlvr_train.write_rlvr_data(tmp / "rlvr.jsonl"), out, "--total_episodes", "24",
-        "--checkpointing_steps", "1", "--resume")),
+    **{algo: lambda model, tmp, out, algo=algo: (rlvr.main, test_rlvr_train.base_args(
+        model, test_rlvr_train.write_rlvr_data(tmp / "rlvr.jsonl"), out, "--algo", algo, "--total_episodes", "24",
+        "--checkpointing_steps", "1", "--resume")) for algo in ("grpo", "ppo")},
 }
+TIES = ("untied", "tied")  # the tiny Llama as it is, and with its output embeddings tied to its input embeddings
+
+
+@pytest.fixture
+def tiny_model(request, tiny_model_dir, tiny_tied_model_dir):
+    """The tiny model directory a test's `tie` parameter names."""
+    return tiny_tied_model_dir if request.node.callspec.params["tie"] == "tied" else tiny_model_dir
 
 
 def kind(op: str) -> str:
@@ -151,16 +155,17 @@ def kind(op: str) -> str:
 # Where DPO and RLVR are killed: the checkpoint they replace is still complete, then half deleted (the
 # instants of the old two-rename window), the final model is all in but its config.json, and DPO's
 # reference cache is written but not yet moved in.
-STAGE_KILLS = ("os.remove checkpoint-1/trainer_state.json", "os.remove checkpoint-1/shard-00001-model-00001-of-00001"
-               ".safetensors", "os.rename model.tmp/config.json", "os.rename reference_logps/")
+STAGE_KILLS = ("os.remove checkpoint-1/trainer_state.json", "os.remove checkpoint-1/rank-00000-of-00001.safetensors",
+               "os.rename model.tmp/config.json", "os.rename reference_logps/")
 
 
-@pytest.mark.parametrize("stage", STAGES)
-def test_a_kill_at_any_file_operation_resumes_onto_the_uninterrupted_run(stage, tiny_model_dir, tmp_path):
-    """SFT is killed before the first and the last operation of each kind (28 of its 37), DPO and RLVR at the
+@pytest.mark.parametrize("stage, tie", [pytest.param(stage, tie, marks=[pytest.mark.full] * (tie == "tied" or stage == "ppo"))
+                                        for stage in STAGES for tie in TIES])
+def test_a_kill_at_any_file_operation_resumes_onto_the_uninterrupted_run(stage, tie, tiny_model, tmp_path):
+    """SFT is killed before the first and the last operation of each kind (24 of its 29), DPO and RLVR at the
     instants of STAGE_KILLS; each killed run is resumed by the same command and must reach the uninterrupted
-    run's losses and weights, never resuming from an older checkpoint than the newest committed."""
-    main, argv = STAGES[stage](tiny_model_dir, tmp_path, tmp_path / "straight")
+    run's losses and weights bitwise, never resuming from an older checkpoint than the newest committed."""
+    main, argv = STAGES[stage](tiny_model, tmp_path, tmp_path / "straight")
     ops = run_killed_at(main, argv, tmp_path / "straight", None)  # --resume on a new directory starts the run
     assert "os.rename checkpoint-2/trainer_state.json.tmp" in ops and "shutil.rmtree checkpoint-1" in ops
     if stage == "sft":  # before the first and the last operation of each kind
@@ -173,7 +178,7 @@ def test_a_kill_at_any_file_operation_resumes_onto_the_uninterrupted_run(stage, 
         kill_points = [index for index, op in enumerate(ops, start=1) if op.startswith(STAGE_KILLS)]
         assert len(kill_points) == 3 + (stage == "dpo"), ops
     for pair in [kill_points[i:i + 2] for i in range(0, len(kill_points), 2)]:  # two at a time: one per core
-        runs = {kill_at: STAGES[stage](tiny_model_dir, tmp_path, tmp_path / f"killed-{kill_at}") for kill_at in pair}
+        runs = {kill_at: STAGES[stage](tiny_model, tmp_path, tmp_path / f"killed-{kill_at}") for kill_at in pair}
         killed = {k: start_killed_at(main, argv, tmp_path / f"killed-{k}", k) for k, (main, argv) in runs.items()}
         for kill_at, started in killed.items():
             out, done = tmp_path / f"killed-{kill_at}", finish(started)
@@ -187,6 +192,49 @@ def test_a_kill_at_any_file_operation_resumes_onto_the_uninterrupted_run(stage, 
         for kill_at, started in zip(runs, resumed):
             finish(started)
             assert_same_run(tmp_path / f"killed-{kill_at}", tmp_path / "straight")
+
+
+STAGE_PREFIXES = {"sft": "model.", "dpo": "model.", "grpo": "policy.model.", "ppo": "policy.model."}  # the HF model's
+ADAMW_STATE = ("exp_avg", "exp_avg_sq", "step")
+
+
+@pytest.mark.parametrize("tie", TIES)
+@pytest.mark.parametrize("stage", STAGES)
+def test_a_run_resumed_from_its_checkpoint_trains_bitwise_the_uninterrupted_runs_weights(stage, tie, tiny_model,
+                                                                                          tmp_path, monkeypatch):
+    """The checkpoint holds each weight once, under the name save_pretrained gives it (a tied one: the input
+    embeddings'), and one set of AdamW moments for it; after the load a tied weight is still one tensor."""
+    out = tmp_path / "out"
+    main, argv = STAGES[stage](tiny_model, tmp_path, out)
+    run_in_process(main, argv)  # 3 steps; checkpoint-2 stays
+    straight = {"weights": (out / "model.safetensors").read_bytes(), "metrics": read_metrics(out)}
+    with safe_open(out / "model.safetensors", "pt") as f:
+        saved_by_save_pretrained = set(f.keys())
+    with safe_open(out / "checkpoint-2" / "rank-00000-of-00001.safetensors", "pt") as f:
+        stored = set(f.keys())
+    weights = {name for name in stored if name.rsplit(".", 1)[-1] not in ADAMW_STATE}
+    assert stored == {f"{name}{state}" for name in weights for state in ["", *(f".{s}" for s in ADAMW_STATE)]}
+    prefix = STAGE_PREFIXES[stage]
+    assert {name.removeprefix(prefix) for name in weights if name.startswith(prefix)} == saved_by_save_pretrained
+    assert ("model.lm_head.weight" in saved_by_save_pretrained) == (tie == "untied")
+    if stage == "ppo":  # the value model: the policy's base model and a scalar head
+        assert {name for name in weights if name.startswith("value.")} == {"value.score.weight"} | {
+            f"value.{name}" for name in saved_by_save_pretrained if name.startswith("model.")}
+
+    real_load, loaded = infra.load_checkpoint, {}
+
+    def load_and_look(model, optimizer, scheduler, checkpoint):
+        step = real_load(model, optimizer, scheduler, checkpoint)
+        lm = next(m for m in model.modules() if isinstance(m, transformers.PreTrainedModel) and m.get_output_embeddings())
+        loaded.update(tied=lm.get_output_embeddings().weight is lm.get_input_embeddings().weight,
+                      moments=len(optimizer.state), parameters=len(list(model.parameters())))
+        return step
+    monkeypatch.setattr(infra, "load_checkpoint", load_and_look)
+    os.remove(out / "config.json")  # the final model is not there: the same command resumes at checkpoint-2
+    run_in_process(main, argv)
+    assert loaded == {"tied": tie == "tied", "moments": loaded["parameters"], "parameters": loaded["parameters"]}
+    assert (out / "model.safetensors").read_bytes() == straight["weights"]
+    assert [(m["loss"], m["lr"]) for m in read_metrics(out)] == [(m["loss"], m["lr"]) for m in straight["metrics"]]
 
 
 def test_truncated_metrics_drop_a_half_written_last_line_and_the_steps_after_the_checkpoint(tmp_path):
