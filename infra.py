@@ -517,12 +517,11 @@ def save_checkpoint(model, optimizer, scheduler, step: int, output_dir: str, ran
     os.makedirs(path, exist_ok=True)
     world_size = dist.get_world_size()
     tensors, rows = {}, {}  # {name: this rank's tensor}, {name: [the first row this rank holds, the rows in all]}
-    for name, param in checkpoint_parameters(model).items():
-        for entry, tensor in [(name, param), *((f"{name}.{key}", value) for key, value in optimizer.state.get(param, {}).items())]:
-            if isinstance(tensor, DTensor):  # a weight or a moment: this rank's rows
-                tensors[entry], rows[entry] = local_rows(tensor)
-            elif rank == 0:  # AdamW's step count, the same on every rank: stored once
-                tensors[entry] = tensor
+    for name, tensor in checkpoint_tensors(model, optimizer):
+        if isinstance(tensor, DTensor):  # a weight or a moment: this rank's rows
+            tensors[name], rows[name] = local_rows(tensor)
+        elif rank == 0:  # AdamW's step count, the same on every rank: stored once
+            tensors[name] = tensor
     write_safetensors(os.path.join(path, checkpoint_file(rank, world_size)), tensors, {"rows": json.dumps(rows)})
     dist.barrier()  # every rank's file is written and fsynced
     if rank == 0:
@@ -560,6 +559,14 @@ def load_checkpoint(model, optimizer, scheduler, checkpoint) -> int:
     for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):  # the scheduler state alone
         group["lr"] = lr                                                    # does not reach the optimizer
     return saved["step"]
+
+
+def checkpoint_tensors(model, optimizer):
+    """(name, tensor) of each weight a checkpoint stores, each followed by `name.key` of its AdamW state."""
+    for name, param in checkpoint_parameters(model).items():
+        yield name, param
+        for key, value in optimizer.state.get(param, {}).items():
+            yield f"{name}.{key}", value
 
 
 def checkpoint_parameters(model) -> dict:

@@ -159,8 +159,9 @@ STAGE_KILLS = ("os.remove checkpoint-1/trainer_state.json", "os.remove checkpoin
                "os.rename model.tmp/config.json", "os.rename reference_logps/")
 
 
-@pytest.mark.parametrize("stage, tie", [pytest.param(stage, tie, marks=[pytest.mark.full] * (tie == "tied" or stage == "ppo"))
-                                        for stage in STAGES for tie in TIES])
+@pytest.mark.parametrize("stage, tie", [
+    pytest.param(stage, tie, marks=[pytest.mark.full] * (tie == "tied" or stage == "ppo"))  # the slow ones
+    for stage in STAGES for tie in TIES])
 def test_a_kill_at_any_file_operation_resumes_onto_the_uninterrupted_run(stage, tie, tiny_model, tmp_path):
     """SFT is killed before the first and the last operation of each kind (24 of its 29), DPO and RLVR at the
     instants of STAGE_KILLS; each killed run is resumed by the same command and must reach the uninterrupted
@@ -225,7 +226,8 @@ def test_a_run_resumed_from_its_checkpoint_trains_bitwise_the_uninterrupted_runs
 
     def load_and_look(model, optimizer, scheduler, checkpoint):
         step = real_load(model, optimizer, scheduler, checkpoint)
-        lm = next(m for m in model.modules() if isinstance(m, transformers.PreTrainedModel) and m.get_output_embeddings())
+        lm = next(module for module in model.modules()
+                  if isinstance(module, transformers.PreTrainedModel) and module.get_output_embeddings())
         loaded.update(tied=lm.get_output_embeddings().weight is lm.get_input_embeddings().weight,
                       moments=len(optimizer.state), parameters=len(list(model.parameters())))
         return step
@@ -235,6 +237,42 @@ def test_a_run_resumed_from_its_checkpoint_trains_bitwise_the_uninterrupted_runs
     assert loaded == {"tied": tie == "tied", "moments": loaded["parameters"], "parameters": loaded["parameters"]}
     assert (out / "model.safetensors").read_bytes() == straight["weights"]
     assert [(m["loss"], m["lr"]) for m in read_metrics(out)] == [(m["loss"], m["lr"]) for m in straight["metrics"]]
+
+
+def test_a_tied_weight_is_one_entry_under_the_name_save_pretrained_keeps(tiny_tokenizer):
+    model = sft.CausalLMLogProbs(build_tiny_model(tiny_tokenizer, tie_word_embeddings=True))
+    parameters = infra.checkpoint_parameters(model)
+    assert "model.model.embed_tokens.weight" in parameters and "model.lm_head.weight" not in parameters
+    assert list(parameters.values()) == list(model.parameters())  # every parameter once
+
+
+def test_memory_shared_in_a_way_the_model_does_not_declare_stops_the_checkpoint(tiny_tokenizer):
+    model = sft.CausalLMLogProbs(build_tiny_model(tiny_tokenizer))
+    mlp = model.model.model.layers[0].mlp
+    mlp.up_proj.weight = mlp.gate_proj.weight  # one parameter under two names that no _tied_weights_keys names
+    shared = r"model.model.layers.0.mlp.(gate|up)_proj.weight, model.model.layers.0.mlp.(gate|up)_proj.weight share"
+    with pytest.raises(RuntimeError, match=shared + " memory in a way that no _tied_weights_keys of the model declares"):
+        infra.checkpoint_parameters(model)
+    mlp.up_proj.weight = torch.nn.Parameter(mlp.gate_proj.weight.detach())  # two parameters over one memory
+    with pytest.raises(RuntimeError, match=shared):
+        infra.checkpoint_parameters(model)
+
+
+def test_the_bundled_tied_model_checkpoints_and_resumes_bitwise(bundled_model_dir, tmp_path):
+    """The command a new user types: SmolLM2 ties its head to its input embeddings."""
+    out = tmp_path / "out"
+    argv = ["--model_name_or_path", bundled_model_dir, "--dataset_mixer_list",
+            os.path.join(ROOT, "data", "demo", "sft_train.jsonl"), "1.0", "--output_dir", str(out),
+            "--checkpointing_steps", "1", "--max_train_steps", "2", "--per_device_train_batch_size", "1",
+            "--gradient_accumulation_steps", "1", "--max_seq_length", "128"]
+    test_sft.run_sft(argv)
+    assert json.loads((out / "checkpoint-1" / "trainer_state.json").read_text())["step"] == 1
+    with safe_open(out / "checkpoint-1" / "rank-00000-of-00001.safetensors", "pt") as f:
+        assert "model.model.embed_tokens.weight" in f.keys() and "model.lm_head.weight" not in f.keys()
+    weights = (out / "model.safetensors").read_bytes()
+    os.remove(out / "config.json")  # as if killed during step 2: the same command with --resume finishes it
+    test_sft.run_sft(argv + ["--resume"])
+    assert (out / "model.safetensors").read_bytes() == weights
 
 
 def test_truncated_metrics_drop_a_half_written_last_line_and_the_steps_after_the_checkpoint(tmp_path):
@@ -325,10 +363,10 @@ def interrupted_sft_run(model_dir, data, output_dir, monkeypatch, *flags):
             test_sft.run_sft(test_sft.base_args(model_dir, data, output_dir, "--checkpointing_steps", "2", *flags))
 
 
-def test_a_resume_with_other_data_or_another_base_model_is_refused(tiny_model_dir, tiny_tokenizer, tmp_path,
-                                                                    monkeypatch):
+@pytest.mark.parametrize("tie", [TIES[0], pytest.param(TIES[1], marks=pytest.mark.full)])
+def test_a_resume_with_other_data_or_another_base_model_is_refused(tie, tiny_tokenizer, tmp_path, monkeypatch):
     model = tmp_path / "model"
-    build_tiny_model(tiny_tokenizer).save_pretrained(model)
+    build_tiny_model(tiny_tokenizer, tie_word_embeddings=tie == "tied").save_pretrained(model)
     tiny_tokenizer.save_pretrained(model)
     data = tmp_path / "data.jsonl"
     test_sft.write_dataset(data)
@@ -340,7 +378,7 @@ def test_a_resume_with_other_data_or_another_base_model_is_refused(tiny_model_di
     with pytest.raises(SystemExit, match="the data changed since .*checkpoint-2"):
         test_sft.run_sft(resume)
     data.write_text(original)
-    build_tiny_model(tiny_tokenizer, seed=1).save_pretrained(model)
+    build_tiny_model(tiny_tokenizer, seed=1, tie_word_embeddings=tie == "tied").save_pretrained(model)
     with pytest.raises(SystemExit, match="the model changed since .*checkpoint-2"):
         test_sft.run_sft(resume)
 
@@ -348,22 +386,56 @@ def test_a_resume_with_other_data_or_another_base_model_is_refused(tiny_model_di
 # ---------------------------------------------------------------------------------------------
 # Resume on another number of ranks
 
+def training_state(model, optimizer) -> dict:
+    """{name: full tensor} of the weights and AdamW state that a checkpoint stores (every rank calls it)."""
+    return {name: tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+            for name, tensor in infra.checkpoint_tensors(model, optimizer)}
+
+
+def check_loads_bitwise(patch):
+    """Each checkpoint's full state is kept beside its output directory as it is saved; a load must restore it
+    bitwise."""
+    save, load = infra.save_checkpoint, infra.load_checkpoint
+
+    def save_and_keep(model, optimizer, scheduler, step, directory, rank, run_facts):
+        save(model, optimizer, scheduler, step, directory, rank, run_facts)
+        state = training_state(model, optimizer)
+        if rank == 0:
+            save_file(state, f"{directory}.state-{step}.safetensors")
+
+    def load_and_compare(model, optimizer, scheduler, checkpoint):
+        step = load(model, optimizer, scheduler, checkpoint)
+        state = training_state(model, optimizer)
+        saved = load_file(f"{os.path.dirname(checkpoint[0])}.state-{step}.safetensors")
+        assert state.keys() == saved.keys()
+        assert [name for name in saved if not torch.equal(state[name], saved[name])] == []
+        return step
+    patch.setattr(infra, "save_checkpoint", save_and_keep)
+    patch.setattr(infra, "load_checkpoint", load_and_compare)
+
+
 def two_rank_worker(rank, ports, runs):
     """Each (argv, interrupted) in runs as one launch of `torchrun --nproc_per_node 2 sft.py argv`."""
     torch.set_num_threads(1)
     for port, (argv, interrupted) in zip(ports, runs):
         os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=port)
-        if interrupted:
-            with pytest.MonkeyPatch.context() as patch:
+        with pytest.MonkeyPatch.context() as patch:
+            check_loads_bitwise(patch)
+            if interrupted:
                 test_sft.interrupt_at_step(patch, 3)
                 with pytest.raises(test_sft.Interrupt):
                     sft.main(argv)
-        else:
-            sft.main(argv)
+            else:
+                sft.main(argv)
 
 
-def test_a_run_resumed_on_another_number_of_ranks_continues_the_same_curve(tiny_model_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("tie", [TIES[0], pytest.param(TIES[1], marks=pytest.mark.full)])
+def test_a_run_resumed_on_another_number_of_ranks_loads_its_state_bitwise_and_continues_the_same_curve(
+        tie, tiny_model, tmp_path, monkeypatch):
+    """2 -> 1 and 1 -> 2 ranks: the weights and AdamW state as loaded equal bitwise those saved."""
+    tiny_model_dir = tiny_model
+    check_loads_bitwise(monkeypatch)
     data = test_sft.write_dataset(tmp_path / "data.jsonl")
     one_rank = ("--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2")  # 4 sequences a step
     two_ranks = ("--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "2")  # 1 x 2 x 2 ranks
