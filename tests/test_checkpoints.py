@@ -163,7 +163,7 @@ STAGE_KILLS = ("os.remove checkpoint-1/trainer_state.json", "os.remove checkpoin
     pytest.param(stage, tie, marks=[pytest.mark.full] * (tie == "tied" or stage == "ppo"))  # the slow ones
     for stage in STAGES for tie in TIES])
 def test_a_kill_at_any_file_operation_resumes_onto_the_uninterrupted_run(stage, tie, tiny_model, tmp_path):
-    """SFT is killed before the first and the last operation of each kind (24 of its 29), DPO and RLVR at the
+    """SFT is killed before the first and the last operation of each kind (28 of its 37), DPO and RLVR at the
     instants of STAGE_KILLS; each killed run is resumed by the same command and must reach the uninterrupted
     run's losses and weights bitwise, never resuming from an older checkpoint than the newest committed."""
     main, argv = STAGES[stage](tiny_model, tmp_path, tmp_path / "straight")
