@@ -539,20 +539,21 @@ def load_checkpoint(model, optimizer, scheduler, checkpoint) -> int:
     stored = read_checkpoint_index([os.path.join(path, checkpoint_file(r, saved["world_size"]))
                                     for r in range(saved["world_size"])])
     parameters = checkpoint_parameters(model)
+    moments = {name: {entry.removeprefix(name + "."): entry for entry in stored if entry.startswith(name + ".")}
+               for name in parameters}  # (none for a parameter that never had a gradient, as in the run)
+    known = set(parameters).union(*(entries.values() for entries in moments.values()))
+    if stored.keys() != known:  # another model's names, or a tensor stored under another of its names
+        raise RuntimeError(f"{path} holds {sorted(stored.keys() - known)[:3]}, which this model does not have, and "
+                           f"lacks {sorted(known - stored.keys())[:3]}")
     index = {id(param): i for i, param in enumerate(p for group in optimizer.param_groups for p in group["params"])}
-    state, known = {}, set(parameters)
+    state = {}
     with torch.no_grad():
         for name, param in parameters.items():
             read_rows(stored[name], into=param)
-            moments = {entry.removeprefix(name + "."): entry for entry in stored if entry.startswith(name + ".")}
-            known.update(moments.values())
-            if moments:  # (a parameter that never had a gradient has none, in the checkpoint as in the run)
+            if moments[name]:
                 state[index[id(param)]] = {key: read_rows(stored[entry], into=torch.empty_like(param) if
                                                           stored[entry][0].first_row is not None else None)
-                                           for key, entry in moments.items()}
-    if stored.keys() != known:  # names this model does not have: another model's, or stored under another alias
-        raise RuntimeError(f"{path} holds {sorted(stored.keys() - known)[:3]}, which this model does not have, and "
-                           f"lacks {sorted(known - stored.keys())[:3]}")
+                                           for key, entry in moments[name].items()}
     # torch's own rule puts each value on its parameter's device (the step count too, for a fused AdamW)
     optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
     scheduler.load_state_dict(saved["scheduler"])
