@@ -699,8 +699,8 @@ def read_bytes(file: str, offset: int, into):
             chunk = flat[start:start + COPY_CHUNK_BYTES]
             host = chunk if chunk.device.type == "cpu" else torch.empty_like(chunk, device="cpu")
             if f.readinto(host.numpy()) != host.numel():
-                raise SystemExit(f"{file}: shorter than its header says; this checkpoint is damaged: delete its "
-                                 "trainer_state.json to resume from the one before (if any)")
+                raise SystemExit(f"{file}: shorter than its header says, so this checkpoint is damaged; restore the "
+                                 "file, or start the run again in a new --output_dir")
             if host is not chunk:
                 chunk.copy_(host)
     return into
