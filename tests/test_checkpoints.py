@@ -258,6 +258,18 @@ def test_memory_shared_in_a_way_the_model_does_not_declare_stops_the_checkpoint(
         infra.checkpoint_parameters(model)
 
 
+def test_a_checkpoint_file_cut_short_is_refused_by_name(tmp_path):
+    path = str(tmp_path / "rank-00000-of-00001.safetensors")
+    infra.write_safetensors(path, {"w": torch.arange(6.0).reshape(3, 2)}, {"rows": json.dumps({"w": [0, 3]})})
+    stored = infra.read_checkpoint_index([path])
+    assert torch.equal(infra.read_bytes(path, stored["w"][0].offset, torch.empty(3, 2)), torch.arange(6.0).reshape(3, 2))
+    with safe_open(path, "pt") as f:  # a plain safetensors file
+        assert torch.equal(f.get_tensor("w"), torch.arange(6.0).reshape(3, 2))
+    os.truncate(path, os.path.getsize(path) - 4)
+    with pytest.raises(SystemExit, match=f"{path}: shorter than its header says"):
+        infra.read_bytes(path, stored["w"][0].offset, torch.empty(3, 2))
+
+
 def test_the_bundled_tied_model_checkpoints_and_resumes_bitwise(bundled_model_dir, tmp_path):
     """The command a new user types: SmolLM2 ties its head to its input embeddings."""
     out = tmp_path / "out"
