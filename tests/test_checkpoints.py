@@ -260,11 +260,12 @@ def test_memory_shared_in_a_way_the_model_does_not_declare_stops_the_checkpoint(
 
 def test_a_checkpoint_file_cut_short_is_refused_by_name(tmp_path):
     path = str(tmp_path / "rank-00000-of-00001.safetensors")
-    infra.write_safetensors(path, {"w": torch.arange(6.0).reshape(3, 2)}, {"rows": json.dumps({"w": [0, 3]})})
+    weights = torch.arange(6.0).reshape(3, 2)
+    infra.write_safetensors(path, {"w": weights}, {"rows": json.dumps({"w": [0, 3]})})
     stored = infra.read_checkpoint_index([path])
-    assert torch.equal(infra.read_bytes(path, stored["w"][0].offset, torch.empty(3, 2)), torch.arange(6.0).reshape(3, 2))
+    assert torch.equal(infra.read_bytes(path, stored["w"][0].offset, torch.empty(3, 2)), weights)
     with safe_open(path, "pt") as f:  # a plain safetensors file
-        assert torch.equal(f.get_tensor("w"), torch.arange(6.0).reshape(3, 2))
+        assert torch.equal(f.get_tensor("w"), weights)
     os.truncate(path, os.path.getsize(path) - 4)
     with pytest.raises(SystemExit, match=f"{path}: shorter than its header says"):
         infra.read_bytes(path, stored["w"][0].offset, torch.empty(3, 2))
