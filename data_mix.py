@@ -246,24 +246,7 @@ def load_rows(name_or_path: str):
             first_line = (str(error).strip().splitlines() or [""])[0]
             raise DataError(f"dataset {name_or_path}: no such local file, and the hub's copy could not be loaded "
                             f"({type(error).__name__}: {first_line})") from None
-    return rows.cast(plain_types(rows.features)) if plain_types(rows.features) != rows.features else rows
-
-
-def plain_types(feature):
-    """`feature` with Arrow's 64-bit-offset types (large_string, large_binary, large_list: what pandas >= 3, polars and
-    pyarrow write to parquet) as the plain ones that JSON rows and most hub datasets load as, so that a mixture of them
-    concatenates: the two are the same data, but datasets refuses to align them."""
-    import datasets
-
-    if isinstance(feature, dict):  # Features, and a struct's fields
-        return type(feature)({name: plain_types(inner) for name, inner in feature.items()})
-    if isinstance(feature, datasets.LargeList):
-        return datasets.List(plain_types(feature.feature))
-    if isinstance(feature, datasets.List):
-        return datasets.List(plain_types(feature.feature), length=feature.length)
-    if isinstance(feature, datasets.Value) and feature.dtype in ("large_string", "large_binary"):
-        return datasets.Value(feature.dtype.removeprefix("large_"))
-    return feature
+    return rows
 
 
 def read_json_records(path: str) -> list[tuple[str, object]]:
@@ -394,7 +377,9 @@ def mix_datasets(dataset_mixer_list: list[str], seed: int, validate=None, skip_i
         report[name] = {"rows": len(rows), "available": available, "skipped_invalid": skipped}
     columns = set.intersection(*(set(p.column_names) for p in parts))
     parts = [p.select_columns(sorted(columns)) for p in parts]
-    for number, part in enumerate(parts[1:], 1):  # struct fields in another order: cast by name to the first's
+    # One schema for all: cast each part by column and field name to the first's, so that a parquet file's large_string
+    # columns (pandas >= 3, polars and pyarrow write them) and struct fields in another order mix with JSON rows.
+    for number, part in enumerate(parts[1:], 1):
         if part.features != parts[0].features:
             try:
                 parts[number] = part.cast(parts[0].features)
