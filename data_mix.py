@@ -1,5 +1,6 @@
-"""Data shared by every stage: load and mix datasets, validate records, render chats, tokenize, batch;
-RLVR records; the benchmarks eval.py scores, and the decontamination of training data against them.
+"""Data shared by every stage: the flags' parser (StageParser: one for all stages, which reads open-instruct's
+spellings too); load and mix datasets, validate records, render chats, tokenize, batch; RLVR records; the benchmarks
+eval.py scores, and the decontamination of training data against them.
 (Preference records are dpo.py's own; the attention for packed rows and the sampling helpers are model
 code: infra.py.)
 

@@ -3,7 +3,8 @@ helpers, rlvr.py all but packed attention, eval.py the distributed setup and the
 is copied with infra.py, data_mix.py and verifiers.py (data_mix imports it). A reader learning the recipe
 can skip all but the last two sections, which change what the model computes.
 
-The file's sections, top to bottom: distributed setup (torchrun or plain python, NCCL on GPU, gloo on CPU);
+The file's sections, top to bottom: distributed setup (torchrun or plain python, NCCL on GPU, gloo on CPU) and the
+stages' entry point, which prints a user's mistake as one line, once across ranks;
 model loading (built on the meta device, sharded with FSDP2 per decoder layer, each rank reading only its
 own shard of the safetensors files) and the guard that checks the loaded model against plain
 from_pretrained before the first update; the Hugging Face save; the output directory, the data and model
@@ -636,7 +637,8 @@ LR_SCHEDULES = ("linear", "cosine", "constant_with_warmup", "constant")
 def make_scheduler(optimizer, kind: str, warmup_steps: int, total_steps: int):
     """The learning rate's factor at each step as transformers' get_scheduler gives it (open-instruct's schedule):
     linear warmup from 0 over warmup_steps (factor step / W, so the first update's rate is 0), then linear or
-    cosine decay to 0 at total_steps, or constant; `constant` has no warmup at all (transformers ignores it)."""
+    cosine decay to 0 at total_steps, or constant; `constant` has no warmup at all (transformers ignores it). The stages
+    pass int(warmup_ratio x total_steps), rounded down as open-instruct rounds it."""
     def factor(step):
         if kind == "constant":
             return 1.0

@@ -692,7 +692,7 @@ def train(args, rank: int, world_size: int, device) -> None:
                                             functools.partial(ValueModel, head=saved_value_head(value_path)))
     optimizer = torch.optim.AdamW([{"params": model.parameters()} for model in trained.values()],  # a group per model
                                   lr=args.learning_rate, weight_decay=args.weight_decay, fused=device.type == "cuda")
-    scheduler = infra.make_scheduler(optimizer, args.lr_scheduler_type, math.ceil(args.warmup_ratio * total_steps),
+    scheduler = infra.make_scheduler(optimizer, args.lr_scheduler_type, int(args.warmup_ratio * total_steps),
                                      total_steps)
     metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
     start_step = infra.load_checkpoint(trained, optimizer, scheduler, checkpoint) if checkpoint else 0
