@@ -458,7 +458,11 @@ def load_tokenizer(model_name_or_path: str, chat_template_name: str | None = Non
     """The model's tokenizer with a pad token and a chat template (its own, or Tülu's if asked)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
+    except (OSError, ValueError) as error:  # files that do not parse, a tokenizer class transformers does not know
+        raise SystemExit(f"{model_name_or_path}: its tokenizer cannot be loaded "
+                         f"({(str(error).strip().splitlines() or [''])[0]})") from None
     if chat_template_name == "tulu":
         tokenizer.chat_template = TULU_CHAT_TEMPLATE
     elif chat_template_name is not None:

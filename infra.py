@@ -134,6 +134,12 @@ def check_model_path(path: str, flag: str = "--model_name_or_path", tokenizer: b
                              f"({str(error).strip().splitlines()[0]})") from None
     if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")):
         raise SystemExit(f"{flag} {path}: not a model directory (it has no config.json)")
+    if os.path.isdir(path):
+        try:
+            with open(os.path.join(path, "config.json"), "rb") as f:
+                json.load(f)
+        except ValueError as error:
+            raise SystemExit(f"{flag} {path}: its config.json is not JSON ({error})") from None
     if os.path.isdir(path) and tokenizer and not any(os.path.exists(os.path.join(path, name))
                                                       for name in TOKENIZER_FILES):
         raise SystemExit(f"{flag} {path}: no tokenizer files (none of {', '.join(TOKENIZER_FILES)}); copy in the "
