@@ -27,6 +27,7 @@ import shutil
 import signal
 import socket
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -73,6 +74,7 @@ def process_group():
         raise
     except Exception:
         if world_size > 1 and user_errors_reported() > 0:
+            time.sleep(3)  # the reporting rank exits first, so torchrun's summary names it as the root cause
             raise SystemExit(1) from None
         raise
     finally:
