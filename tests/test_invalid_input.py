@@ -181,7 +181,7 @@ def test_rlvr_decontaminates_its_prompts(tmp_path, tiny_tokenizer, benchmarks_di
     ("eval", "--code_timeout_s", "-1", "-1 must be > 0.0"),
     ("eval", "--pass_at_k", "1,0", "0 must be >= 1"),
 ])
-def test_a_bad_flag_is_refused_at_parse_time_by_name(stage, flag, value, message, capsys):
+def test_a_bad_flag_is_refused_at_parse_time_by_name(stage, flag, value, message):
     import importlib
 
     module = importlib.import_module(stage)
