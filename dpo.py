@@ -48,7 +48,7 @@ LOSS_TYPES = ("dpo", "dpo_norm", "simpo", "ipo")
 # Arguments
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = data_mix.StageParser(__doc__)
     parser.add_argument("--model_name_or_path", required=True, help="Hugging Face model directory or hub name")
     data_mix.add_data_args(parser, max_seq_length=2048)
     parser.add_argument("--output_dir", required=True)
@@ -56,7 +56,9 @@ def parse_args(argv=None):
                         help="preference pairs per micro-batch (one forward scores each pair's chosen and rejected)")
     parser.add_argument("--gradient_accumulation_steps", type=data_mix.POSITIVE_INT, default=16)
     parser.add_argument("--learning_rate", type=data_mix.NON_NEGATIVE, default=5e-7)
-    parser.add_argument("--lr_scheduler_type", default="linear", choices=["linear", "constant"])
+    parser.add_argument("--lr_scheduler_type", default="linear", choices=infra.LR_SCHEDULES,
+                        help="as transformers' get_scheduler: warmup (--warmup_ratio) from 0, then decay to 0; "
+                             "constant: no warmup")
     parser.add_argument("--warmup_ratio", type=data_mix.FRACTION, default=0.1)
     parser.add_argument("--weight_decay", type=data_mix.NON_NEGATIVE, default=0.0)
     parser.add_argument("--max_grad_norm", type=data_mix.bounded(float), default=1.0,
@@ -437,12 +439,9 @@ def accumulate_gradients(model, reference, examples, batch: list[int], args, ran
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, world_size, device = infra.init_distributed()
-    try:
+    with infra.process_group() as (rank, world_size, device):
         with infra.claimed_output_dir(args, rank, RESUMABLE_FLAGS):
             train(args, rank, world_size, device)
-    finally:
-        dist.destroy_process_group()
 
 
 def train(args, rank: int, world_size: int, device) -> None:
@@ -480,7 +479,7 @@ def train(args, rank: int, world_size: int, device) -> None:
                                            run_facts)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay,
                                   fused=device.type == "cuda")
-    scheduler = infra.make_scheduler(optimizer, args.lr_scheduler_type, math.ceil(args.warmup_ratio * total_steps),
+    scheduler = infra.make_scheduler(optimizer, args.lr_scheduler_type, int(args.warmup_ratio * total_steps),
                                      total_steps)
     metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
     start_step = infra.load_checkpoint(model, optimizer, scheduler, checkpoint) if checkpoint else 0
@@ -530,4 +529,4 @@ def train(args, rank: int, world_size: int, device) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    infra.run(main)

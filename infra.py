@@ -3,7 +3,8 @@ helpers, rlvr.py all but packed attention, eval.py the distributed setup and the
 is copied with infra.py, data_mix.py and verifiers.py (data_mix imports it). A reader learning the recipe
 can skip all but the last two sections, which change what the model computes.
 
-The file's sections, top to bottom: distributed setup (torchrun or plain python, NCCL on GPU, gloo on CPU);
+The file's sections, top to bottom: distributed setup (torchrun or plain python, NCCL on GPU, gloo on CPU) and the
+stages' entry point, which prints a user's mistake as one line, once across ranks;
 model loading (built on the meta device, sharded with FSDP2 per decoder layer, each rank reading only its
 own shard of the safetensors files) and the guard that checks the loaded model against plain
 from_pretrained before the first update; the Hugging Face save; the output directory, the data and model
@@ -20,12 +21,14 @@ import hashlib
 import inspect
 import itertools
 import json
+import math
 import os
 import re
 import shutil
 import signal
 import socket
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
@@ -59,16 +62,92 @@ def init_distributed():
     return dist.get_rank(), dist.get_world_size(), device
 
 
+@contextlib.contextmanager
+def process_group():
+    """init_distributed() for a stage's main(), and the group's end however the stage ends. A user's mistake
+    (SystemExit with a message) is reported here, before the group ends, once across ranks (report_user_error); a rank
+    whose collective then fails because that rank left stops quietly with status 1: its error is the consequence."""
+    rank, world_size, device = init_distributed()
+    try:
+        yield rank, world_size, device
+    except SystemExit as stop:
+        if isinstance(stop.code, str):
+            report_user_error(stop)
+        raise
+    except Exception:
+        if world_size > 1 and user_errors_reported() > 0:
+            time.sleep(3)  # the reporting rank exits first, so torchrun's summary names it as the root cause
+            raise SystemExit(1) from None
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def run(main) -> None:
+    """A stage's command line: main(), where a user's mistake, raised as SystemExit("what, where, what to do"), ends
+    the process with that one line on stderr and exit status 1, said once however many ranks stop for it; anything
+    else is a bug and keeps its traceback."""
+    try:
+        main()
+    except SystemExit as stop:
+        if not isinstance(stop.code, str):  # --help, or an exit status: as it is
+            raise
+        report_user_error(stop)
+        sys.exit(1)
+
+
+def report_user_error(stop: SystemExit) -> None:
+    """Print a user's mistake to stderr if no rank has yet (an error before the process group: every rank parsed the
+    same flags; after: a rank that alone found a fault, a file missing on its node, says it)."""
+    if not getattr(stop, "reported", False) and user_errors_reported(add=1) == 1:
+        print(stop.code, file=sys.stderr, flush=True)
+    stop.reported = True
+
+
+def user_errors_reported(add: int = 0) -> int:
+    """How many ranks have reported a user error, after adding `add`. Under torchrun the count is kept in the
+    launcher's key-value store, which outlives every rank's process group. Elsewhere rank 0 speaks for all."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return add if os.environ.get("RANK", "0") == "0" else 0
+    try:
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                              timeout=datetime.timedelta(seconds=30))
+        return store.add(f"user_errors_reported/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", add)
+    except (RuntimeError, OSError):  # the launcher is gone: rank 0 speaks for all
+        return add if os.environ.get("RANK", "0") == "0" else 0
+
+
 # ---------------------------------------------------------------------------------------------
 # Model loading and the load guard
 
-def check_model_path(path: str) -> None:
-    """Stop early on a path that is neither a model directory nor an org/name hub id."""
+# one of these is in every tokenizer transformers loads: fast, SentencePiece, BPE, WordPiece, tiktoken
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt", "tiktoken.model")
+
+
+def check_model_path(path: str, flag: str = "--model_name_or_path", tokenizer: bool = True) -> None:
+    """Stop early on a path that is neither a model directory (config.json and, with `tokenizer`, a tokenizer's
+    files) nor an org/name hub id."""
     looks_local = os.path.isabs(path) or path.startswith(".") or path.count("/") != 1
     if not os.path.isdir(path) and looks_local:
-        raise SystemExit(f"--model_name_or_path {path}: no such directory (and not an org/name hub id)")
+        raise SystemExit(f"{flag} {path}: no such directory (and not an org/name hub id)")
+    if not os.path.isdir(path):
+        try:  # (downloads the hub model's config.json, as loading it would)
+            cached_file(path, "config.json")
+        except OSError as error:
+            raise SystemExit(f"{flag} {path}: no such directory, and no hub model of that name could be had "
+                             f"({str(error).strip().splitlines()[0]})") from None
     if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")):
-        raise SystemExit(f"--model_name_or_path {path}: not a model directory (it has no config.json)")
+        raise SystemExit(f"{flag} {path}: not a model directory (it has no config.json)")
+    if os.path.isdir(path):
+        try:
+            with open(os.path.join(path, "config.json"), "rb") as f:
+                json.load(f)
+        except ValueError as error:
+            raise SystemExit(f"{flag} {path}: its config.json is not JSON ({error})") from None
+    if os.path.isdir(path) and tokenizer and not any(os.path.exists(os.path.join(path, name))
+                                                      for name in TOKENIZER_FILES):
+        raise SystemExit(f"{flag} {path}: no tokenizer files (none of {', '.join(TOKENIZER_FILES)}); copy in the "
+                         "tokenizer of the model these weights come from")
 
 
 def load_model(path: str, args, device, rank: int, wrapper):
@@ -84,7 +163,10 @@ def load_model(path: str, args, device, rank: int, wrapper):
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(path)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as error:  # not JSON, a model type this transformers does not know, ...
+        raise SystemExit(f"{path}: its config.json cannot be read ({str(error).strip().splitlines()[0]})") from None
     config.use_cache = False
     quantization = getattr(config, "quantization_config", None)
     if quantization:  # from_pretrained would build quantized modules that this full-precision training never sees
@@ -371,8 +453,13 @@ def claimed_output_dir(args, rank: int, resumable_flags: set):
         raise SystemExit("--output_dir must differ from --model_name_or_path")
     verdict, lock = [""], None
     if rank == 0:
-        os.makedirs(args.output_dir, exist_ok=True)
-        lock = open(os.path.join(args.output_dir, LOCK_FILE), "a+")
+        try:
+            os.makedirs(args.output_dir, exist_ok=True)
+            lock = open(os.path.join(args.output_dir, LOCK_FILE), "a+")
+        except OSError as error:  # a file of that name, no permission, a read-only disk: every rank stops with it
+            verdict = [f"--output_dir {args.output_dir}: cannot write there ({error.strerror}: {error.filename}); "
+                       "choose another"]
+    if lock is not None:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             lock.truncate(0)
@@ -731,14 +818,25 @@ def truncate_metrics(path: str, step: int) -> None:
             write_durably(path, "".join(kept))
 
 
+LR_SCHEDULES = ("linear", "cosine", "constant_with_warmup", "constant")
+
+
 def make_scheduler(optimizer, kind: str, warmup_steps: int, total_steps: int):
-    """Linear warmup, then linear decay to 0 (or constant)."""
+    """The learning rate's factor at each step as transformers' get_scheduler gives it (open-instruct's schedule):
+    linear warmup from 0 over warmup_steps (factor step / W, so the first update's rate is 0), then linear or
+    cosine decay to 0 at total_steps, or constant; `constant` has no warmup at all (transformers ignores it). The stages
+    pass int(warmup_ratio x total_steps), rounded down as open-instruct rounds it."""
     def factor(step):
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
         if kind == "constant":
             return 1.0
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+        if step < warmup_steps:
+            return step / warmup_steps
+        if kind == "constant_with_warmup":
+            return 1.0
+        decay_steps = max(1, total_steps - warmup_steps)
+        if kind == "cosine":
+            return max(0.0, 0.5 * (1.0 + math.cos(math.pi * (step - warmup_steps) / decay_steps)))
+        return max(0.0, (total_steps - step) / decay_steps)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 

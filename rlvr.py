@@ -69,7 +69,7 @@ ALGO_DEFAULTS = {"grpo": dict(learning_rate=5e-7, lr_scheduler_type="constant", 
 # Arguments
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = data_mix.StageParser(__doc__)
     parser.add_argument("--model_name_or_path", required=True, help="Hugging Face model directory or hub name")
     data_mix.add_data_args(parser, max_seq_length=4096)
     parser.add_argument("--output_dir", required=True)
@@ -118,7 +118,7 @@ def parse_args(argv=None):
     parser.add_argument("--per_device_train_batch_size", type=data_mix.POSITIVE_INT, default=1,
                         help="sequences per micro-batch")
     parser.add_argument("--learning_rate", type=data_mix.NON_NEGATIVE, default=None, help="default 5e-7 (grpo), 3e-7 (ppo)")
-    parser.add_argument("--lr_scheduler_type", default=None, choices=["linear", "constant"],
+    parser.add_argument("--lr_scheduler_type", default=None, choices=infra.LR_SCHEDULES,
                         help="default constant (grpo), linear (ppo)")
     parser.add_argument("--warmup_ratio", type=data_mix.FRACTION, default=0.0)
     parser.add_argument("--weight_decay", type=data_mix.NON_NEGATIVE, default=0.0)
@@ -648,12 +648,9 @@ def rollout_metrics(rollout, old: dict, scores, verified, rows: list[dict]) -> d
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, world_size, device = infra.init_distributed()
-    try:
+    with infra.process_group() as (rank, world_size, device):
         with infra.claimed_output_dir(args, rank, RESUMABLE_FLAGS):
             train(args, rank, world_size, device)
-    finally:
-        dist.destroy_process_group()
 
 
 def train(args, rank: int, world_size: int, device) -> None:
@@ -690,12 +687,12 @@ def train(args, rank: int, world_size: int, device) -> None:
     trained = torch.nn.ModuleDict({"policy": policy})
     if args.algo == "ppo":
         value_path = args.value_model_name_or_path or args.model_name_or_path
-        infra.check_model_path(value_path)
+        infra.check_model_path(value_path, "--value_model_name_or_path", tokenizer=False)
         trained["value"] = infra.load_model(value_path, args, device, rank,
                                             functools.partial(ValueModel, head=saved_value_head(value_path)))
     optimizer = torch.optim.AdamW([{"params": model.parameters()} for model in trained.values()],  # a group per model
                                   lr=args.learning_rate, weight_decay=args.weight_decay, fused=device.type == "cuda")
-    scheduler = infra.make_scheduler(optimizer, args.lr_scheduler_type, math.ceil(args.warmup_ratio * total_steps),
+    scheduler = infra.make_scheduler(optimizer, args.lr_scheduler_type, int(args.warmup_ratio * total_steps),
                                      total_steps)
     metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
     start_step = infra.load_checkpoint(trained, optimizer, scheduler, checkpoint) if checkpoint else 0
@@ -751,4 +748,4 @@ def train(args, rank: int, world_size: int, device) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    infra.run(main)
