@@ -1,7 +1,6 @@
 """Data shared by every stage: load and mix datasets, validate records, render chats, tokenize, batch;
 RLVR records; the benchmarks eval.py scores, and the decontamination of training data against them.
-(Preference records are dpo.py's own; the attention for packed rows and the sampling helpers are model
-code: infra.py.)
+(Preference records are dpo.py's own; the attention for packed rows is model code: modeling.py.)
 
 A mixture is a list of (dataset, amount) pairs, written on the command line as
     --dataset_mixer_list allenai/tulu-3-sft-mixture 1.0 my_data.jsonl 5000

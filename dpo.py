@@ -31,11 +31,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 from safetensors.torch import load_file, save_file
-from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 import data_mix
 import infra
+import modeling
 
 # Flags that may change when a run is resumed; every other flag must match the run in --output_dir. The two
 # batch flags may change, on any number of ranks, as long as the sequences per optimizer step stay the same.
@@ -81,7 +81,7 @@ def parse_args(argv=None):
     parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
                         help="compute dtype; auto = bf16 on GPU, fp32 on CPU (master weights stay fp32)")
     parser.add_argument("--attn_implementation", default=None,
-                        help=f"e.g. sdpa, eager, or {infra.PACKED_ATTENTION}: packed rows attend within each example "
+                        help=f"e.g. sdpa, eager, or {modeling.PACKED_ATTENTION}: packed rows attend within each example "
                              "without a [T, T] mask; default: the model's own choice (sdpa where it supports it)")
     parser.add_argument("--max_tokens_per_micro_batch", type=data_mix.POSITIVE_INT, default=None, metavar="N",
                         help="pack each rank's share of the optimizer batch into rows of at most N tokens, first-fit "
@@ -102,32 +102,6 @@ def parse_args(argv=None):
 
 # ---------------------------------------------------------------------------------------------
 # Loss
-
-def chunked_label_logprobs(hidden, head, labels, chunk_tokens: int = 4096):
-    """log p(labels[:, t+1] | tokens <= t), shape [B, T-1], fp32, 0 where the label is -100.
-
-    `head` maps decoder states [n, H] to the model's logits [n, V]. Only the trained positions go through
-    it, a chunk of tokens at a time under activation checkpointing, so the [tokens, vocab] logits never
-    exist in full, in forward or in backward (backward recomputes one chunk's logits at a time).
-    log p = logit[label] - logsumexp, in fp32.
-    """
-    batch, length, width = hidden.shape
-    targets = labels[:, 1:].reshape(-1)                      # [N] next-token labels
-    trained = (targets != data_mix.IGNORE_INDEX).nonzero().squeeze(-1)
-    states = hidden[:, :-1].reshape(-1, width)[trained]      # [n, H] only the positions that carry loss
-    pieces = [checkpoint(target_logprobs, states[i:i + chunk_tokens], head, targets[trained[i:i + chunk_tokens]],
-                         use_reentrant=False) for i in range(0, len(trained), chunk_tokens)]
-    logprobs = torch.zeros(batch, length - 1, dtype=torch.float32, device=hidden.device)
-    if pieces:  # scatter back to [B, T-1] (a new tensor, not a view: FSDP hooks the forward's output)
-        logprobs = logprobs.index_put((trained // (length - 1), trained % (length - 1)), torch.cat(pieces))
-    return logprobs
-
-
-def target_logprobs(states, head, targets):
-    """log p(targets[i] | states[i]) [n] for one chunk of decoder states [n, H] and their next tokens [n]."""
-    logits = head(states).float()                            # [n, V] fp32 for the softmax
-    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
-
 
 def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *, loss_type: str, beta: float,
              label_smoothing: float = 0.0, gamma_beta_ratio: float = 0.3):
@@ -158,7 +132,7 @@ def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
 
 def sequence_logps(label_logprobs, labels, position_ids):
     """Summed label log-probs [N] (fp32) and scored-token counts [N] of the N sequences in a batch, from
-    label_logprobs [R, T-1] (CausalLMLogProbs) and labels, position_ids [R, T]: a row holds one padded
+    label_logprobs [R, T-1] (modeling.CausalLMLogProbs) and labels, position_ids [R, T]: a row holds one padded
     sequence or several packed ones (position_ids restart at 0)."""
     starts = position_ids == 0                                           # [R, T] first token of a sequence
     sequence_index = (starts.flatten().cumsum(0) - 1).view(starts.shape)[:, 1:].flatten()  # [R*(T-1)]
@@ -168,53 +142,6 @@ def sequence_logps(label_logprobs, labels, position_ids):
                                                                            label_logprobs.flatten() * scored)
     counts = torch.zeros_like(sums).index_add(0, sequence_index, scored.float())
     return sums, counts
-
-
-class GivenStates:
-    """A base model's output that holds only the decoder states; any other field (router logits, image
-    features, ...) reads as None."""
-
-    def __init__(self, states):
-        self.last_hidden_state = states
-
-    def __getattr__(self, name):
-        return None
-
-    def __getitem__(self, index):
-        return (self.last_hidden_state,)[index]
-
-
-class CausalLMLogProbs(torch.nn.Module):
-    """The model as FSDP sees it: token ids in, the log-prob of each label out.
-
-    Wrapping the Hugging Face model puts its base model (the decoder) and the chunked head in one forward,
-    so FSDP gathers the output-embedding weight for the loss like any other parameter.
-    """
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, labels, position_ids=None, attention_mask=None):
-        base = getattr(self.model, self.model.base_model_prefix)  # what the model's own forward calls first
-        hidden = base(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
-                      use_cache=False).last_hidden_state
-        return chunked_label_logprobs(hidden, self.head_logits, labels)
-
-    def head_logits(self, states):
-        """The model's own logits for decoder states [n, H] -> [n, V], so whatever the architecture does after
-        the output projection (Gemma 2's soft-cap, Granite's and Cohere's logit scaling, ...) applies."""
-        return self.after_base(GivenStates(states[None]), logits_to_keep=0).logits[0]
-
-    def after_base(self, base_output, **kwargs):
-        """The model's own forward from its base model's output on: the base model stands in by returning
-        `base_output`, so no architecture's head or loss needs a case of its own here."""
-        base = getattr(self.model, self.model.base_model_prefix)
-        base.forward = lambda *args, **ignored: base_output
-        try:
-            return self.model(input_ids=None, **kwargs)
-        finally:
-            del base.forward  # back to the class's forward
 
 
 def concatenated_logps(model, batch, mean: bool):
@@ -463,8 +390,8 @@ def train(args, rank: int, world_size: int, device) -> None:
     if rank == 0:
         data_mix.save_json(os.path.join(args.output_dir, "mixture.json"), data_report)
 
-    infra.register_packed_attention()  # --attn_implementation packed_varlen
-    model = infra.load_model(args.model_name_or_path, args, device, rank, CausalLMLogProbs)
+    modeling.register_packed_attention()  # --attn_implementation packed_varlen
+    model = infra.load_model(args.model_name_or_path, args, device, rank, modeling.CausalLMLogProbs)
     first_pair = examples[torch.randperm(len(examples), generator=torch.Generator().manual_seed(args.seed))[0].item()]
     first_ids = torch.tensor([first_pair["chosen_input_ids"][:64]], device=device)
     infra.check_loaded_model(model, args.model_name_or_path, first_ids,
@@ -473,7 +400,7 @@ def train(args, rank: int, world_size: int, device) -> None:
     # The reference is the initial model: scored before any update (and before a resume loads trained weights).
     reference = None  # simpo has none
     if args.dpo_loss_type != "simpo" and args.reference == "live":
-        reference = infra.load_model(args.model_name_or_path, args, device, rank, CausalLMLogProbs
+        reference = infra.load_model(args.model_name_or_path, args, device, rank, modeling.CausalLMLogProbs
                                      ).eval().requires_grad_(False)
     elif args.dpo_loss_type != "simpo":
         reference = cached_reference_logps(model, examples, args, rank, world_size, device, tokenizer.pad_token_id,

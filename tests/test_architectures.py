@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import dpo
 import eval as evaluation
 import infra
+import modeling
 import rlvr
 import sft
 from conftest import build_tiny_tokenizer, plain_python_environment, read_metrics, run_in_process
@@ -134,7 +135,8 @@ def test_every_tensor_holds_what_from_pretrained_gives(family, capsys):
     with plain_python_environment():
         infra.init_distributed()
         try:
-            loaded = infra.load_model(family["model_dir"], args, torch.device("cpu"), 0, sft.CausalLMLogProbs).model
+            loaded = infra.load_model(family["model_dir"], args, torch.device("cpu"), 0,
+                                      modeling.CausalLMLogProbs).model
             tensors = {name: tensor.full_tensor() if isinstance(tensor, DTensor) else tensor for name, tensor in
                        [*loaded.named_parameters(remove_duplicate=False), *loaded.named_buffers()]}
         finally:
@@ -227,7 +229,7 @@ def test_a_buffer_left_unfilled_is_caught_before_training(stage, tmp_path, monke
 @pytest.mark.parametrize("stage", [sft, dpo])
 def test_a_head_transform_the_loss_ignores_is_caught_before_training(stage, tmp_path, monkeypatch):
     family = make_family("granite", tmp_path)  # logits / logits_scaling after the projection
-    monkeypatch.setattr(stage.CausalLMLogProbs, "head_logits",
+    monkeypatch.setattr(modeling.CausalLMLogProbs, "head_logits",
                         lambda self, states: states @ self.model.get_output_embeddings().weight.T)
     with pytest.raises(SystemExit, match=r"GraniteForCausalLM \(granite\): .* differ .* by \d"):
         stage_run(family, stage.__name__)

@@ -10,6 +10,7 @@ from torch._dynamo.utils import counters
 
 import data_mix
 import infra
+import modeling
 import sft
 from conftest import free_port, read_metrics, run_in_process
 
@@ -48,7 +49,8 @@ def test_chunked_logprobs_give_the_plain_cross_entropy_loss_and_gradients():
     weight = torch.randn(50, 16, requires_grad=True)
     labels = torch.randint(0, 50, (2, 9))
     labels[0, :4] = data_mix.IGNORE_INDEX
-    logprobs = sft.chunked_label_logprobs(hidden, lambda states: states @ weight.T, labels, chunk_tokens=3)  # several chunks
+    logprobs = modeling.chunked_label_logprobs(hidden, lambda states: states @ weight.T, labels,
+                                               chunk_tokens=3)  # several chunks
     chunked = sft.sft_loss(logprobs, labels, denominator=2.0)
     chunked_grads = torch.autograd.grad(chunked, (hidden, weight))
 
@@ -63,7 +65,8 @@ def test_chunked_logprobs_give_the_plain_cross_entropy_loss_and_gradients():
 
 def test_label_logprobs_are_zero_where_nothing_is_trained():
     labels = torch.full((1, 5), data_mix.IGNORE_INDEX)
-    logprobs = sft.chunked_label_logprobs(torch.randn(1, 5, 4), lambda states: states @ torch.randn(7, 4).T, labels)
+    head = lambda states: states @ torch.randn(7, 4).T  # noqa: E731
+    logprobs = modeling.chunked_label_logprobs(torch.randn(1, 5, 4), head, labels)
     assert logprobs.shape == (1, 4) and (logprobs == 0).all()
 
 
@@ -89,7 +92,7 @@ def gradient_worker(rank, world_size, port, model_dir, out_path):
     for packing in (True, False):
         args = sft.parse_args(["--model_name_or_path", model_dir, "--dataset_mixer_list", "x", "1", "--output_dir", "x",
                                "--packing" if packing else "--no-packing"])
-        model = infra.load_model(model_dir, args, device, rank, sft.CausalLMLogProbs)
+        model = infra.load_model(model_dir, args, device, rank, modeling.CausalLMLogProbs)
         for reduction in ("sum", "mean"):
             for per_device, accumulation in SPLITS[world_size]:
                 args.per_device_train_batch_size, args.reduce_loss = per_device, reduction
@@ -130,7 +133,7 @@ def compile_worker(rank, world_size, port, model_dir, out_path):
         args = sft.parse_args(["--model_name_or_path", model_dir, "--dataset_mixer_list", "x", "1", "--output_dir", "x",
                                "--packing", "--per_device_train_batch_size", "4"] + ["--compile"] * compiled)
         counters.clear()
-        model = infra.load_model(model_dir, args, device, rank, sft.CausalLMLogProbs)
+        model = infra.load_model(model_dir, args, device, rank, modeling.CausalLMLogProbs)
         nll = sft.accumulate_gradients(model, examples, list(range(8)), args, rank, world_size, device,
                                        tokenizer.pad_token_id)[0]
         graphs[compiled] = counters["stats"]["unique_graphs"]  # graphs dynamo compiled in this forward
