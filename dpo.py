@@ -7,14 +7,14 @@
         --dataset_mixer_list allenai/llama-3.1-tulu-3-8b-preference-mixture 1.0 --chat_template_name tulu \
         --per_device_train_batch_size 1 --gradient_accumulation_steps 16 --output_dir output/dpo-8b
 
-sft.py's story, on infra.py's machinery; `diff sft.py dpo.py` shows what DPO adds: preference pairs (one
-forward scores a micro-batch's chosen and rejected sequences); dpo_loss (dpo, dpo_norm as in Tülu 3,
-simpo, ipo) averaged over the optimizer batch's pairs, whatever its split into micro-batches and
-ranks; reference log-probs scored once by the initial model before training, with the same sharding,
-and cached on disk under a hash of model files, tokenized data, precision and log-prob kind (sums for
-dpo, per-token means for the others); a restart reads them back; no reference model in memory while
-training (`--reference live` keeps a frozen one instead);
-reward and log-prob metrics (chosen log-probs often fall while the margin grows: DPO moves margins).
+sft.py's story, on modeling.py's log-probs and infra.py's machinery; `diff sft.py dpo.py` shows what DPO
+adds: preference pairs (one forward scores a micro-batch's chosen and rejected sequences); dpo_loss (dpo,
+dpo_norm as in Tülu 3, simpo, ipo) averaged over the optimizer batch's pairs, whatever its split into
+micro-batches and ranks; reference log-probs scored once by the initial model before training, with the
+same sharding, and cached on disk under a hash of model files, tokenized data, precision and log-prob kind
+(sums for dpo, per-token means for the others); a restart reads them back; no reference model in memory
+while training (`--reference live` keeps a frozen one instead); reward and log-prob metrics (chosen
+log-probs often fall while the margin grows: DPO moves margins).
 
 Simplified relative to open-instruct: no LoRA, no DeepSpeed, no logging services; the last partial
 optimizer batch of an epoch is dropped.
@@ -195,7 +195,8 @@ def preference_messages(row: dict, where: str) -> tuple[list[dict], list[dict]]:
     chosen = preference_side(row, "chosen", where)
     rejected = preference_side(row, "rejected", where)
     if chosen[:-1] != rejected[:-1]:  # DPO compares two answers to one prompt
-        turn = next((i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b), min(len(chosen), len(rejected)) - 1)
+        turn = next((i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b),
+                    min(len(chosen), len(rejected)) - 1)
         raise data_mix.InvalidRecord(f"{where}, field rejected: its prompt turns differ from chosen's at turn {turn}")
     if chosen == rejected:  # no preference to learn: the DPO margin is 0 whatever the model does
         raise data_mix.InvalidRecord(f"{where}, field rejected: identical to chosen")
@@ -266,9 +267,9 @@ def micro_batches(examples, order: list[int], args, rank: int, world_size: int, 
     pair alone, the cheapest micro-batch for a rank that must run one that trains nothing)."""
     length = lambda i: len(examples[i]["chosen_input_ids"]) + len(examples[i]["rejected_input_ids"])  # noqa: E731
     mine = order[rank::world_size]
-    for pairs in [[min(mine, key=length)]] if stand_in else data_mix.micro_batch_indices(
+    for indices in [[min(mine, key=length)]] if stand_in else data_mix.micro_batch_indices(
             mine, args.per_device_train_batch_size, args.max_tokens_per_micro_batch, length):
-        yield collate_preference_pairs(examples, pairs, pad_token_id, args.packing)
+        yield collate_preference_pairs(examples, indices, pad_token_id, args.packing)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,44 +322,45 @@ def cached_reference_logps(model, examples, args, rank: int, world_size: int, de
 # ---------------------------------------------------------------------------------------------
 # Training
 
-def accumulate_gradients(model, reference, examples, batch: list[int], args, rank: int, world_size: int, device,
+def accumulate_gradients(model, reference, examples, batch_indices: list[int], args, rank: int, world_size: int, device,
                          pad_token_id: int):
     """Forward and backward over this rank's micro-batches of one optimizer batch. `reference`: a frozen model,
     the cached (chosen, rejected) tables, or None (simpo). Returns sums over all ranks' pairs of (loss, rewards
     chosen, rejected, correct orderings, logps chosen, rejected) [6], and input tokens over all ranks."""
     mean = args.dpo_loss_type != "dpo"  # dpo_norm, simpo and ipo compare mean per-token log-probs
+    micros = [{k: v.to(device) for k, v in micro.items()}  # input_ids, labels, position_ids: [R, T] (R rows)
+              for micro in micro_batches(examples, batch_indices, args, rank, world_size, pad_token_id)]
     totals = torch.zeros(6, device=device)
     input_tokens = torch.zeros((), device=device)
-    micros = list(micro_batches(examples, batch, args, rank, world_size, pad_token_id))
     # FSDP's collectives pair up across ranks, so every rank runs as many micro-batches as the busiest one
     # (token budgets pack ranks unevenly): a rank with fewer adds stand-ins with weight 0.
     most = torch.tensor(len(micros), device=device)
     dist.all_reduce(most, op=dist.ReduceOp.MAX)
-    stand_ins = list(micro_batches(examples, batch, args, rank, world_size, pad_token_id, stand_in=True))
+    stand_ins = [{k: v.to(device) for k, v in micro.items()} for micro in micro_batches(
+        examples, batch_indices, args, rank, world_size, pad_token_id, stand_in=True)]
     for number, micro in enumerate(micros + stand_ins * (int(most) - len(micros))):
         weight = float(number < len(micros))
-        micro = {k: v.to(device) for k, v in micro.items()}
-        chosen_logps, rejected_logps = concatenated_logps(model, micro, mean)
+        chosen_logps, rejected_logps = concatenated_logps(model, micro, mean)  # [B] each, B pairs
         ref_chosen_logps, ref_rejected_logps = None, None  # simpo
         if isinstance(reference, torch.nn.Module):
             with torch.no_grad():
                 ref_chosen_logps, ref_rejected_logps = concatenated_logps(reference, micro, mean)
         elif reference is not None:
-            ref_chosen_logps, ref_rejected_logps = (table[micro["index"]] for table in reference)
-        losses, chosen_rewards, rejected_rewards = dpo_loss(
+            ref_chosen_logps, ref_rejected_logps = (table[micro["index"]] for table in reference)  # [N] -> [B]
+        losses, chosen_rewards, rejected_rewards = dpo_loss(  # [B] each
             chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, loss_type=args.dpo_loss_type,
             beta=args.dpo_beta, label_smoothing=args.dpo_label_smoothing, gamma_beta_ratio=args.dpo_gamma_beta_ratio)
         # The mean over the optimizer batch's pairs: a divisor known before any forward.
         # FSDP averages gradients over ranks; multiplying by world_size turns that average into a sum.
-        loss = losses.sum() / len(batch) * world_size * weight
-        loss.backward()
+        loss = losses.sum() / len(batch_indices) * world_size * weight
         totals += weight * torch.stack([losses.sum(), chosen_rewards.sum(), rejected_rewards.sum(),
                                         (chosen_rewards > rejected_rewards).sum(), chosen_logps.sum(),
                                         rejected_logps.sum()]).detach()
+        loss.backward()
         input_tokens += weight * (micro["attention_mask"].sum() if "attention_mask" in micro
                                   else micro["input_ids"].numel())
-    dist.all_reduce(totals)
-    dist.all_reduce(input_tokens)
+    for total in (totals, input_tokens):
+        dist.all_reduce(total)
     return totals, input_tokens
 
 
@@ -418,15 +420,16 @@ def train(args, rank: int, world_size: int, device) -> None:
     model.train()
     progress = tqdm(total=total_steps, initial=start_step, desc="dpo", disable=rank != 0)
     for step in range(start_step, total_steps):
-        torch.manual_seed(args.seed + 7919 * step + rank)  # the global RNG (dropout) is a function of the step
+        # the global RNG (dropout) is a function of the step
+        torch.manual_seed(args.seed + infra.STEP_SEED_STRIDE * step + rank)
         epoch, index = divmod(step, steps_per_epoch)
         # The data order is a function of (seed, epoch): a resumed run sees the same batches.
         order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(args.seed + epoch)).tolist()
-        batch = order[index * batch_size:(index + 1) * batch_size]
+        batch_indices = order[index * batch_size:(index + 1) * batch_size]
         started = time.perf_counter()
 
         totals, input_tokens = accumulate_gradients(
-            model, reference, examples, batch, args, rank, world_size, device, tokenizer.pad_token_id)
+            model, reference, examples, batch_indices, args, rank, world_size, device, tokenizer.pad_token_id)
 
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm if args.max_grad_norm > 0
                                                    else float("inf"))

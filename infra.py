@@ -353,6 +353,10 @@ def final_model_saved(output_dir: str, rank: int) -> bool:
 # which the same command (with --resume) continues at the newest complete checkpoint, on any number of ranks.
 
 LOCK_FILE, CHECKPOINT_DONE = "run.lock", "trainer_state.json"
+# Per-step seeds, so that a resumed run draws at each step what the uninterrupted run drew there: seed +
+# STEP_SEED_STRIDE * step + rank, a stride above any rank count, gives every (step, rank) its own seed (dropout,
+# rlvr's mini-batch order). rlvr's sampler strides by another prime, so its draws are not the dropout stream's.
+STEP_SEED_STRIDE, SAMPLING_SEED_STRIDE = 7919, 104729
 
 
 @contextlib.contextmanager

@@ -569,7 +569,8 @@ def update(trained, optimizer, rollout, old: dict, args, step: int, rank: int, w
     PPO's value model has its own gradient clipping and parameter group (AdamW acts per parameter: as its own
     optimizer, open-instruct's), so a large value gradient never shrinks the policy's step."""
     mask, length = old["loss_mask"], rollout.response_mask.shape[1]
-    generator = torch.Generator().manual_seed(args.seed + 7919 * step + rank)  # mini-batch order, resumable
+    # the mini-batch order is a function of the step: resumable
+    generator = torch.Generator().manual_seed(args.seed + infra.STEP_SEED_STRIDE * step + rank)
     totals = torch.zeros(4, dtype=torch.float64, device=mask.device)  # loss, value loss, clipped tokens, tokens
     grad_norm_sums = dict.fromkeys(trained.keys(), 0.0)
     for _ in range(args.ppo_epochs):
@@ -707,7 +708,8 @@ def train(args, rank: int, world_size: int, device) -> None:
     sampler = Sampler(policy, args.max_seq_length - args.response_length, args.response_length, compile_decode)
     progress = tqdm(total=total_steps, initial=start_step, desc=f"rlvr {args.algo}", disable=rank != 0)
     for step in range(start_step, total_steps):
-        torch.manual_seed(args.seed + 7919 * step + rank)  # the global RNG (dropout) is a function of the step
+        # the global RNG (dropout) is a function of the step
+        torch.manual_seed(args.seed + infra.STEP_SEED_STRIDE * step + rank)
         epoch, index = divmod(step, steps_per_epoch)
         # The prompt order is a function of (seed, epoch): a resumed run sees the same prompts.
         order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed + epoch)).tolist()
@@ -715,7 +717,7 @@ def train(args, rank: int, world_size: int, device) -> None:
         rows = [prompts[i] for i in batch_indices[rank::world_size] for _ in range(group)]  # a group is contiguous
         started = time.perf_counter()
         policy.eval()  # (gradient checkpointing would turn the KV cache off in train mode)
-        generator = torch.Generator(device).manual_seed(args.seed + 104729 * (step + 1) + rank)
+        generator = torch.Generator(device).manual_seed(args.seed + infra.SAMPLING_SEED_STRIDE * (step + 1) + rank)
         with full_parameters(policy):
             rollout = sampler.generate([row["input_ids"] for row in rows], args.temperature, args.top_p,
                                        tokenizer.eos_token_id, tokenizer.pad_token_id, args.stop_strings, tokenizer,

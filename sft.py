@@ -146,7 +146,7 @@ def micro_batches(examples, order: list[int], args, rank: int, world_size: int, 
 # ---------------------------------------------------------------------------------------------
 # Training
 
-def accumulate_gradients(model, examples, batch: list[int], args, rank: int, world_size: int, device,
+def accumulate_gradients(model, examples, batch_indices: list[int], args, rank: int, world_size: int, device,
                          pad_token_id: int):
     """Forward and backward over this rank's micro-batches of one optimizer batch.
 
@@ -155,27 +155,27 @@ def accumulate_gradients(model, examples, batch: list[int], args, rank: int, wor
     """
     # The loss divisor belongs to the whole optimizer batch, so it is known before any forward: each rank
     # counts the trained tokens of its collated micro-batches (packing's boundary labels are already -100).
-    micros = [{k: v.to(device) for k, v in micro.items()}
-              for micro in micro_batches(examples, batch, args, rank, world_size, pad_token_id)]
+    micros = [{k: v.to(device) for k, v in micro.items()}  # input_ids, labels, position_ids: [R, T] (R rows)
+              for micro in micro_batches(examples, batch_indices, args, rank, world_size, pad_token_id)]
     trained_tokens = sum(((micro["labels"][:, 1:] != data_mix.IGNORE_INDEX).sum() for micro in micros),
                          torch.zeros((), dtype=torch.long, device=device))
     dist.all_reduce(trained_tokens)
-    denominator = len(batch) if args.reduce_loss == "sum" else trained_tokens
+    denominator = len(batch_indices) if args.reduce_loss == "sum" else trained_tokens
     summed_nll = torch.zeros((), device=device)
     input_tokens = torch.zeros((), device=device)
     # FSDP's collectives pair up across ranks, so every rank runs as many micro-batches as the busiest one
     # (token budgets pack ranks unevenly): a rank with fewer adds stand-ins with weight 0.
     most = torch.tensor(len(micros), device=device)
     dist.all_reduce(most, op=dist.ReduceOp.MAX)
-    stand_ins = [{k: v.to(device) for k, v in micro.items()}
-                 for micro in micro_batches(examples, batch, args, rank, world_size, pad_token_id, stand_in=True)]
+    stand_ins = [{k: v.to(device) for k, v in micro.items()} for micro in micro_batches(
+        examples, batch_indices, args, rank, world_size, pad_token_id, stand_in=True)]
     router_loss = torch.zeros((), device=device)
     for number, micro in enumerate(micros + stand_ins * (int(most) - len(micros))):
         weight = float(number < len(micros))
         if args.load_balancing_loss:
-            label_logprobs, aux_loss = model(**micro, load_balancing=True)
+            label_logprobs, aux_loss = model(**micro, load_balancing=True)  # [R, T-1], a scalar
         else:
-            label_logprobs, aux_loss = model(**micro), None
+            label_logprobs, aux_loss = model(**micro), None  # [R, T-1]
         # FSDP averages gradients over ranks; multiplying by world_size turns that average into a sum.
         loss = sft_loss(label_logprobs, micro["labels"], denominator) * world_size * weight
         summed_nll += loss.detach() * denominator / world_size
@@ -245,15 +245,16 @@ def train(args, rank: int, world_size: int, device) -> None:
     model.train()
     progress = tqdm(total=total_steps, initial=start_step, desc="sft", disable=rank != 0)
     for step in range(start_step, total_steps):
-        torch.manual_seed(args.seed + 7919 * step + rank)  # the global RNG (dropout) is a function of the step
+        # the global RNG (dropout) is a function of the step
+        torch.manual_seed(args.seed + infra.STEP_SEED_STRIDE * step + rank)
         epoch, index = divmod(step, steps_per_epoch)
         # The data order is a function of (seed, epoch): a resumed run sees the same batches.
         order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(args.seed + epoch)).tolist()
-        batch = order[index * batch_size:(index + 1) * batch_size]
+        batch_indices = order[index * batch_size:(index + 1) * batch_size]
         started = time.perf_counter()
 
         summed_nll, trained_tokens, input_tokens, router_loss = accumulate_gradients(
-            model, examples, batch, args, rank, world_size, device, tokenizer.pad_token_id)
+            model, examples, batch_indices, args, rank, world_size, device, tokenizer.pad_token_id)
 
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm if args.max_grad_norm > 0
                                                    else float("inf"))
