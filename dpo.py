@@ -81,12 +81,13 @@ def parse_args(argv=None):
     parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
                         help="compute dtype; auto = bf16 on GPU, fp32 on CPU (master weights stay fp32)")
     parser.add_argument("--attn_implementation", default=None,
-                        help=f"e.g. sdpa, eager, or {modeling.PACKED_ATTENTION}: packed rows attend within each example "
-                             "without a [T, T] mask; default: the model's own choice (sdpa where it supports it)")
+                        help=f"e.g. sdpa, eager, or {modeling.PACKED_ATTENTION} (packed rows attend within each "
+                             "example without a [T, T] mask); default: that one with --packing where it computes "
+                             "exactly what the model's own does, else the model's own (sdpa where it supports it)")
     parser.add_argument("--max_tokens_per_micro_batch", type=data_mix.POSITIVE_INT, default=None, metavar="N",
                         help="pack each rank's share of the optimizer batch into rows of at most N tokens, first-fit "
-                             "decreasing (a longer example: a row of its own); replaces --per_device_train_batch_size as "
-                             "the micro-batch (it still sets the optimizer batch); same gradient")
+                             "decreasing (a longer example: a row of its own); replaces --per_device_train_batch_size "
+                             "as the micro-batch (it still sets the optimizer batch); same gradient")
     parser.add_argument("--checkpointing_steps", type=data_mix.POSITIVE_INT, default=500,
                         help="write a resumable checkpoint every N steps")
     parser.add_argument("--resume", action="store_true",
@@ -392,10 +393,12 @@ def train(args, rank: int, world_size: int, device) -> None:
     if rank == 0:
         data_mix.save_json(os.path.join(args.output_dir, "mixture.json"), data_report)
 
-    modeling.register_packed_attention()  # --attn_implementation packed_varlen
+    args.attn_implementation = modeling.choose_attention(args.model_name_or_path, args.attn_implementation,
+                                                         args.packing, args.max_seq_length, rank)
     model = infra.load_model(args.model_name_or_path, args, device, rank, modeling.CausalLMLogProbs)
-    first_pair = examples[torch.randperm(len(examples), generator=torch.Generator().manual_seed(args.seed))[0].item()]
-    first_ids = torch.tensor([first_pair["chosen_input_ids"][:64]], device=device)
+    first = torch.randperm(len(examples), generator=torch.Generator().manual_seed(args.seed))[0].item()
+    first_example = examples[first]
+    first_ids = torch.tensor([first_example["chosen_input_ids"][:64]], device=device)
     infra.check_loaded_model(model, args.model_name_or_path, first_ids,
                              lambda ids, positions: model(input_ids=ids, labels=ids, position_ids=positions),
                              infra.resolve_dtype(args.dtype, device), rank)

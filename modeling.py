@@ -109,6 +109,51 @@ def register_packed_attention() -> None:
     AttentionMaskInterface.register(PACKED_ATTENTION, packed_attention_mask)
 
 
+def choose_attention(model_name_or_path: str, requested: str | None, packing: bool, max_seq_length: int,
+                     rank: int) -> str | None:
+    """The attention implementation to load the model with: the one requested, else the packed attention for
+    packed rows where it computes exactly what the model's own attention computes, else the model's own (None),
+    with one line on rank 0 saying why."""
+    from transformers import AutoConfig
+
+    register_packed_attention()
+    if requested is not None or not packing:
+        return requested
+    why_not = packed_attention_mismatch(AutoConfig.from_pretrained(model_name_or_path), max_seq_length)
+    if why_not and rank == 0:
+        print(f"attention: the model's own, with a [T, T] mask per packed row, not {PACKED_ATTENTION}: {why_not}")
+    return None if why_not else PACKED_ATTENTION
+
+
+def packed_attention_mismatch(config, max_seq_length: int) -> str:
+    """Why the packed attention would not compute what the model's own attention computes on packed rows of
+    documents up to max_seq_length tokens ('' if it would): what packed_attention refuses, found before a forward.
+    The model is built on the meta device (no memory, no weights) to see its decoder's attention modules."""
+    from transformers import AutoModelForCausalLM
+
+    text = config.get_text_config()
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    decoder = model.get_decoder()
+    attention = [module for module in decoder.modules() if hasattr(module, "is_causal")]  # the attention layers
+    window = getattr(text, "sliding_window", None) if getattr(text, "use_sliding_window", True) else None
+    layer_types = getattr(text, "layer_types", None) or []
+    if not type(model).is_backend_compatible():
+        return f"{type(model).__name__} does not call its attention through transformers' AttentionInterface"
+    if getattr(text, "attn_logit_softcapping", None) is not None:
+        return "the model soft-caps its attention logits"
+    if any(name.endswith("sinks") for name, _ in decoder.named_parameters()):
+        return "the model's attention has sinks"
+    if not attention or not all(module.is_causal for module in attention):
+        return "not every attention layer of the model says it is causal"
+    if getattr(text, "attention_dropout", 0.0):
+        return f"the model has attention dropout ({text.attention_dropout})"
+    if window is not None and window < max_seq_length and (not layer_types or "sliding_attention" in layer_types):
+        return (f"it has no sliding window, and a document may be longer than the model's window of {window} "
+                f"tokens (--max_seq_length {max_seq_length})")
+    return ""
+
+
 def packed_attention_mask(batch_size: int, q_length: int, kv_length: int, attention_mask=None, **kwargs):
     """No mask (transformers calls this once per forward); a padded batch is refused: it would need one."""
     if attention_mask is not None and not attention_mask.all():

@@ -1,5 +1,5 @@
 """Token-budget micro-batches (--max_tokens_per_micro_batch) and packed attention without a dense mask
-(--attn_implementation packed_varlen), for sft.py and dpo.py."""
+(--attn_implementation packed_varlen, the default for packed rows where it is exact), for sft.py and dpo.py."""
 import os
 
 import pytest
@@ -195,3 +195,27 @@ def test_packed_attention_refuses_models_it_would_compute_wrongly(tiny_tokenizer
     padded = build_tiny_model(tiny_tokenizer, attn_implementation="packed_varlen")
     with pytest.raises(ValueError, match="not padded ones"):
         padded(input_ids=input_ids, attention_mask=(torch.arange(20) < 15).long().unsqueeze(0), use_cache=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# The default attention for packed rows
+
+def test_packed_rows_default_to_the_packed_attention_where_it_is_exact(tiny_model_dir, capsys):
+    assert modeling.choose_attention(tiny_model_dir, None, True, 128, rank=0) == modeling.PACKED_ATTENTION
+    assert modeling.choose_attention(tiny_model_dir, "sdpa", True, 128, rank=0) == "sdpa"  # asked for: kept
+    assert modeling.choose_attention(tiny_model_dir, None, False, 128, rank=0) is None  # padded rows: the model's own
+    assert capsys.readouterr().out == ""
+
+
+def test_packed_rows_fall_back_to_the_models_own_attention_with_one_line_saying_why(tiny_tokenizer, tmp_path, capsys):
+    from transformers import Gemma2Config
+
+    Gemma2Config(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                 num_attention_heads=2, num_key_value_heads=1, head_dim=16, attn_logit_softcapping=5.0,
+                 sliding_window=4096).save_pretrained(tmp_path)
+    assert modeling.choose_attention(str(tmp_path), None, True, 128, rank=0) is None
+    assert capsys.readouterr().out.splitlines() == [
+        f"attention: the model's own, with a [T, T] mask per packed row, not {modeling.PACKED_ATTENTION}: "
+        "the model soft-caps its attention logits"]
+    assert modeling.choose_attention(str(tmp_path), None, True, 128, rank=1) is None
+    assert capsys.readouterr().out == ""  # rank 0 says it once
