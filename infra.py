@@ -1,7 +1,7 @@
 """The machinery the scripts share to run a model: sft.py and dpo.py use all but the sampling helpers, rlvr.py
 all of it, eval.py the distributed setup and the sampling helpers. What changes what the model computes in
 training (the log-prob wrapper, packed attention) is modeling.py's. A stage is copied with infra.py,
-modeling.py, data_mix.py and verifiers.py (data_mix imports it). A reader learning the recipe can skip all
+modeling.py and data_mix.py (rlvr.py also with verifiers.py). A reader learning the recipe can skip all
 but the last section, the sampling helpers, which decide what rollouts and generations draw.
 
 The file's sections, top to bottom: distributed setup (torchrun or plain python, NCCL on GPU, gloo on CPU);

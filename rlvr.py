@@ -500,15 +500,73 @@ class Sampler:
 
 
 # ---------------------------------------------------------------------------------------------
+# RLVR records
+# RLVR trains on prompts whose answers a verifier can check (Tülu 3's RLVR-GSM-MATH-IF-Mixed-Constraints):
+#   {"messages": [prompt turns], "ground_truth": str, "dataset": "gsm8k" | "MATH" | "ifeval"}
+# ground_truth is the answer (GSM8K, MATH) or the IFEval constraints as JSON. A final assistant turn in
+# messages, if present, is a reference answer and is left out of the prompt.
+
+RLVR_DATASETS = ("gsm8k", "math", "ifeval")
+
+
+def rlvr_prompt_messages(row: dict, where: str) -> list[dict]:
+    """The prompt turns of an RLVR record (validated); InvalidRecord names dataset, row and field."""
+    messages = row.get("messages")
+    if isinstance(messages, list) and messages and isinstance(messages[-1], dict) \
+            and messages[-1].get("role") == "assistant":
+        messages = messages[:-1]
+    if not isinstance(messages, list) or not messages:
+        raise data_mix.InvalidRecord(f"{where}, field messages: expected a non-empty list of prompt turns, "
+                                     f"got {messages!r}")
+    return data_mix.validate_messages(messages, where, needs_assistant=False)  # the response is about to be sampled
+
+
+def validate_rlvr_record(row: dict, where: str) -> dict:
+    """The record, checked down to what its verifier needs, so that no reward raises mid-run."""
+    messages = rlvr_prompt_messages(row, where)
+    dataset = row.get("dataset")
+    if not isinstance(dataset, str) or dataset.lower() not in RLVR_DATASETS:
+        raise data_mix.InvalidRecord(f"{where}, field dataset: {dataset!r} has no verifier (expected one of "
+                                     f"{RLVR_DATASETS}, any case)")
+    ground_truth = row.get("ground_truth")
+    if not isinstance(ground_truth, str) or not ground_truth.strip():
+        raise data_mix.InvalidRecord(f"{where}, field ground_truth: expected a non-empty string, "
+                                     f"got {ground_truth!r:.100}")
+    try:
+        verifiers.check_ground_truth(ground_truth, dataset)
+    except ValueError as error:
+        raise data_mix.InvalidRecord(f"{where}, field ground_truth: {error}") from None
+    return {"messages": messages, "ground_truth": ground_truth, "dataset": dataset}
+
+
+def tokenize_rlvr_dataset(dataset, tokenizer, max_prompt_token_length: int, num_proc: int = 1):
+    """Prompt token ids (rendered up to the assistant header) with ground_truth and lower-cased dataset.
+
+    Prompts longer than max_prompt_token_length are dropped and counted, not truncated: a cut prompt
+    would lose the question the verifier checks. Returns (dataset, number dropped).
+    """
+    def prompt_ids(row):
+        return data_mix.tokenize_prompt(tokenizer, rlvr_prompt_messages(row, f"dataset {row.get('source')}"))
+    tokenized = dataset.map(
+        lambda row: {"input_ids": prompt_ids(row), "ground_truth": row["ground_truth"],
+                     "dataset": row["dataset"].lower()},
+        remove_columns=[c for c in dataset.column_names if c not in ("source", "ground_truth", "dataset")],
+        num_proc=num_proc if num_proc > 1 else None, desc="tokenizing prompts")
+    kept = tokenized.filter(lambda row: len(row["input_ids"]) <= max_prompt_token_length,
+                            num_proc=num_proc if num_proc > 1 else None, desc="dropping long prompts")
+    return kept, len(tokenized) - len(kept)
+
+
+# ---------------------------------------------------------------------------------------------
 # Data and rewards
 
 def load_rlvr_data(args, tokenizer, rank: int):
     """Mixed, validated, tokenized prompts; rank 0 prepares first so the others reuse its cache."""
     if rank != 0:
         dist.barrier()
-    rows, report = data_mix.load_mixture(args, data_mix.validate_rlvr_record)
-    prompts, too_long = data_mix.tokenize_rlvr_dataset(rows, tokenizer, args.max_seq_length - args.response_length,
-                                                       args.preprocessing_num_workers)
+    rows, report = data_mix.load_mixture(args, validate_rlvr_record)
+    prompts, too_long = tokenize_rlvr_dataset(rows, tokenizer, args.max_seq_length - args.response_length,
+                                              args.preprocessing_num_workers)
     if rank == 0:
         dist.barrier()
     if len(prompts) == 0:
@@ -625,7 +683,7 @@ def rollout_metrics(rollout, old: dict, scores, verified, rows: list[dict]) -> d
             "entropy": (old["entropy"] * mask).sum(), "cut": (~rollout.stopped).sum(),
             "logprob_diff": ((rollout.logprobs - old["old_logps"]).abs() * mask).sum(),
             "sequence_tokens": rollout.attention_mask.sum()}
-    for kind in data_mix.RLVR_DATASETS:
+    for kind in RLVR_DATASETS:
         sums[f"correct/{kind}"] = sum(v for v, row in zip(verified.tolist(), rows) if row["dataset"] == kind)
         sums[f"count/{kind}"] = sum(row["dataset"] == kind for row in rows)
     totals = torch.tensor([float(v) for v in sums.values()], dtype=torch.float64, device=scores.device)
@@ -640,7 +698,7 @@ def rollout_metrics(rollout, old: dict, scores, verified, rows: list[dict]) -> d
                # |sampler log-prob - training forward log-prob| per token: ~0 unless the two paths disagree
                "sampling_logprob_diff": total["logprob_diff"] / tokens}
     metrics.update({f"accuracy/{kind}": total[f"correct/{kind}"] / total[f"count/{kind}"]
-                    for kind in data_mix.RLVR_DATASETS if total[f"count/{kind}"]})
+                    for kind in RLVR_DATASETS if total[f"count/{kind}"]})
     return metrics
 
 
