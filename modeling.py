@@ -1,7 +1,8 @@
-"""What changes what the model computes in sft.py and dpo.py (read these to learn the recipe; infra.py only runs
-the model): the log-prob wrapper, the model as the training stages see it (token ids in, each label's log-prob
-out, the [tokens, vocab] logits never whole), and the attention for packed rows (each example attends only to
-itself, without a [T, T] mask).
+"""What changes what the model computes in sft.py and dpo.py (read it to learn the recipe; infra.py only runs the
+model). Its sections: the log-prob wrapper, the model as the training stages see it (token ids in, each label's
+log-prob out, the [tokens, vocab] logits never whole); the packed attention (each example of a packed row attends
+only to itself, without a [T, T] mask), the stages' default for packed rows wherever it computes exactly what the
+model's own attention does.
 """
 import functools
 import inspect
@@ -25,13 +26,13 @@ def chunked_label_logprobs(hidden, head, labels, chunk_tokens: int = 4096):
     """
     batch, length, width = hidden.shape
     targets = labels[:, 1:].reshape(-1)                      # [N] next-token labels
-    trained = (targets != data_mix.IGNORE_INDEX).nonzero().squeeze(-1)
-    states = hidden[:, :-1].reshape(-1, width)[trained]      # [n, H] only the positions that carry loss
-    pieces = [checkpoint(target_logprobs, states[i:i + chunk_tokens], head, targets[trained[i:i + chunk_tokens]],
-                         use_reentrant=False) for i in range(0, len(trained), chunk_tokens)]
+    scored = (targets != data_mix.IGNORE_INDEX).nonzero().squeeze(-1)  # [n] indices into [N]: the labels trained
+    states = hidden[:, :-1].reshape(-1, width)[scored]       # [n, H] only the positions that carry loss
+    pieces = [checkpoint(target_logprobs, states[i:i + chunk_tokens], head, targets[scored[i:i + chunk_tokens]],
+                         use_reentrant=False) for i in range(0, len(scored), chunk_tokens)]
     logprobs = torch.zeros(batch, length - 1, dtype=torch.float32, device=hidden.device)
     if pieces:  # scatter back to [B, T-1] (a new tensor, not a view: FSDP hooks the forward's output)
-        logprobs = logprobs.index_put((trained // (length - 1), trained % (length - 1)), torch.cat(pieces))
+        logprobs = logprobs.index_put((scored // (length - 1), scored % (length - 1)), torch.cat(pieces))
     return logprobs
 
 
@@ -97,8 +98,9 @@ class CausalLMLogProbs(torch.nn.Module):
 # ---------------------------------------------------------------------------------------------
 # Packed attention
 # Attention inside each packed document, without a [T, T] mask: an attention implementation registered with
-# transformers (--attn_implementation packed_varlen), so the model stays Hugging Face's code. Its mask function
-# builds nothing; the attention finds the documents in position_ids (they restart at every example).
+# transformers (--attn_implementation packed_varlen, or choose_attention's default), so the model stays Hugging
+# Face's code. Its mask function builds nothing; the attention finds the documents in position_ids (they restart
+# at every example).
 PACKED_ATTENTION = "packed_varlen"
 
 

@@ -109,8 +109,8 @@ def sft_loss(label_logprobs, labels, denominator: float):
 
     label_logprobs: [B, T-1] from modeling.chunked_label_logprobs; labels: [B, T] (-100 = not trained).
     """
-    trained = labels[:, 1:] != data_mix.IGNORE_INDEX          # [B, T-1]
-    return -(label_logprobs * trained).sum() / denominator
+    trained_mask = labels[:, 1:] != data_mix.IGNORE_INDEX     # [B, T-1]
+    return -(label_logprobs * trained_mask).sum() / denominator
 
 
 # ---------------------------------------------------------------------------------------------
