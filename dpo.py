@@ -16,7 +16,7 @@ same sharding, and cached on disk under a hash of model files, tokenized data, p
 while training (`--reference live` keeps a frozen one instead); reward and log-prob metrics (chosen
 log-probs often fall while the margin grows: DPO moves margins).
 
-Simplified relative to open-instruct: no LoRA, no DeepSpeed, no logging services; the last partial
+Simplified relative to open-instruct: no LoRA, no DeepSpeed; the last partial
 optimizer batch of an epoch is dropped.
 """
 import argparse
@@ -40,7 +40,7 @@ import modeling
 # Flags that may change when a run is resumed; every other flag must match the run in --output_dir. The two
 # batch flags may change, on any number of ranks, as long as the sequences per optimizer step stay the same.
 RESUMABLE_FLAGS = {"resume", "checkpointing_steps", "preprocessing_num_workers", "per_device_train_batch_size",
-                   "gradient_accumulation_steps"}
+                   "gradient_accumulation_steps", "report_to"}
 LOSS_TYPES = ("dpo", "dpo_norm", "simpo", "ipo")
 
 
@@ -88,6 +88,9 @@ def parse_args(argv=None):
                         help="pack each rank's share of the optimizer batch into rows of at most N tokens, first-fit "
                              "decreasing (a longer example: a row of its own); replaces --per_device_train_batch_size "
                              "as the micro-batch (it still sets the optimizer batch); same gradient")
+    parser.add_argument("--report_to", default="none", choices=["none", "tensorboard", "wandb"],
+                        help="each step's metrics also to TensorBoard (OUTPUT_DIR/runs) or Weights & Biases (their "
+                             "packages are optional); metrics.jsonl gets them always")
     parser.add_argument("--checkpointing_steps", type=data_mix.POSITIVE_INT, default=500,
                         help="write a resumable checkpoint every N steps")
     parser.add_argument("--resume", action="store_true",
@@ -419,6 +422,7 @@ def train(args, rank: int, world_size: int, device) -> None:
     if rank == 0:  # forget what the checkpoint does not cover: later steps' metrics, incomplete checkpoints
         infra.truncate_metrics(metrics_path, start_step)
         infra.remove_checkpoints(args.output_dir, keep=checkpoint and checkpoint[0])
+    report = infra.MetricsReport(args.report_to if rank == 0 else "none", args.output_dir, start_step, vars(args))
 
     model.train()
     progress = tqdm(total=total_steps, initial=start_step, desc="dpo", disable=rank != 0)
@@ -454,11 +458,13 @@ def train(args, rank: int, world_size: int, device) -> None:
                    "input_tokens": int(input_tokens.item()), "tokens_per_s": input_tokens.item() / elapsed}
         if rank == 0:
             infra.append_metrics(metrics_path, metrics)
+            report(metrics)
             progress.set_postfix(loss=f"{mean_loss:.4f}", margin=f"{chosen_reward - rejected_reward:.3f}")
             progress.update()
         if (step + 1) % args.checkpointing_steps == 0 and step + 1 < total_steps:
             infra.save_checkpoint(model, optimizer, scheduler, step + 1, args.output_dir, rank, run_facts)
     progress.close()
+    report.close()
     infra.save_hf_model(model, tokenizer, args.model_name_or_path, args.output_dir, rank)
 
 

@@ -8,8 +8,8 @@ The file's sections, top to bottom: distributed setup (torchrun or plain python,
 model loading (built on the meta device, sharded with FSDP2 per decoder layer, each rank reading only its
 own shard of the safetensors files) and the guard that checks the loaded model against plain
 from_pretrained before the first update; the Hugging Face save; the output directory, the data and model
-fingerprints a resume checks, checkpoints, metrics and the learning-rate schedule, which make an
-interrupted run resume onto the same loss curve; the sampling helpers
+fingerprints a resume checks, checkpoints, metrics (metrics.jsonl; TensorBoard or W&B when asked) and the
+learning-rate schedule, which make an interrupted run resume onto the same loss curve; the sampling helpers
 (left-padded prompts, the KV cache's keyword, top-p draws).
 """
 import contextlib
@@ -545,6 +545,45 @@ def remove_checkpoints(output_dir: str, keep: str | None) -> None:
 def append_metrics(path: str, metrics: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(metrics) + "\n")
+
+
+class MetricsReport:
+    """Each step's metrics also to TensorBoard or Weights & Biases (--report_to; metrics.jsonl gets them always).
+    Both are optional dependencies, imported only when asked. TensorBoard writes OUTPUT_DIR/runs, and a resumed
+    run hides the steps after its checkpoint there as metrics.jsonl forgets them; a resumed run is a new W&B run
+    (project WANDB_PROJECT, or wandb's default) that continues the step count."""
+
+    def __init__(self, report_to: str, output_dir: str, start_step: int, run_config: dict):
+        self.writer = self.run = None
+        if report_to == "tensorboard":
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise SystemExit("--report_to tensorboard: the tensorboard package is not installed "
+                                 "(pip install tensorboard), or pass --report_to none") from None
+            self.writer = SummaryWriter(os.path.join(output_dir, "runs"), purge_step=start_step + 1)
+        elif report_to == "wandb":
+            try:
+                import wandb
+            except ImportError:
+                raise SystemExit("--report_to wandb: the wandb package is not installed (pip install wandb), "
+                                 "or pass --report_to none") from None
+            self.run = wandb.init(name=os.path.basename(os.path.abspath(output_dir)), config=run_config)
+
+    def __call__(self, metrics: dict) -> None:
+        scalars = {key: value for key, value in metrics.items() if key != "step"}
+        if self.writer is not None:
+            for key, value in scalars.items():
+                self.writer.add_scalar(key, value, metrics["step"])
+            self.writer.flush()  # a killed run keeps what it reported
+        if self.run is not None:
+            self.run.log(scalars, step=metrics["step"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self.run is not None:
+            self.run.finish()
 
 
 def truncate_metrics(path: str, step: int) -> None:

@@ -54,7 +54,7 @@ import verifiers
 # Flags that may change when a run is resumed; every other flag must match the run in --output_dir. The two
 # batch flags may change, on any number of ranks, as long as the sequences per optimizer step stay the same.
 RESUMABLE_FLAGS = {"resume", "checkpointing_steps", "preprocessing_num_workers", "per_device_train_batch_size",
-                   "gradient_accumulation_steps"}
+                   "gradient_accumulation_steps", "report_to"}
 # Defaults that differ between the two algorithms (Tülu 3.1 GRPO: 2 mini-batches per rollout, a response cut at
 # the length limit scores 0; Tülu 3 8B PPO: one, and -10).
 ALGO_DEFAULTS = {"grpo": dict(learning_rate=5e-7, lr_scheduler_type="constant", beta=0.01,
@@ -132,6 +132,9 @@ def parse_args(argv=None):
                         help="compute dtype; auto = bf16 on GPU, fp32 on CPU (master weights stay fp32)")
     parser.add_argument("--attn_implementation", default=None,
                         help="e.g. sdpa, eager; default: the model's own choice (sdpa where it supports it)")
+    parser.add_argument("--report_to", default="none", choices=["none", "tensorboard", "wandb"],
+                        help="each step's metrics also to TensorBoard (OUTPUT_DIR/runs) or Weights & Biases (their "
+                             "packages are optional); metrics.jsonl gets them always")
     parser.add_argument("--checkpointing_steps", type=data_mix.POSITIVE_INT, default=500,
                         help="write a resumable checkpoint every N steps")
     parser.add_argument("--resume", action="store_true",
@@ -761,6 +764,7 @@ def train(args, rank: int, world_size: int, device) -> None:
     if rank == 0:  # forget what the checkpoint does not cover: later steps' metrics, incomplete checkpoints
         infra.truncate_metrics(metrics_path, start_step)
         infra.remove_checkpoints(args.output_dir, keep=checkpoint and checkpoint[0])
+    report = infra.MetricsReport(args.report_to if rank == 0 else "none", args.output_dir, start_step, vars(args))
 
     compile_decode = device.type == "cuda" and world_size == 1 if args.compile_sampling is None else args.compile_sampling
     sampler = Sampler(policy, args.max_seq_length - args.response_length, args.response_length, compile_decode)
@@ -802,11 +806,13 @@ def train(args, rank: int, world_size: int, device) -> None:
                         "time/reference": referenced - scored, "time/training": finished - referenced})
         if rank == 0:
             infra.append_metrics(metrics_path, metrics)
+            report(metrics)
             progress.set_postfix(reward=f"{metrics['reward_mean']:.2f}", kl=f"{metrics['kl']:.4f}")
             progress.update()
         if (step + 1) % args.checkpointing_steps == 0 and step + 1 < total_steps:
             infra.save_checkpoint(trained, optimizer, scheduler, step + 1, args.output_dir, rank, run_facts)
     progress.close()
+    report.close()
     infra.save_hf_model(policy, tokenizer, args.model_name_or_path, args.output_dir, rank)
 
 

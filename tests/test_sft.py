@@ -2,6 +2,7 @@
 import hashlib
 import json
 import os
+import sys
 
 import pytest
 import torch
@@ -222,6 +223,46 @@ def test_trained_model_differs_and_tulu_template_is_saved(tiny_model_dir, tmp_pa
     trained = load_file(str(tmp_path / "out" / "model.safetensors"))
     source = load_file(os.path.join(tiny_model_dir, "model.safetensors"))
     assert any(not torch.equal(trained[name], source[name]) for name in source)
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics reported to TensorBoard or Weights & Biases (--report_to)
+
+def tensorboard_scalars(directory) -> dict:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(directory))
+    events.Reload()
+    return {tag: [(event.step, event.value) for event in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_report_to_tensorboard_gets_every_metric_that_metrics_jsonl_gets(tiny_model_dir, tmp_path):
+    pytest.importorskip("tensorboard")
+    data = write_dataset(tmp_path / "data.jsonl")
+    run_sft(base_args(tiny_model_dir, data, tmp_path / "out", "--max_train_steps", "2", "--report_to", "tensorboard"))
+    metrics = read_metrics(tmp_path / "out")
+    expected = {key: [(m["step"], pytest.approx(m[key], rel=1e-6)) for m in metrics]  # (stored as float32)
+                for key in metrics[0] if key != "step"}
+    assert tensorboard_scalars(tmp_path / "out" / "runs") == expected
+
+
+def test_a_resumed_tensorboard_report_hides_the_steps_after_the_checkpoint(tmp_path):
+    pytest.importorskip("tensorboard")
+    killed = infra.MetricsReport("tensorboard", str(tmp_path), 0, {})
+    killed({"step": 1, "loss": 1.0})
+    killed({"step": 2, "loss": 2.0})  # after the checkpoint of step 1: repeated by the resumed run
+    killed.close()
+    resumed = infra.MetricsReport("tensorboard", str(tmp_path), 1, {})
+    resumed({"step": 2, "loss": 5.0})
+    resumed.close()
+    assert tensorboard_scalars(tmp_path / "runs") == {"loss": [(1, 1.0), (2, 5.0)]}
+
+
+@pytest.mark.parametrize("service, module", [("tensorboard", "torch.utils.tensorboard"), ("wandb", "wandb")])
+def test_report_to_a_service_whose_package_is_missing_is_a_one_line_error(service, module, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, module, None)  # `import` raises ImportError
+    with pytest.raises(SystemExit, match=f"^--report_to {service}: the {service} package is not installed"):
+        infra.MetricsReport(service, str(tmp_path), 0, {})
 
 
 # ---------------------------------------------------------------------------------------------
