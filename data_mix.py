@@ -1,8 +1,7 @@
 """Data shared by every stage: the flags' parser (StageParser: one for all stages, which reads open-instruct's
-spellings too); load and mix datasets, validate records, render chats, tokenize, batch; RLVR records; the benchmarks
-eval.py scores, and the decontamination of training data against them.
-(Preference records are dpo.py's own; the attention for packed rows and the sampling helpers are model
-code: infra.py.)
+spellings too); load and mix datasets, validate records, render chats, tokenize, batch; the benchmarks eval.py
+scores, and the decontamination of training data against them. (Preference records are dpo.py's own, RLVR records
+rlvr.py's; the attention for packed rows is model code: modeling.py.)
 
 A mixture is a list of (dataset, amount) pairs, written on the command line as
     --dataset_mixer_list allenai/tulu-3-sft-mixture 1.0 my_data.jsonl 5000
@@ -25,7 +24,6 @@ import re
 
 import torch
 
-import verifiers
 
 IGNORE_INDEX = -100  # label of a token that is not trained (torch's cross_entropy default)
 ROLES = ("system", "user", "assistant")
@@ -788,57 +786,3 @@ def _iter_rows(dataset, batch_size: int = 4096):
     for batch in dataset.select_columns(columns).iter(batch_size=batch_size):
         for i in range(len(batch[columns[0]])):
             yield {c: batch[c][i] for c in columns}
-
-
-# ---------------------------------------------------------------------------------------------
-# RLVR records
-# RLVR trains on prompts whose answers a verifier can check (Tülu 3's RLVR-GSM-MATH-IF-Mixed-Constraints):
-#   {"messages": [prompt turns], "ground_truth": str, "dataset": "gsm8k" | "MATH" | "ifeval"}
-# ground_truth is the answer (GSM8K, MATH) or the IFEval constraints as JSON. A final assistant turn in
-# messages, if present, is a reference answer and is left out of the prompt.
-
-RLVR_DATASETS = ("gsm8k", "math", "ifeval")
-
-
-def rlvr_prompt_messages(row: dict, where: str) -> list[dict]:
-    """The prompt turns of an RLVR record (validated); InvalidRecord names dataset, row and field."""
-    messages = row.get("messages")
-    if isinstance(messages, list) and messages and isinstance(messages[-1], dict) \
-            and messages[-1].get("role") == "assistant":
-        messages = messages[:-1]
-    if not isinstance(messages, list) or not messages:
-        raise InvalidRecord(f"{where}, field messages: expected a non-empty list of prompt turns, got {messages!r}")
-    return validate_messages(messages, where, needs_assistant=False)  # the response is about to be sampled
-
-
-def validate_rlvr_record(row: dict, where: str) -> dict:
-    """The record, checked down to what its verifier needs, so that no reward raises mid-run."""
-    messages = rlvr_prompt_messages(row, where)
-    dataset = row.get("dataset")
-    if not isinstance(dataset, str) or dataset.lower() not in RLVR_DATASETS:
-        raise InvalidRecord(f"{where}, field dataset: {dataset!r} has no verifier (expected one of "
-                            f"{RLVR_DATASETS}, any case)")
-    ground_truth = row.get("ground_truth")
-    if not isinstance(ground_truth, str) or not ground_truth.strip():
-        raise InvalidRecord(f"{where}, field ground_truth: expected a non-empty string, got {ground_truth!r:.100}")
-    try:
-        verifiers.check_ground_truth(ground_truth, dataset)
-    except ValueError as error:
-        raise InvalidRecord(f"{where}, field ground_truth: {error}") from None
-    return {"messages": messages, "ground_truth": ground_truth, "dataset": dataset}
-
-
-def tokenize_rlvr_dataset(dataset, tokenizer, max_prompt_token_length: int, num_proc: int = 1):
-    """Prompt token ids (rendered up to the assistant header) with ground_truth and lower-cased dataset.
-
-    Prompts longer than max_prompt_token_length are dropped and counted, not truncated: a cut prompt
-    would lose the question the verifier checks. Returns (dataset, number dropped).
-    """
-    tokenized = dataset.map(
-        lambda row: {"input_ids": tokenize_prompt(tokenizer, rlvr_prompt_messages(row, f"dataset {row.get('source')}")),
-                     "ground_truth": row["ground_truth"], "dataset": row["dataset"].lower()},
-        remove_columns=[c for c in dataset.column_names if c not in ("source", "ground_truth", "dataset")],
-        num_proc=num_proc if num_proc > 1 else None, desc="tokenizing prompts")
-    kept = tokenized.filter(lambda row: len(row["input_ids"]) <= max_prompt_token_length,
-                            num_proc=num_proc if num_proc > 1 else None, desc="dropping long prompts")
-    return kept, len(tokenized) - len(kept)

@@ -9,6 +9,7 @@ import pytest
 
 import data_mix
 import dpo
+import rlvr
 import verifiers
 
 USER = {"role": "user", "content": "What is 2 plus 3?"}
@@ -100,12 +101,12 @@ def test_an_empty_assistant_turn_is_named(tmp_path, content):
 def test_a_ground_truth_that_is_not_a_string_is_named(tmp_path, ground_truth):
     path = write_lines(tmp_path / "r.jsonl", [RLVR, {**RLVR, "ground_truth": ground_truth}])
     with pytest.raises(data_mix.InvalidRecord, match="line 2, field ground_truth: expected a non-empty string"):
-        mix(path, data_mix.validate_rlvr_record)
+        mix(path, rlvr.validate_rlvr_record)
 
 
 def test_a_gsm8k_ground_truth_without_a_number_is_named():
     with pytest.raises(data_mix.InvalidRecord, match="row 4, field ground_truth: no number"):
-        data_mix.validate_rlvr_record({**RLVR, "ground_truth": "five"}, "dataset d, row 4")
+        rlvr.validate_rlvr_record({**RLVR, "ground_truth": "five"}, "dataset d, row 4")
 
 
 def ifeval(ids, kwargs):
@@ -126,13 +127,13 @@ def ifeval(ids, kwargs):
 def test_an_ifeval_ground_truth_the_verifier_cannot_check_is_named_at_load(tmp_path, ground_truth, message):
     path = write_lines(tmp_path / "r.jsonl", [RLVR, {**RLVR, "dataset": "ifeval", "ground_truth": ground_truth}])
     with pytest.raises(data_mix.InvalidRecord, match=f"{path}, line 2, field ground_truth: .*{message}"):
-        mix(path, data_mix.validate_rlvr_record)
-    assert mix(path, data_mix.validate_rlvr_record, skip=True)[1][path]["skipped_invalid"] == 1
+        mix(path, rlvr.validate_rlvr_record)
+    assert mix(path, rlvr.validate_rlvr_record, skip=True)[1][path]["skipped_invalid"] == 1
 
 
 def test_a_quantifier_with_a_trailing_space_is_read_as_meant():
     ground_truth = json.dumps({"func_name": "validate_word_constraint", "N": 3, "quantifier": "at least "})
-    data_mix.validate_rlvr_record({**RLVR, "dataset": "ifeval", "ground_truth": ground_truth}, "here")
+    rlvr.validate_rlvr_record({**RLVR, "dataset": "ifeval", "ground_truth": ground_truth}, "here")
     assert verifiers.verify("one two three", ground_truth, "ifeval") == 1.0
     assert verifiers.verify("one two", ground_truth, "ifeval") == 0.0
     relation = ifeval(["length_constraints:number_words"], [{"num_words": 2, "relation": " less than"}])
