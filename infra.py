@@ -1,15 +1,15 @@
-"""The machinery the scripts share around their methods: sft.py and dpo.py use all but the sampling
-helpers, rlvr.py all but packed attention, eval.py the distributed setup and the sampling helpers. A stage
-is copied with infra.py, data_mix.py and verifiers.py (data_mix imports it). A reader learning the recipe
-can skip all but the last two sections, which change what the model computes.
+"""The machinery the scripts share around their methods: sft.py and dpo.py use all of it, rlvr.py all but
+packed attention, eval.py the distributed setup. A stage is copied with infra.py, data_mix.py and verifiers.py
+(data_mix imports it), and decoding.py for the stages that generate. A reader learning the recipe can skip all
+but the last section, which changes what the model computes.
 
 The file's sections, top to bottom: distributed setup (torchrun or plain python, NCCL on GPU, gloo on CPU);
 model loading (built on the meta device, sharded with FSDP2 per decoder layer, each rank reading only its
 own shard of the safetensors files) and the guard that checks the loaded model against plain
 from_pretrained before the first update; the Hugging Face save; the output directory, the data and model
 fingerprints a resume checks, checkpoints, metrics and the learning-rate schedule, which make an
-interrupted run resume onto the same loss curve; the attention for packed rows; the sampling helpers
-(left-padded prompts, the KV cache's keyword, top-p draws).
+interrupted run resume onto the same loss curve; the attention for packed rows. (Generation, the top-p draw
+and the KV cache are decoding.py's.)
 """
 import contextlib
 import ctypes
@@ -80,7 +80,7 @@ def load_model(path: str, args, device, rank: int, wrapper):
     model with from_pretrained instead, holding one full fp32 copy in CPU RAM, and sends each rank its shard.
     A tensor of the wrapper's own that the files lack (a new value head) is made on rank 0 either way.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     config = AutoConfig.from_pretrained(path)
     config.use_cache = False
@@ -99,6 +99,10 @@ def load_model(path: str, args, device, rank: int, wrapper):
     with torch.device("meta"):
         plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=args.attn_implementation)
         model = wrapper(plain)
+    try:  # the EOS ids decoding stops at (instruct models often list two), as from_pretrained reads them
+        plain.generation_config = GenerationConfig.from_pretrained(path)
+    except OSError:  # no generation_config.json: the defaults from_config derived from config.json
+        pass
     aliases = {}  # each tensor's names in the Hugging Face model: two for tied weights, none for the wrapper's own
     for name, tensor in plain.state_dict(keep_vars=True).items():
         aliases.setdefault(id(tensor), []).append(name)
@@ -634,51 +638,3 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
             q[s:e].transpose(0, 1), k[s:e].transpose(0, 1), v[s:e].transpose(0, 1), is_causal=True, scale=scaling,
             enable_gqa=heads != key.shape[1]).transpose(0, 1) for s, e in zip(spans, spans[1:])])
     return out.reshape(batch, length, heads, value.shape[-1]), None
-
-
-# ---------------------------------------------------------------------------------------------
-# Sampling helpers: rlvr's rollouts and eval's generations pad, call the model and draw alike
-
-def collate_prompts(prompts: list[list[int]], pad_token_id: int) -> tuple:
-    """Left-pad prompts for sampling: input_ids and attention_mask [B, P], every row ending at column P."""
-    width = max(len(prompt) for prompt in prompts)
-    input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        input_ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
-        attention_mask[row, width - len(prompt):] = 1
-    return input_ids, attention_mask
-
-
-def cache_keyword(model) -> str:
-    """The forward's keyword for the KV cache: `past_key_values` in transformers 5.17, `cache` in 5.24, read from the
-    signature, since a forward takes an unknown keyword into **kwargs and would silently decode without the cache.
-    (Every argument goes by keyword: a Gemma 3 takes pixel_values second.) rlvr's sampler and eval's both use it."""
-    from transformers import PreTrainedModel
-
-    hf_model = next(module for module in model.modules() if isinstance(module, PreTrainedModel))
-    parameters = inspect.signature(hf_model.forward).parameters
-    for name in ("cache", "past_key_values"):
-        if name in parameters:
-            return name
-    raise TypeError(f"{type(hf_model).__name__}.forward takes neither `cache` nor `past_key_values`: this version of "
-                    "transformers names the KV cache otherwise; add its name to infra.cache_keyword")
-
-
-def sample_top_p(logits, temperature: float, top_p: float, generator):
-    """One token per row from softmax(logits / T) restricted to the top-p nucleus (T > 0). [B, V] -> [B].
-    rlvr's rollouts and eval's sampled tasks both draw with this one function, so both sample the same way.
-
-    By the inverse CDF: one uniform number per row, found in the row's cumulative probabilities by binary search,
-    all on the device (no host sync, unlike torch.multinomial), drawing B numbers where an exponential race or
-    Gumbel-max draws B x V (on a CPU that draw cost half the sampling time)."""
-    probs = torch.softmax(logits.float() / temperature, dim=-1)  # [B, V]
-    if top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keep the smallest prefix reaching top_p
-        probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
-    cdf = probs.cumsum(-1)  # [B, V]
-    total = cdf[:, -1:]  # [B, 1] (< 1 after top-p: no renormalizing needed)
-    u = torch.rand(total.shape, device=total.device, generator=generator) * total
-    u = torch.minimum(u, total.nextafter(torch.zeros_like(total)))  # u < total, even where rounding reached it
-    return torch.searchsorted(cdf, u, right=True)[:, 0]  # the first token with cdf > u: never one of probability 0
