@@ -3,8 +3,9 @@ the training forward gives."""
 import torch
 
 import decoding
+import infra
 import rlvr
-from conftest import build_tiny_model
+from conftest import build_tiny_model, plain_python_environment
 
 TEXTS = ["What is 12 plus", "hello", "The quick brown fox jumps over the lazy dog"]
 
@@ -35,3 +36,29 @@ def test_sampled_logprobs_equal_the_training_forward(tiny_tokenizer):
         logps, _ = rlvr.response_logprobs(model, rollout.query_responses, rollout.attention_mask,
                                           rollout.response_mask.shape[1], temperature=0.7)
     torch.testing.assert_close(logps * rollout.response_mask, rollout.logprobs, atol=1e-4, rtol=0)
+
+
+def test_the_fsdp_policy_decodes_as_the_plain_model_and_stops_at_its_generation_configs_eos(tiny_tokenizer,
+                                                                                           tmp_path):
+    """infra.load_model reads generation_config.json (as from_pretrained does), and decoding.complete gathers the
+    FSDP-sharded parameters once for the call."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer, prompts = tiny_tokenizer, [tiny_tokenizer(text)["input_ids"] for text in TEXTS]
+    model = build_tiny_model(tokenizer).eval()
+    free_run = decoding.complete(model, tokenizer, prompts, max_new_tokens=12)
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, free_run[0].token_ids[3]]
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    expected = decoding.complete(AutoModelForCausalLM.from_pretrained(tmp_path), tokenizer, prompts, max_new_tokens=12)
+    assert expected[0].finished  # (the premise: the generation config's second EOS ends row 0)
+    args = rlvr.parse_args(["--model_name_or_path", str(tmp_path), "--dataset_mixer_list", "x", "1", "--output_dir",
+                            str(tmp_path / "out")])
+    with plain_python_environment():
+        infra.init_distributed()
+        try:
+            policy = infra.load_model(str(tmp_path), args, torch.device("cpu"), 0, rlvr.HFModel)
+            got = decoding.complete(policy, tokenizer, prompts, max_new_tokens=12)
+        finally:
+            torch.distributed.destroy_process_group()
+    assert [(c.token_ids, c.finished) for c in got] == [(c.token_ids, c.finished) for c in expected]
