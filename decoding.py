@@ -10,9 +10,9 @@ token on the device (greedy, or temperature and top-p by the inverse CDF: no hos
 `check_every` steps reads the new tokens on the host to end rows. One rule ends a row, in every stage:
 - EOS: any of the tokenizer's eos_token_id and the model's generation_config.eos_token_id (instruct models
   often list two, e.g. <|eot_id|> and <|end_of_text|>). The EOS token is kept in token_ids (RL trains on it).
-- a stop string: the row's decoded text (special tokens skipped) contains it. The row ends at the first token
-  whose text completes it (token-accurate: a stop string split across tokens is found), and the completion's
-  text is cut just before the stop string.
+- a stop string: the row's decoded text (special tokens kept: a stop string may be one) contains it. The row
+  ends at the first token whose text completes it (token-accurate: a stop string split across tokens is found);
+  the completion's text (special tokens skipped) is cut just before the stop string.
 A row that ends leaves the batch and its KV cache at the next check (compaction): the others no longer pay for it.
 With `shared_prefix`, the prefix that all prompts of a batch share (eval's few-shot exemplars) is prefilled
 once and its KV cache copied to every row.
@@ -157,9 +157,9 @@ def end_of(ids: list[int], checked: int, eos_ids: set[int], stop_strings, tokeni
     """How many of a row's tokens its completion keeps if one of ids[checked:] ended it, else None: up to the
     first EOS, or up to the first token whose text completes a stop string (the text before `checked` had none)."""
     end = next((j + 1 for j in range(checked, len(ids)) if ids[j] in eos_ids), None)
-    if stop_strings and contains_stop(tokenizer.decode(ids[:end], skip_special_tokens=True), stop_strings):
-        end = next(j for j in range(checked + 1, len(ids) + 1)
-                   if contains_stop(tokenizer.decode(ids[:j], skip_special_tokens=True), stop_strings))
+    if stop_strings and contains_stop(tokenizer.decode(ids[:end]), stop_strings):  # special tokens kept: a stop
+        end = next(j for j in range(checked + 1, len(ids) + 1)                     # string may be one
+                   if contains_stop(tokenizer.decode(ids[:j]), stop_strings))
     return end
 
 

@@ -41,6 +41,7 @@ from tqdm import tqdm
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, ROOT)
+import decoding  # noqa: E402
 from data_mix import IGNORE_INDEX, collate_padded, load_tokenizer, tokenize_prompt, tokenize_sft  # noqa: E402
 from verifiers import verify  # noqa: E402
 
@@ -175,20 +176,14 @@ def family_of(row: dict) -> str:
 
 
 @torch.no_grad()
-def verifiable_accuracy(model, tokenizer, rows: list[dict], max_new_tokens: int, device, desc: str) -> dict:
+def verifiable_accuracy(model, tokenizer, rows: list[dict], max_new_tokens: int, desc: str) -> dict:
     """Greedy answers to the held-out RLVR prompts, scored by verifiers.verify (mean, per family)."""
-    eos_id = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
     scores, predictions = [], []
     for start in tqdm(range(0, len(rows), 16), desc=desc, unit="batch"):
         batch = rows[start:start + 16]
         prompts = [tokenize_prompt(tokenizer, row["messages"]) for row in batch]
-        width = max(len(p) for p in prompts)  # left padding: every prompt ends where generation starts
-        input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in prompts], device=device)
-        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-        output = model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False,
-                                max_new_tokens=max_new_tokens, eos_token_id=eos_id, pad_token_id=tokenizer.pad_token_id)
-        for row, tokens in zip(batch, output[:, width:].tolist()):
-            response = tokenizer.decode(tokens, skip_special_tokens=True)
+        completions = decoding.complete(model, tokenizer, prompts, max_new_tokens=max_new_tokens)
+        for row, response in zip(batch, (completion.text for completion in completions)):
             score = verify(response, row["ground_truth"], row["dataset"])
             scores.append((row["dataset"], score))
             predictions.append({"prompt": row["messages"][-1]["content"], "response": response,
@@ -239,7 +234,7 @@ def measure(checkpoint: str, heldout: dict, args, device, name: str) -> dict:
 
     tokenizer = load_tokenizer(checkpoint)
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).to(device).eval()
-    figures = verifiable_accuracy(model, tokenizer, heldout["rlvr"], args.max_new_tokens, device, f"eval {name}")
+    figures = verifiable_accuracy(model, tokenizer, heldout["rlvr"], args.max_new_tokens, f"eval {name}")
     with open(os.path.join(args.output_dir, f"predictions_{name}.jsonl"), "w") as out:
         for prediction in figures.pop("predictions"):
             out.write(json.dumps(prediction) + "\n")

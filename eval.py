@@ -7,12 +7,11 @@
 The story: arguments; the tasks (one declarative entry each in data/olmes/tasks.json: the OLMES config it
 reproduces, the file and line each setting was read from, the settings; exemplars as data files in
 data/olmes/); the prompt (OLMES's fewshot_context, rendered by the model's chat template and followed by the
-assistant prefix, as OLMES's convert_chat_instance does); scoring (the rules are eval_metrics.py's); a batched
-sampling loop (greedy, or infra.sample_top_p, the draw rlvr's rollouts use) and scoring by log-likelihood;
-HumanEval(+) programs (run in sandbox.py's run_program, which passes a program only if its tests ran
-to the end; where the OS cannot isolate it, eval refuses unless --allow_unsandboxed_code); the run. A batch's
-shared few-shot prefix is encoded once and its KV cache copied to every row, unless a sliding window shorter
-than the cache would then see the padding after it.
+assistant prefix, as OLMES's convert_chat_instance does); scoring (the rules are eval_metrics.py's); generation
+(decoding.complete, the loop rlvr's rollouts use, with its EOS and stop-string rules; a batch's shared few-shot
+prefix is prefilled once and its KV cache copied to every row) and scoring by log-likelihood; HumanEval(+)
+programs (run in sandbox.py's run_program, which passes a program only if its tests ran to the end; where the
+OS cannot isolate it, eval refuses unless --allow_unsandboxed_code); the run.
 
 `--tasks tulu3` is OLMES's tulu_3_dev suite but AlpacaEval (gsm8k, math, ifeval, humaneval, humanevalplus,
 mmlu_mc, bbh, drop, popqa, truthfulqa) plus mmlu_cot, the Tülu 3 card's MMLU row. Every task's data is found
@@ -43,11 +42,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 from transformers import DynamicCache
-from transformers.cache_utils import Cache, DynamicLayer
 
 import data_mix
+import decoding
 import eval_metrics as metrics
 import infra
 import sandbox
@@ -328,159 +326,15 @@ def task_settings(task: str, args) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# Generation: a plain batched sampling loop with a KV cache
-
-class GrowingLayer(DynamicLayer):
-    """One layer's KV cache, as transformers' DynamicLayer but written in place into buffers sized for the
-    longest row (doubled if that is ever too small). DynamicLayer concatenates instead, copying the whole
-    cache at every decode step: with a few-shot prefix of ~1k tokens that copy, not the model, was most of
-    the time of a step on CPU."""
-
-    def __init__(self, capacity: int):
-        super().__init__()
-        self.capacity, self.length, self.buffers = capacity, 0, None
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        new = key_states.shape[-2]
-        if self.buffers is None or self.length + new > self.buffers[0].shape[-2]:
-            old, capacity = self.buffers, max(self.capacity, 2 * (self.length + new))
-            self.buffers = [x.new_empty(*x.shape[:-2], capacity, x.shape[-1]) for x in (key_states, value_states)]
-            for buffer, kept in zip(self.buffers, old or ()):
-                buffer[..., :self.length, :] = kept[..., :self.length, :]
-        for buffer, states in zip(self.buffers, (key_states, value_states)):
-            buffer[..., self.length:self.length + new, :] = states
-        self.length += new
-        return self._select(slice(None))
-
-    def _select(self, rows):  # keep `rows` of the batch; keys/values are views of the filled part
-        self.buffers = [buffer[rows] for buffer in self.buffers]
-        self.keys, self.values = (buffer[..., :self.length, :] for buffer in self.buffers)
-        return self.keys, self.values
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._select(torch.arange(self.buffers[0].shape[0], device=self.buffers[0].device).repeat_interleave(repeats))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._select(indices)
-
-
-@torch.no_grad()
-def generate_batch(model, tokenizer, prompts, partials, max_new_tokens: int, stop_strings: list[str], args, generator,
-                   leave_at: int = 0):
-    """Continue each prompt + its partial response until EOS, a stop string or max_new_tokens in all, or until
-    only `leave_at` rows are left. Returns each row's response tokens and whether the row ended."""
-    device = next(model.parameters()).device
-    prompts = [prompt + partial for prompt, partial in zip(prompts, partials)]
-    # rows are right-aligned, so the cache grows from the longest prompt for as many steps as the row with the
-    # shortest partial response can still take
-    capacity = max(len(p) for p in prompts) + max_new_tokens - min(len(partial) for partial in partials)
-    shared = shared_prefix_length(prompts)
-    # A sliding window counts cache slots: padding after the shared prefix would take the place of real context
-    # in a window shorter than the cache. Left padding alone shifts every row uniformly, which is exact.
-    window = attention_window(model.config)
-    shared = shared if shared >= MIN_SHARED_PREFIX and (window is None or capacity <= window) else 0
-    cache = Cache(layer_class_to_replicate=functools.partial(GrowingLayer, capacity=capacity))
-    keyword = infra.cache_keyword(model)  # `cache` or `past_key_values`, by the transformers version
-    if shared:  # few-shot exemplars: encode them once, then copy their cache to every row
-        model(input_ids=torch.tensor([prompts[0][:shared]], device=device), use_cache=True, logits_to_keep=1,
-              **{keyword: cache})
-        cache.batch_repeat_interleave(len(prompts))
-    # rows: [shared prefix | padding | own tokens]; the masked padding sits in the middle (see above)
-    input_ids, own_mask = (t.to(device) for t in infra.collate_prompts([p[shared:] for p in prompts],
-                                                                       tokenizer.pad_token_id))
-    attention_mask = torch.cat([own_mask.new_ones(len(prompts), shared), own_mask], dim=1)
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]  # padding does not shift positions
-    eos_ids = torch.tensor(sorted(eos_token_ids(model, tokenizer)), device=device)
-    # A finished row leaves the batch (and its cache) at once: small models often ramble to max_new_tokens
-    # in a few rows, and without this every finished row would be recomputed until the last one stops.
-    rows = list(range(len(prompts)))  # rows still in the batch (a requeued row's partial is never complete)
-    outputs, ended = [list(partial) for partial in partials], [False] * len(prompts)
-    while len(rows) > leave_at:
-        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                    use_cache=True, logits_to_keep=1, **{keyword: cache})  # logits of the last position only
-        logits = out.logits[:, -1]  # [B, V]
-        token = logits.argmax(-1) if args.temperature == 0 else infra.sample_top_p(
-            logits, args.temperature, args.top_p, generator)  # [B]
-        finished = torch.isin(token, eos_ids).tolist()
-        for i, (row, next_id) in enumerate(zip(rows, token.tolist())):
-            if not finished[i]:
-                outputs[row].append(next_id)  # (EOS itself is not part of the response)
-            # only the tail can hold a stop string that was not there one step earlier
-            finished[i] = finished[i] or len(outputs[row]) == max_new_tokens or any(
-                s in tokenizer.decode(outputs[row][-24:]) for s in stop_strings)
-            ended[row] = finished[i]
-        if any(finished):
-            keep = torch.tensor([i for i, f in enumerate(finished) if not f], device=device, dtype=torch.long)
-            cache.batch_select_indices(keep)
-            token, attention_mask, position_ids = token[keep], attention_mask[keep], position_ids[keep]
-            rows = [rows[i] for i in keep.tolist()]
-        input_ids = token[:, None]
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(rows), 1)], dim=1)
-        position_ids = position_ids[:, -1:] + 1
-    return outputs, ended
-
-
-MIN_SHARED_PREFIX = 32  # tokens; below this, encoding the prefix separately saves too little
-
-
-def shared_prefix_length(prompts: list[list[int]]) -> int:
-    """How many leading tokens all prompts share, leaving each at least one token of its own."""
-    length = min(len(p) for p in prompts) - 1
-    for i in range(length):
-        if any(p[i] != prompts[0][i] for p in prompts):
-            return i
-    return length
-
-
-def attention_window(config):
-    """The sliding window of a model with sliding-window attention layers (Mistral, Gemma 2/3, OLMo 3), else None."""
-    text = config.get_text_config()
-    windowed = "sliding_attention" in (getattr(text, "layer_types", None) or ["sliding_attention"])
-    return getattr(text, "sliding_window", None) if windowed and getattr(text, "use_sliding_window", True) else None
-
-
-def eos_token_ids(model, tokenizer) -> set[int]:
-    """The tokenizer's EOS plus any the generation config lists (instruct models often have two)."""
-    configured = getattr(model.generation_config, "eos_token_id", None)
-    return {tokenizer.eos_token_id} | set(configured if isinstance(configured, list) else [configured]) - {None}
-
-
-def generate(model, tokenizer, prompts, max_new_tokens, stop_strings, args, generator) -> list[str]:
-    """Responses to all prompts, in batches of similar length (longest first, so an out-of-memory error shows
-    up at once). While prompts are waiting, a batch stops when a quarter of its rows are left: those rows
-    rejoin the queue, their tokens so far appended to their prompt, and continue in a full batch, instead of
-    a few rows decoding at the cost of a whole batch (re-encoding them costs far less than that)."""
-    queue = collections.deque(sorted(range(len(prompts)), key=lambda i: -len(prompts[i])))
-    partials, responses = [[] for _ in prompts], [None] * len(prompts)
-    size = args.per_device_eval_batch_size
-    with tqdm(total=len(prompts), desc="generating", unit="prompt",
-              disable=dist.is_initialized() and dist.get_rank() > 0) as bar:
-        while queue:
-            batch = [queue.popleft() for _ in range(min(size, len(queue)))]
-            outputs, ended = generate_batch(model, tokenizer, [prompts[i] for i in batch], [partials[i] for i in batch],
-                                            max_new_tokens, stop_strings, args, generator, size // 4 if queue else 0)
-            for i, ids, done in zip(batch, outputs, ended):
-                partials[i] = ids
-                if not done:
-                    queue.append(i)
-                    continue
-                text = tokenizer.decode(ids, skip_special_tokens=True)
-                for stop in stop_strings:
-                    text = text.split(stop)[0]
-                responses[i] = text
-                bar.update(1)
-    return responses
-
-
-
+# Generation: decoding.py's loop, with each batch's shared few-shot prefix prefilled once
 
 def complete_prompts(model, tokenizer, prompts: list[list[int]], settings: dict, args, generator) -> list[str]:
     """Each prompt's response under the task's generation settings: eval's one call into the decoding loop."""
-    sampling = argparse.Namespace(per_device_eval_batch_size=args.per_device_eval_batch_size,
-                                  temperature=settings["temperature"], top_p=settings["top_p"])
-    return generate(model, tokenizer, prompts, settings["max_new_tokens"], settings["stop"], sampling, generator)
+    completions = decoding.complete(model, tokenizer, prompts, max_new_tokens=settings["max_new_tokens"],
+                                    temperature=settings["temperature"], top_p=settings["top_p"], generator=generator,
+                                    stop_strings=settings["stop"], batch_size=args.per_device_eval_batch_size,
+                                    shared_prefix=True)
+    return [completion.text for completion in completions]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -511,7 +365,7 @@ def continuation_logprobs(model, tokenizer, context: str, continuations: list[st
     tokens = torch.tensor([ids + [tokenizer.pad_token_id] * (width - len(ids)) for ids in choice_ids],
                           device=device)  # [N, L], right-padded: padding follows every real token, so causal
     real = torch.tensor([[1.0] * len(ids) + [0.0] * (width - len(ids)) for ids in choice_ids], device=device)
-    cache, keyword = DynamicCache(config=model.config), infra.cache_keyword(model)
+    cache, keyword = DynamicCache(config=model.config), decoding.cache_keyword(model)
     first = model(input_ids=torch.tensor([context_ids], device=device), use_cache=True, logits_to_keep=1,
                   **{keyword: cache}).logits[:, -1].float().log_softmax(-1)  # [1, V]: each first token's odds
     logprobs = first.expand(len(choice_ids), -1).gather(1, tokens[:, :1])  # [N, 1]

@@ -1,8 +1,8 @@
-"""The machinery the scripts share to run a model: sft.py and dpo.py use all but the sampling helpers, rlvr.py
-all of it, eval.py the distributed setup and the sampling helpers. What changes what the model computes in
-training (the log-prob wrapper, packed attention) is modeling.py's. A stage is copied with infra.py,
-modeling.py and data_mix.py (rlvr.py also with verifiers.py). A reader learning the recipe can skip all
-but the last section, the sampling helpers, which decide what rollouts and generations draw.
+"""The machinery the scripts share to run a model; a reader learning the recipe can skip it. sft.py and dpo.py
+use all of it, rlvr.py all of it, eval.py and synth.py the distributed setup and model loading. What changes what
+the model computes is elsewhere: the log-prob wrapper and packed attention in modeling.py, generation (the
+top-p draw, the KV cache, EOS and stop strings) in decoding.py. A stage is copied with infra.py, modeling.py,
+data_mix.py and decoding.py (rlvr.py and eval.py also with verifiers.py).
 
 The file's sections, top to bottom: distributed setup (torchrun or plain python, NCCL on GPU, gloo on CPU) and the
 stages' entry point, which prints a user's mistake as one line, once across ranks;
@@ -10,15 +10,13 @@ model loading (built on the meta device, sharded with FSDP2 per decoder layer, e
 own shard of the safetensors files) and the guard that checks the loaded model against plain
 from_pretrained before the first update; the Hugging Face save; the output directory, the data and model
 fingerprints a resume checks, checkpoints, metrics (metrics.jsonl; TensorBoard or W&B when asked) and the
-learning-rate schedule, which make an interrupted run resume onto the same loss curve; the sampling helpers
-(left-padded prompts, the KV cache's keyword, top-p draws).
+learning-rate schedule, which make an interrupted run resume onto the same loss curve.
 """
 import contextlib
 import ctypes
 import datetime
 import fcntl
 import hashlib
-import inspect
 import itertools
 import json
 import math
@@ -161,7 +159,7 @@ def load_model(path: str, args, device, rank: int, wrapper):
     model with from_pretrained instead, holding one full fp32 copy in CPU RAM, and sends each rank its shard.
     A tensor of the wrapper's own that the files lack (a new value head) is made on rank 0 either way.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     try:
         config = AutoConfig.from_pretrained(path)
@@ -183,6 +181,10 @@ def load_model(path: str, args, device, rank: int, wrapper):
     with torch.device("meta"):
         plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=args.attn_implementation)
         model = wrapper(plain)
+    try:  # the EOS ids decoding stops at (instruct models often list two), as from_pretrained reads them
+        plain.generation_config = GenerationConfig.from_pretrained(path)
+    except OSError:  # no generation_config.json: the defaults from_config derived from config.json
+        pass
     aliases = {}  # each tensor's names in the Hugging Face model: two for tied weights, none for the wrapper's own
     for name, tensor in plain.state_dict(keep_vars=True).items():
         aliases.setdefault(id(tensor), []).append(name)
@@ -881,51 +883,3 @@ def make_scheduler(optimizer, kind: str, warmup_steps: int, total_steps: int):
             return max(0.0, 0.5 * (1.0 + math.cos(math.pi * (step - warmup_steps) / decay_steps)))
         return max(0.0, (total_steps - step) / decay_steps)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-# ---------------------------------------------------------------------------------------------
-# Sampling helpers: rlvr's rollouts and eval's generations pad, call the model and draw alike
-
-def collate_prompts(prompts: list[list[int]], pad_token_id: int) -> tuple:
-    """Left-pad prompts for sampling: input_ids and attention_mask [B, P], every row ending at column P."""
-    width = max(len(prompt) for prompt in prompts)
-    input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        input_ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
-        attention_mask[row, width - len(prompt):] = 1
-    return input_ids, attention_mask
-
-
-def cache_keyword(model) -> str:
-    """The forward's keyword for the KV cache: `past_key_values` in transformers 5.17, `cache` in 5.24, read from the
-    signature, since a forward takes an unknown keyword into **kwargs and would silently decode without the cache.
-    (Every argument goes by keyword: a Gemma 3 takes pixel_values second.) rlvr's sampler and eval's both use it."""
-    from transformers import PreTrainedModel
-
-    hf_model = next(module for module in model.modules() if isinstance(module, PreTrainedModel))
-    parameters = inspect.signature(hf_model.forward).parameters
-    for name in ("cache", "past_key_values"):
-        if name in parameters:
-            return name
-    raise TypeError(f"{type(hf_model).__name__}.forward takes neither `cache` nor `past_key_values`: this version of "
-                    "transformers names the KV cache otherwise; add its name to infra.cache_keyword")
-
-
-def sample_top_p(logits, temperature: float, top_p: float, generator):
-    """One token per row from softmax(logits / T) restricted to the top-p nucleus (T > 0). [B, V] -> [B].
-    rlvr's rollouts and eval's sampled tasks both draw with this one function, so both sample the same way.
-
-    By the inverse CDF: one uniform number per row, found in the row's cumulative probabilities by binary search,
-    all on the device (no host sync, unlike torch.multinomial), drawing B numbers where an exponential race or
-    Gumbel-max draws B x V (on a CPU that draw cost half the sampling time)."""
-    probs = torch.softmax(logits.float() / temperature, dim=-1)  # [B, V]
-    if top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keep the smallest prefix reaching top_p
-        probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
-    cdf = probs.cumsum(-1)  # [B, V]
-    total = cdf[:, -1:]  # [B, 1] (< 1 after top-p: no renormalizing needed)
-    u = torch.rand(total.shape, device=total.device, generator=generator) * total
-    u = torch.minimum(u, total.nextafter(torch.zeros_like(total)))  # u < total, even where rounding reached it
-    return torch.searchsorted(cdf, u, right=True)[:, 0]  # the first token with cdf > u: never one of probability 0

@@ -6,8 +6,8 @@
         --dataset_mixer_list allenai/RLVR-GSM-MATH-IF-Mixed-Constraints 1.0 --chat_template_name tulu \
         --algo grpo --output_dir output/rlvr-8b
 
-One step: sample responses to this step's prompts (parameters gathered, a static KV cache, ranks in
-lock-step); reward them with a verifier, not a learned reward model (--verification_reward if correct;
+One step: sample responses to this step's prompts (decoding.complete, eval's loop too: the parameters
+gathered once); reward them with a verifier, not a learned reward model (--verification_reward if correct;
 IFEval: times the fraction of constraints met); one no-grad forward for the log-probs (always of logits /
 temperature, the distribution sampled) of the policy before the update and of the frozen reference
 (and PPO's values); advantages; mini-batch updates.
@@ -26,11 +26,10 @@ temperature, the distribution sampled) of the policy before the update and of th
 Simplified relative to open-instruct: no vLLM (plain PyTorch sampling); the ratio's old log-probs come
 from a training forward before the first update (the sampler's feed only `sampling_logprob_diff`); the
 learning rate moves once per step; PPO whitens advantages per rank; the rollout's KV cache (a rank's
-rows x --max_seq_length) must fit beside the gathered policy; sampling seeds are per rank, so a run resumed
+rows x its longest sequence) must fit beside the gathered policy; sampling seeds are per rank, so a run resumed
 on another number of ranks continues with other (equally valid) samples, not the uninterrupted curve.
 """
 import argparse
-import contextlib
 import functools
 import json
 import math
@@ -40,14 +39,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
-from transformers import StaticCache
-from transformers.cache_utils import StaticLayer
 from transformers.utils import cached_file
 
 import data_mix
+import decoding
 import infra
 import verifiers
 
@@ -126,8 +123,6 @@ def parse_args(argv=None):
                         help="clip the gradient norm; <= 0 disables")
     parser.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward")
     parser.add_argument("--compile", action="store_true", help="torch.compile each decoder layer")
-    parser.add_argument("--compile_sampling", action=argparse.BooleanOptionalAction, default=None,
-                        help="CUDA-graph the decode step (default: on with one CUDA rank)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
                         help="compute dtype; auto = bf16 on GPU, fp32 on CPU (master weights stay fp32)")
     parser.add_argument("--attn_implementation", default=None,
@@ -265,12 +260,6 @@ def whiten(values, mask, eps=1e-8):
     return (values - mean) * torch.rsqrt(var + eps) * mask
 
 
-def token_logprobs(logits, tokens, temperature):
-    """log softmax(logits / T)[token]: the distribution the tokens were sampled from. [B, N, V] -> [B, N]."""
-    logits = logits.float() / temperature
-    return logits.gather(-1, tokens[..., None]).squeeze(-1) - logits.logsumexp(-1)
-
-
 def entropy(logits, temperature):
     """H = logsumexp(z) - sum softmax(z) z with z = logits / T, per token. [B, N, V] -> [B, N]."""
     logits = logits.float() / temperature
@@ -337,7 +326,7 @@ def response_logprobs(policy, query_responses, attention_mask, response_length, 
     position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # [B, P + N]
     logits = policy(input_ids=query_responses, attention_mask=attention_mask, position_ids=position_ids,
                     logits_to_keep=response_length + 1).logits[:, :-1]  # [B, N, V]: position t predicts t + 1
-    logps = token_logprobs(logits, query_responses[:, -response_length:], temperature)
+    logps = decoding.token_logprobs(logits, query_responses[:, -response_length:], temperature)
     return logps, entropy(logits.detach(), temperature) if with_entropy else None
 
 
@@ -349,7 +338,7 @@ def response_values(value_model, query_responses, attention_mask, response_lengt
 
 
 # ---------------------------------------------------------------------------------------------
-# Sampling: a batched decode loop over a preallocated (static) KV cache.
+# Rollouts: decoding.complete's responses as the tensors the updates read
 
 @dataclass
 class Rollout:
@@ -361,145 +350,21 @@ class Rollout:
     responses: torch.Tensor  # [B, N] the responses alone (the end of query_responses)
 
 
-@contextlib.contextmanager
-def full_parameters(model):
-    """Hold FSDP2's unsharded parameters for the whole rollout: a decode step is one token per sequence, so
-    all-gathering every layer at each of hundreds of steps would cost far more than the steps. Then reshard
-    and restore fully_shard's defaults (layers reshard after forward, the root does not)."""
-    fsdp_modules = [module for module in model.modules() if isinstance(module, FSDPModule)]
-    for module in fsdp_modules:
-        module.set_reshard_after_forward(False, recurse=False)
-        module.unshard()
-    try:
-        yield
-    finally:
-        for module in fsdp_modules:
-            module.reshard()
-            module.set_reshard_after_forward(module is not model, recurse=False)
-
-
-class Sampler:
-    """Batched sampling with temperature, top-p, EOS / stop strings and a per-row done mask.
-
-    The KV cache is preallocated for max_prompt_length + max_new_tokens and reused across rollouts; a step
-    attends only to its filled slots rounded up to a power of two (>= 128), so its cost follows the longest
-    response so far, not the allocation, and the shapes stay a handful. With `compile_decode` (for CUDA) the
-    one-token forward is captured in CUDA graphs ("reduce-overhead"), one per length, removing the per-kernel
-    launch cost that dominates decoding; the prompt (prefill) runs eagerly.
-
-    Rows that finish early keep stepping, masked, until all are done: a rollout costs its longest response for
-    every row. Where decoding is memory-bound (a GPU), a step reads the weights once for all rows, so a finished
-    row adds only its share of the compute and its KV reads; on a CPU, compute-bound, it costs a live row's share.
-    Chosen over refilling finished rows with new prompts (responses of one step from several policy versions, as
-    asynchronous RL does) and over dropping them from the batch (a new shape per drop: no fixed CUDA graphs).
-    Ranks run in lock-step: the all-reduced "all done" flag is read every CHECK_DONE_EVERY steps (a host sync
-    spared on the others, at most 7 steps past the end), at the same steps everywhere, so collectives inside the
-    forward never wait on a rank that left the loop. `model` takes Hugging Face's forward arguments (under FSDP:
-    the root unit, inside full_parameters()).
-    """
-    CHECK_DONE_EVERY = 8
-
-    def __init__(self, model, max_prompt_length, max_new_tokens, compile_decode=False):
-        self.model, self.max_new_tokens = model, max_new_tokens
-        self.max_cache_length = max_prompt_length + max_new_tokens
-        self.cache, self.cache_batch_size, self.views = None, None, {}
-        self.cache_keyword = infra.cache_keyword(model)
-        self.decode = torch.compile(model, mode="reduce-overhead") if compile_decode else model
-
-    def forward(self, model, input_ids, position_ids, attention_mask, filled, **kwargs):
-        """One forward over the cache once `filled` slots hold tokens, attention (and mask) cut to a power of 2."""
-        length = min(self.max_cache_length, max(128, 1 << (filled - 1).bit_length()))
-        self._attend_to(length)
-        return model(input_ids=input_ids, attention_mask=attention_mask[:, :length], position_ids=position_ids,
-                     use_cache=True, **{self.cache_keyword: self.cache}, **kwargs).logits[:, -1]
-
-    @torch.no_grad()
-    def generate(self, prompts, temperature, top_p, eos_token_id, pad_token_id, stop_strings=(), tokenizer=None,
-                 generator=None):
-        """prompts: list of token-id lists. Returns a Rollout whose N is the number of steps taken."""
-        device = next(self.model.parameters()).device
-        prompt_ids, prompt_mask = (t.to(device) for t in infra.collate_prompts(prompts, pad_token_id))  # [B, P]
-        batch_size, prompt_length = prompt_ids.shape
-        if prompt_length + self.max_new_tokens > self.max_cache_length:
-            raise ValueError(f"a {prompt_length}-token prompt leaves no room for {self.max_new_tokens} new tokens")
-        if self.cache_batch_size != batch_size:  # a cache keeps its addresses (and CUDA graphs stay valid)
-            self.cache = StaticCache(config=self.model.config, max_cache_len=self.max_cache_length)
-            self.cache_batch_size, self.views = batch_size, {}
-        self._clear_cache()
-        # One fixed-size mask for every step: prompt padding is 0, every later slot 1 (causality hides the future).
-        attention_mask = torch.ones((batch_size, self.max_cache_length), dtype=torch.long, device=device)
-        attention_mask[:, :prompt_length] = prompt_mask
-        next_position = prompt_mask.sum(dim=1, keepdim=True)  # [B, 1] position of each row's first new token
-
-        tokens, logprobs, alive = [], [], []
-        done, stopped = (torch.zeros(batch_size, dtype=torch.bool, device=device) for _ in range(2))
-        positions = (prompt_mask.cumsum(dim=1) - 1).clamp(min=0)  # left padding shifts no position
-        logits = self.forward(self.model, prompt_ids, positions, attention_mask, prompt_length, logits_to_keep=1)
-        for step in range(self.max_new_tokens):
-            token = infra.sample_top_p(logits, temperature, top_p, generator)  # [B]
-            logprob = token_logprobs(logits[:, None], token[:, None], temperature)[:, 0]
-            tokens.append(token.masked_fill(done, pad_token_id))
-            logprobs.append(logprob.masked_fill(done, 0.0))
-            alive.append(~done)
-            ended = ~done & (token == eos_token_id)
-            if stop_strings:
-                ended |= ~done & self._hit_stop_string(tokens, stop_strings, tokenizer, done)
-            stopped |= ended
-            done |= ended
-            if step + 1 == self.max_new_tokens or (step + 1) % self.CHECK_DONE_EVERY == 0 and self._all_done(done):
-                break
-            torch.compiler.cudagraph_mark_step_begin()  # (CUDA graphs) a new step: the last one's outputs are consumed
-            logits = self.forward(self.decode, token[:, None], next_position + step, attention_mask,
-                                  prompt_length + step + 1).clone()  # clone: the next replay reuses the buffer
-
-        responses = torch.stack(tokens, dim=1)  # [B, N]
-        response_mask = torch.stack(alive, dim=1).long()  # [B, N]
-        return Rollout(query_responses=torch.cat([prompt_ids, responses], dim=1),
-                       attention_mask=torch.cat([prompt_mask, response_mask], dim=1), response_mask=response_mask,
-                       logprobs=torch.stack(logprobs, dim=1), stopped=stopped, responses=responses)
-
-    def _attend_to(self, length):
-        """Make each layer's keys/values views of its buffers' first `length` slots (writes land in the buffers), the
-        same views every rollout (for the CUDA graphs). Full-attention layers only; the first prefill allocates."""
-        layers = self.cache.layers
-        if any(type(layer) is not StaticLayer for layer in layers) or not layers[0].is_initialized:
-            return
-        full = self.views.setdefault(self.max_cache_length, [(layer.keys, layer.values) for layer in layers])
-        if length not in self.views:
-            self.views[length] = [(keys[:, :, :length], values[:, :, :length]) for keys, values in full]
-            for view in (t for pair in self.views[length] for t in pair):
-                torch._dynamo.mark_static_address(view)  # (CUDA graphs) a fixed address, like the full buffers
-        for layer, (keys, values) in zip(layers, self.views[length]):
-            layer.keys, layer.values, layer.max_cache_len = keys, values, length
-
-    def _clear_cache(self):
-        """Leave the cache as StaticCache.reset() would (all zeros, nothing filled) at the cost of the slots the last
-        rollout filled: reset() zeroes the whole allocation (1.5 GB for 8 rows x 4096 slots of SmolLM2-135M, measured
-        0.05 s on a quiet 2-core CPU and 2.5 s on a loaded one). Other kinds of cache: reset()."""
-        self._attend_to(self.max_cache_length)
-        full = self.views.get(self.max_cache_length)
-        if full is None:  # not all full-attention layers, or never filled
-            return self.cache.reset()
-        for layer, (keys, values) in zip(self.cache.layers, full):
-            filled = int(layer.cumulative_length)  # (a host sync per layer, once per rollout)
-            keys[:, :, :filled].zero_()
-            values[:, :, :filled].zero_()
-            layer.cumulative_length.zero_()
-
-    @staticmethod
-    def _all_done(done):
-        all_done = done.all().to(torch.int)
-        if dist.is_initialized():
-            dist.all_reduce(all_done, op=dist.ReduceOp.MIN)
-        return bool(all_done)
-
-    @staticmethod
-    def _hit_stop_string(tokens, stop_strings, tokenizer, done):
-        """[B] bool: the row's text now ends in a stop string (checks only the last few tokens' text)."""
-        window = max(len(s) for s in stop_strings)  # a stop string spans at most this many tokens
-        texts = tokenizer.batch_decode(torch.stack(tokens[-window:], dim=1).tolist())
-        return torch.tensor([not finished and any(s in text for s in stop_strings)
-                             for text, finished in zip(texts, done.tolist())], device=done.device)
+def rollout_of(prompts: list[list[int]], completions: list, pad_token_id: int, device) -> Rollout:
+    """The prompts left-padded and their completions' tokens right-padded to the longest response (N)."""
+    prompt_ids, prompt_mask = decoding.left_pad(prompts, pad_token_id)  # [B, P]
+    length = max(len(completion.token_ids) for completion in completions)
+    responses = torch.full((len(completions), length), pad_token_id, dtype=torch.long)  # [B, N]
+    response_mask, logprobs = torch.zeros_like(responses), torch.zeros(responses.shape)
+    for row, completion in enumerate(completions):
+        responses[row, :len(completion.token_ids)] = torch.tensor(completion.token_ids)
+        response_mask[row, :len(completion.token_ids)] = 1
+        logprobs[row, :len(completion.token_ids)] = torch.tensor(completion.logprobs)
+    stopped = torch.tensor([completion.finished for completion in completions])
+    return Rollout(query_responses=torch.cat([prompt_ids, responses], 1).to(device),
+                   attention_mask=torch.cat([prompt_mask, response_mask], 1).to(device),
+                   response_mask=response_mask.to(device), logprobs=logprobs.to(device), stopped=stopped.to(device),
+                   responses=responses.to(device))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -741,7 +606,7 @@ def train(args, rank: int, world_size: int, device) -> None:
     first_prompt = prompts[torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed))[0].item()]
     first_ids = torch.tensor([first_prompt["input_ids"][:64]], device=device)
     infra.check_loaded_model(policy, args.model_name_or_path, first_ids,
-                             lambda ids, positions: token_logprobs(
+                             lambda ids, positions: decoding.token_logprobs(
                                  policy(input_ids=ids, position_ids=positions).logits[:, :-1], ids[:, 1:], 1.0),
                              infra.resolve_dtype(args.dtype, device), rank)
     reference = None if args.beta == 0 else infra.load_model(args.model_name_or_path, args, device, rank, HFModel
@@ -763,8 +628,6 @@ def train(args, rank: int, world_size: int, device) -> None:
         infra.remove_checkpoints(args.output_dir, keep=checkpoint and checkpoint[0])
     report = infra.MetricsReport(args.report_to if rank == 0 else "none", args.output_dir, start_step, vars(args))
 
-    compile_decode = device.type == "cuda" and world_size == 1 if args.compile_sampling is None else args.compile_sampling
-    sampler = Sampler(policy, args.max_seq_length - args.response_length, args.response_length, compile_decode)
     progress = tqdm(total=total_steps, initial=start_step, desc=f"rlvr {args.algo}", disable=rank != 0)
     for step in range(start_step, total_steps):
         # the global RNG (dropout) is a function of the step
@@ -775,15 +638,16 @@ def train(args, rank: int, world_size: int, device) -> None:
         batch_indices = order[index * batch_prompts:(index + 1) * batch_prompts]
         rows = [prompts[i] for i in batch_indices[rank::world_size] for _ in range(group)]  # a group is contiguous
         started = time.perf_counter()
-        policy.eval()  # (gradient checkpointing would turn the KV cache off in train mode)
+        policy.eval()  # (no dropout in the old-policy forward below either)
         generator = torch.Generator(device).manual_seed(args.seed + infra.SAMPLING_SEED_STRIDE * (step + 1) + rank)
-        with full_parameters(policy):
-            rollout = sampler.generate([row["input_ids"] for row in rows], args.temperature, args.top_p,
-                                       tokenizer.eos_token_id, tokenizer.pad_token_id, args.stop_strings, tokenizer,
-                                       generator)
+        queries = [row["input_ids"] for row in rows]
+        completions = decoding.complete(policy, tokenizer, queries, max_new_tokens=args.response_length,
+                                        temperature=args.temperature, top_p=args.top_p, generator=generator,
+                                        stop_strings=args.stop_strings, batch_size=len(queries))
+        rollout = rollout_of(queries, completions, tokenizer.pad_token_id, device)
         sampled = time.perf_counter()
-        scores, verified = score_responses(tokenizer.batch_decode(rollout.responses, skip_special_tokens=True), rows,
-                                           rollout.stopped, args)
+        scores, verified = score_responses([completion.text for completion in completions], rows, rollout.stopped,
+                                           args)
         scored = time.perf_counter()
         old = old_and_reference_outputs(policy, reference, trained["value"] if args.algo == "ppo" else None,
                                         rollout, args)

@@ -1,4 +1,5 @@
-"""Sampling throughput of rlvr.Sampler against model.generate, and one RL step split into its phases.
+"""Sampling throughput of decoding.complete (rlvr's rollouts) against model.generate, and one RL step split into
+its phases.
 
     python bench/bench_rlvr.py                          # CPU: the bundled SmolLM2-135M, batch 4, 32 + 32 tokens
     python bench/bench_rlvr.py --model llama1b          # GPU: a random Llama-3.2-1B shape in bf16,
@@ -7,13 +8,9 @@
 1. Sampling. The same model, the same random prompts of --prompt_length tokens and exactly --new_tokens
    new tokens per row (no EOS stop, temperature 1, no top-k/top-p) through
    - model.generate(do_sample=True) with its default (dynamic) KV cache, and
-   - rlvr.Sampler: static KV cache, and on CUDA the decode step compiled with CUDA graphs
-     (--no-compile to time it eager), twice: with the cache that rlvr.py allocates for --max_seq_length
-     (4096 as in Tülu's flags: prompt room + --new_tokens) and with a cache that fits the need
-     (--prompt_length + --new_tokens).
-   Each is run once to warm up (compilation, CUDA graph capture), then timed over --repeats rounds (the three
-   interleaved in each, so a shared machine's load drifts alike over them; the best round counts);
-   new tokens/s = batch * new_tokens / seconds.
+   - decoding.complete, the loop rlvr.py samples with (one batch).
+   Each is run once to warm up, then timed over --repeats rounds (the two interleaved in each, so a shared
+   machine's load drifts alike over them; the best round counts); new tokens/s = batch * new_tokens / seconds.
 2. One RL step (--rl_step). rlvr.main itself, on one process, for two GRPO steps on bundled demo
    prompts (the random llama1b answers nothing correctly, so its rewards are 0 but every phase runs);
    the second step's time/sampling, time/scoring, time/reference (old-policy and reference
@@ -30,6 +27,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import decoding  # noqa: E402
 import rlvr  # noqa: E402
 
 BUNDLED = os.path.join(ROOT, ".cache", "models", "SmolLM2-135M-Instruct")
@@ -46,11 +44,7 @@ def parse_args():
     parser.add_argument("--batch_size", type=int, default=64 if gpu else 4)
     parser.add_argument("--prompt_length", type=int, default=128 if gpu else 32)
     parser.add_argument("--new_tokens", type=int, default=256 if gpu else 32)
-    parser.add_argument("--max_seq_length", type=int, default=4096,
-                        help="the sampler's allocated cache length, as rlvr.py --max_seq_length (Tülu: 4096)")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=gpu,
-                        help="CUDA-graph rlvr.Sampler's decode step (default: on with CUDA)")
     parser.add_argument("--rl_step", action=argparse.BooleanOptionalAction, default=True,
                         help="also time one rlvr.py GRPO step by phase")
     parser.add_argument("--tokenizer", default=BUNDLED,
@@ -77,7 +71,7 @@ def timed(runs, repeats, device):
     """Best seconds of each run over `repeats` rounds, the runs interleaved within each round, so that the load
     of a shared machine drifts alike over all of them."""
     for run in runs:
-        run()  # warm-up: compilation, CUDA graph capture, allocator
+        run()  # warm-up: the allocator and first-call costs
     seconds = [[] for _ in runs]
     for _ in range(repeats):
         for run, times in zip(runs, seconds):
@@ -91,35 +85,37 @@ def timed(runs, repeats, device):
     return [min(times) for times in seconds]
 
 
+class NoStop:
+    """A tokenizer as decoding.complete reads one, whose EOS no token has: every row makes exactly new_tokens."""
+    eos_token_id, pad_token_id = -1, 0
+
+    @staticmethod
+    def decode(ids, skip_special_tokens=False):
+        return ""
+
+
 def bench_sampling(args, model, device):
     vocab = model.config.vocab_size
     prompts = torch.randint(100, min(vocab, 30000), (args.batch_size, args.prompt_length),
                             generator=torch.Generator().manual_seed(0)).tolist()
     ids, mask = torch.tensor(prompts, device=device), torch.ones(args.batch_size, args.prompt_length, device=device)
-    no_stop = -1  # an id no token has: every row makes exactly new_tokens tokens
+    model.generation_config.eos_token_id = None
 
     def hf_generate():
         out = model.generate(ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                             max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                             eos_token_id=model.config.eos_token_id, pad_token_id=0)
+                             max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, pad_token_id=0)
         assert out.shape[1] == args.prompt_length + args.new_tokens
 
-    def ours(max_prompt_length):
-        sampler = rlvr.Sampler(model, max_prompt_length, args.new_tokens, compile_decode=args.compile)
-
-        def run():
-            rollout = sampler.generate(prompts, 1.0, 1.0, no_stop, 0)
-            assert rollout.responses.shape[1] == args.new_tokens
-        return run
+    def ours():
+        completions = decoding.complete(model, NoStop, prompts, max_new_tokens=args.new_tokens, temperature=1.0,
+                                        batch_size=len(prompts))
+        assert all(len(completion.token_ids) == args.new_tokens for completion in completions)
 
     new_tokens = args.batch_size * args.new_tokens
     with torch.no_grad():
-        hf_seconds, allocated_seconds, fitting_seconds = timed(
-            [hf_generate, ours(args.max_seq_length - args.new_tokens), ours(args.prompt_length)], args.repeats, device)
-    return {"generate_tokens_per_s": new_tokens / hf_seconds,
-            "sampler_tokens_per_s": new_tokens / allocated_seconds, "speedup": hf_seconds / allocated_seconds,
-            "fitting_cache_tokens_per_s": new_tokens / fitting_seconds,
-            "fitting_cache_speedup": hf_seconds / fitting_seconds}
+        hf_seconds, our_seconds = timed([hf_generate, ours], args.repeats, device)
+    return {"generate_tokens_per_s": new_tokens / hf_seconds, "complete_tokens_per_s": new_tokens / our_seconds,
+            "speedup": hf_seconds / our_seconds}
 
 
 def bench_rl_step(args, model, device, workdir):
@@ -135,7 +131,7 @@ def bench_rl_step(args, model, device, workdir):
             "--num_unique_prompts_rollout", str(prompts), "--num_samples_per_prompt_rollout", "4",
             "--total_episodes", str(2 * prompts * 4), "--response_length", str(args.new_tokens),
             "--max_seq_length", str(args.new_tokens + 256), "--per_device_train_batch_size", "4",
-            "--learning_rate", "1e-6", "--compile_sampling" if args.compile else "--no-compile_sampling"]
+            "--learning_rate", "1e-6"]
     rlvr.main(argv)
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
         step = [json.loads(line) for line in f][-1]
@@ -149,13 +145,10 @@ def main():
     model = build_model(args.model, device, args.num_hidden_layers)
     report = {"model": args.model, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
               "batch_size": args.batch_size, "prompt_length": args.prompt_length, "new_tokens": args.new_tokens,
-              "max_seq_length": args.max_seq_length,
-              "compile": args.compile, **bench_sampling(args, model, device)}
+              **bench_sampling(args, model, device)}
     print(f"sampling ({args.model}, {report['device']}, batch {args.batch_size}, {args.prompt_length} + "
           f"{args.new_tokens} tokens): model.generate {report['generate_tokens_per_s']:.0f} new tokens/s, "
-          f"rlvr.Sampler {report['sampler_tokens_per_s']:.0f} new tokens/s ({report['speedup']:.2f}x) with a "
-          f"{args.max_seq_length}-token cache, {report['fitting_cache_tokens_per_s']:.0f} "
-          f"({report['fitting_cache_speedup']:.2f}x) with a {args.prompt_length + args.new_tokens}-token one")
+          f"decoding.complete {report['complete_tokens_per_s']:.0f} new tokens/s ({report['speedup']:.2f}x)")
     if args.rl_step:
         with tempfile.TemporaryDirectory() as workdir:
             report["rl_step"] = bench_rl_step(args, model.float() if device.type == "cpu" else model, device, workdir)

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import decoding
 import dpo
 import eval as evaluation
 import infra
@@ -221,13 +222,14 @@ def test_eval_batched_greedy_equals_each_prompt_alone(family):
     prefix = tokenizer("system user assistant hello world, again and again. " * 3)["input_ids"]
     prompts = [prefix + tokenizer(text)["input_ids"] for text in
                ("What is 12?", "The quick brown fox jumps over the lazy dog.", "Write a poem", "0123456789 + - * /")]
-    assert evaluation.shared_prefix_length(prompts) >= evaluation.MIN_SHARED_PREFIX
+    assert decoding.shared_prefix_length(prompts) >= decoding.MIN_SHARED_PREFIX
 
     def responses(batch_size):
         args = evaluation.parse_args(["--model_name_or_path", family["model_dir"], "--tasks", "gsm8k", "--output_dir", "x",
                                       "--temperature", "0", "--top_p", "1",
                                       "--per_device_eval_batch_size", str(batch_size)])
-        return evaluation.generate(model, tokenizer, prompts, 12, [], args, torch.Generator().manual_seed(0))
+        settings = {"max_new_tokens": 12, "stop": [], "temperature": 0.0, "top_p": 1.0}
+        return evaluation.complete_prompts(model, tokenizer, prompts, settings, args, torch.Generator().manual_seed(0))
     assert responses(4) == responses(1)
 
 

@@ -172,6 +172,14 @@ def test_top_p_keeps_the_smallest_nucleus_reaching_p():
     assert set(decoding.sample(logits.flip(-1), 1.0, 0.5, uniform).tolist()) == {0}
 
 
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_token_logprobs_divide_logits_by_the_temperature(temperature):
+    logits = torch.tensor([[[0.0, math.log(3.0)]]])
+    p1 = 3 ** (1 / temperature) / (1 + 3 ** (1 / temperature))
+    torch.testing.assert_close(decoding.token_logprobs(logits, torch.tensor([[1]]), temperature),
+                               torch.tensor([[math.log(p1)]]))
+
+
 def test_temperature_zero_takes_the_argmax():
     logits = torch.tensor([[0.0, 3.0, 1.0, 2.9]])
     assert decoding.sample(logits, 0.0, 1.0, None).tolist() == [1]

@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
+import decoding
 import eval as evaluation
 import eval_metrics as metrics
-import infra
 from conftest import build_tiny_model
 
 
@@ -134,7 +134,13 @@ def test_math_and_mmlu_headline_is_the_macro_average_over_subjects():
 
 
 class Args:
-    temperature, top_p, per_device_eval_batch_size = 0.0, 1.0, 4
+    per_device_eval_batch_size = 4
+
+
+def generate(model, tokenizer, prompts, max_new_tokens, stop, temperature=0.0, top_p=1.0, generator=None):
+    """eval's generation call, as a task with these settings makes it."""
+    settings = {"max_new_tokens": max_new_tokens, "stop": stop, "temperature": temperature, "top_p": top_p}
+    return evaluation.complete_prompts(model, tokenizer, prompts, settings, Args, generator)
 
 
 def greedy_reference(model, prompt: list[int], steps: int) -> list[int]:
@@ -148,7 +154,7 @@ def test_batched_left_padded_generation_matches_one_prompt_at_a_time(tiny_tokeni
     model = build_tiny_model(tiny_tokenizer).eval()
     model.generation_config.eos_token_id = None
     prompts = [tiny_tokenizer(t)["input_ids"] for t in ("hello", "What is 12 plus 30? The answer", "the quick")]
-    texts = evaluation.generate(model, tiny_tokenizer, prompts, 6, [], Args, None)
+    texts = generate(model, tiny_tokenizer, prompts, 6, [])
     for prompt, text in zip(prompts, texts):
         with torch.no_grad():
             expected = greedy_reference(model, prompt, 6)
@@ -167,48 +173,16 @@ def test_rows_that_finish_early_leave_the_batch_without_changing_the_others(tiny
     model.generation_config.eos_token_id = stop_id
     expected = [ref[:ref.index(stop_id)] if stop_id in ref else ref for ref in references]
     assert len({len(e) for e in expected}) > 1 and max(len(e) for e in expected) == 8  # the premise
-    texts = evaluation.generate(model, tiny_tokenizer, prompts, 8, [], Args, None)
+    texts = generate(model, tiny_tokenizer, prompts, 8, [])
     assert texts == [tiny_tokenizer.decode(e, skip_special_tokens=True) for e in expected]
-
-
-def test_rows_left_over_from_a_batch_continue_in_a_later_one_with_the_same_result(tiny_tokenizer, monkeypatch):
-    model = build_tiny_model(tiny_tokenizer).eval()
-    texts = ["hello", "What is 12 plus 30? The answer", "the quick", "a b c d", "one two", "zebra", "x y", "last one"]
-    prompts = [tiny_tokenizer(t)["input_ids"] for t in texts]
-    with torch.no_grad():
-        references = [greedy_reference(model, p, 10) for p in prompts]
-    stop_ids = [182, 116, 245]  # tokens that end all rows but one early, at different steps
-    model.generation_config.eos_token_id = stop_ids
-    expected = [ref[:min([ref.index(t) for t in stop_ids if t in ref], default=len(ref))] for ref in references]
-    assert sorted(map(len, expected)) == [0, 2, 2, 2, 2, 4, 6, 10]  # the premise
-    calls = []
-    real_batch = evaluation.generate_batch
-    monkeypatch.setattr(evaluation, "generate_batch", lambda *a, **k: calls.append(a[3]) or real_batch(*a, **k))
-    got = evaluation.generate(model, tiny_tokenizer, prompts, 10, [], Args, None)  # batches of 4
-    assert any(partial for partials in calls for partial in partials)  # some rows did continue from a partial
-    assert got == [tiny_tokenizer.decode(e, skip_special_tokens=True) for e in expected]
-
-
-def test_growing_cache_layer_holds_what_concatenation_would():
-    layer, keys, values = evaluation.GrowingLayer(capacity=3), [], []
-    for step, new in enumerate([2, 1, 3, 1]):  # outgrows its capacity twice
-        k, v = torch.randn(2, 1, new, 4), torch.randn(2, 1, new, 4)
-        keys, values = keys + [k], values + [v]
-        got_k, got_v = layer.update(k, v, step)
-        assert torch.equal(got_k, torch.cat(keys, dim=2)) and torch.equal(got_v, torch.cat(values, dim=2))
-    assert layer.get_seq_length() == 7
-    layer.batch_repeat_interleave(2)
-    assert torch.equal(layer.keys, torch.cat(keys, dim=2).repeat_interleave(2, dim=0))
-    layer.batch_select_indices(torch.tensor([3, 0]))
-    assert torch.equal(layer.values, torch.cat(values, dim=2)[[1, 0]])
 
 
 def test_generation_stops_at_stop_strings(tiny_tokenizer):
     model = build_tiny_model(tiny_tokenizer).eval()
     prompt = [tiny_tokenizer("hello")["input_ids"]]
-    full = evaluation.generate(model, tiny_tokenizer, prompt, 12, [], Args, None)[0]
+    full = generate(model, tiny_tokenizer, prompt, 12, [])[0]
     stop = full[len(full) // 2:][:2]
-    assert stop and evaluation.generate(model, tiny_tokenizer, prompt, 12, [stop], Args, None)[0] == full.split(stop)[0]
+    assert stop and generate(model, tiny_tokenizer, prompt, 12, [stop])[0] == full.split(stop)[0]
 
 
 def naive_logprob(model, context_ids, continuation_ids) -> float:
@@ -253,20 +227,13 @@ def test_a_shared_few_shot_prefix_is_encoded_once_with_the_same_result(tiny_toke
     model = build_tiny_model(tiny_tokenizer).eval()
     model.generation_config.eos_token_id = None
     exemplars = tiny_tokenizer("The quick brown fox jumps over the lazy dog. " * 4)["input_ids"]
-    assert len(exemplars) > evaluation.MIN_SHARED_PREFIX
+    assert len(exemplars) > decoding.MIN_SHARED_PREFIX
     prompts = [exemplars + tiny_tokenizer(t)["input_ids"] for t in ("hello", "What is 12 plus 30?")]
-    assert evaluation.shared_prefix_length(prompts) >= len(exemplars)
-    texts = evaluation.generate(model, tiny_tokenizer, prompts, 5, [], Args, None)
+    assert decoding.shared_prefix_length(prompts) >= len(exemplars)
+    texts = generate(model, tiny_tokenizer, prompts, 5, [])
     with torch.no_grad():  # plain full forwards, no cache at all
         expected = [tiny_tokenizer.decode(greedy_reference(model, p, 5), skip_special_tokens=True) for p in prompts]
     assert texts == expected
-
-
-def test_sampling_keeps_only_the_top_p_nucleus():
-    logits = torch.tensor([[0.0, 3.0, 1.0, 2.9]]).repeat(64, 1)
-    generator = torch.Generator().manual_seed(0)
-    assert infra.sample_top_p(logits, 1.0, 1e-6, generator).unique().tolist() == [1]  # only the top token
-    assert set(infra.sample_top_p(logits, 1.0, 0.9, generator).tolist()) == {1, 3}  # 1 and 3 hold ~0.9
 
 
 def test_a_task_without_a_scorer_is_an_error():
@@ -277,15 +244,10 @@ def test_a_task_without_a_scorer_is_an_error():
 def test_sampled_generation_draws_each_token_with_the_shared_sampler(tiny_tokenizer, monkeypatch):
     model = build_tiny_model(tiny_tokenizer).eval()
     model.generation_config.eos_token_id = None
-    calls, real = [], infra.sample_top_p
-    monkeypatch.setattr(infra, "sample_top_p", lambda logits, t, p, g: calls.append((len(logits), t, p)) or
-                        real(logits, t, p, g))
-
-    class Sampled(Args):
-        temperature, top_p = 0.8, 0.95
+    calls, real = [], decoding.sample
+    monkeypatch.setattr(decoding, "sample", lambda logits, t, p, u: calls.append((len(logits), t, p)) or
+                        real(logits, t, p, u))
     prompts = [tiny_tokenizer(t)["input_ids"] for t in ("hello", "the quick")]
-    evaluation.generate(model, tiny_tokenizer, prompts, 3, [], Sampled, torch.Generator().manual_seed(0))
+    generate(model, tiny_tokenizer, prompts, 3, [], temperature=0.8, top_p=0.95,
+             generator=torch.Generator().manual_seed(0))
     assert calls == [(2, 0.8, 0.95)] * 3  # one draw per step for the whole batch, with the task's T and top-p
-    calls.clear()
-    evaluation.generate(model, tiny_tokenizer, prompts, 3, [], Args, None)
-    assert calls == []  # greedy takes the argmax

@@ -167,13 +167,5 @@ def test_whiten_uses_only_masked_entries():
     torch.testing.assert_close(whitened, torch.tensor([-math.sqrt(1.5), 0.0, math.sqrt(1.5), 0.0]))
 
 
-@pytest.mark.parametrize("temperature", [1.0, 2.0])
-def test_token_logprobs_divide_logits_by_the_temperature(temperature):
-    logits = torch.tensor([[[0.0, math.log(3.0)]]])
-    p1 = 3 ** (1 / temperature) / (1 + 3 ** (1 / temperature))
-    torch.testing.assert_close(rlvr.token_logprobs(logits, torch.tensor([[1]]), temperature),
-                               torch.tensor([[math.log(p1)]]))
-
-
 def test_entropy_of_a_uniform_distribution_is_log_v():
     torch.testing.assert_close(rlvr.entropy(torch.zeros(1, 1, 4), 1.0), torch.tensor([[math.log(4)]]))

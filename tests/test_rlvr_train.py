@@ -114,7 +114,7 @@ def _two_rank_worker(rank, runs):
 
 def test_two_gloo_ranks_split_the_prompts_and_finish_grpo_and_ppo(tiny_model_dir, tmp_path):
     data = write_rlvr_data(tmp_path / "rlvr.jsonl")
-    # stop strings end rows at different steps on each rank: the lock-step decode must not hang
+    # stop strings end rows at different steps on each rank: ranks decoding independently must not hang
     ports = [free_port()]
     while len(ports) < 2:
         ports += [port for port in [free_port()] if port not in ports]
