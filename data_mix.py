@@ -1,7 +1,7 @@
-"""Data shared by every stage: load and mix datasets, validate records, render chats, tokenize, batch;
-RLVR records; the benchmarks eval.py scores, and the decontamination of training data against them.
-(Preference records are dpo.py's own; the attention for packed rows and the sampling helpers are model
-code: infra.py.)
+"""Data shared by every stage: the flags' parser (StageParser: one for all stages, which reads open-instruct's
+spellings too); load and mix datasets, validate records, render chats, tokenize, batch; the benchmarks eval.py
+scores, and the decontamination of training data against them. (Preference records are dpo.py's own, RLVR records
+rlvr.py's; the attention for packed rows is model code: modeling.py.)
 
 A mixture is a list of (dataset, amount) pairs, written on the command line as
     --dataset_mixer_list allenai/tulu-3-sft-mixture 1.0 my_data.jsonl 5000
@@ -16,6 +16,7 @@ Decontamination (--decontaminate_against gsm8k,math,...) drops a training row wh
 (--decontaminate_threshold) of its prompt's word 8-grams occur in the prompts eval.py scores.
 """
 import argparse
+import difflib
 import json
 import math
 import os
@@ -23,7 +24,6 @@ import re
 
 import torch
 
-import verifiers
 
 IGNORE_INDEX = -100  # label of a token that is not trained (torch's cross_entropy default)
 ROLES = ("system", "user", "assistant")
@@ -44,6 +44,141 @@ TULU_CHAT_TEMPLATE = (
 
 class InvalidRecord(ValueError):
     """A training record that does not have the expected shape; the message names where it is."""
+
+
+class DataError(ValueError):
+    """Data that cannot be used as given (a dataset missing, empty, too small or in another shape than the rest of
+    the mixture, a mixture list that does not parse); the message names it."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Flags: one parser for every stage
+
+# open-instruct's names for flags that mean the same here: accepted as they are
+OPEN_INSTRUCT_ALIASES = {
+    "--clip_grad_norm": "--max_grad_norm",  # finetune.py; its -1 (no clipping) is <= 0 here too
+    "--checkpoint_state_freq": "--checkpointing_steps",  # grpo_fast.py: the resumable state
+    "--num_epochs": "--ppo_epochs",  # grpo_fast.py, ppo: passes over each rollout
+    "--number_samples_per_prompt": "--num_samples_per_prompt_rollout",
+    "--non_stop_penalty_value": "--penalty_reward_value",
+    "--beta": "--dpo_beta",  # dpo_tune_cache.py's newer names (rlvr's own --beta is the KL coefficient)
+    "--loss_type": "--dpo_loss_type",
+    "--label_smoothing": "--dpo_label_smoothing",
+    "--gamma_beta_ratio": "--dpo_gamma_beta_ratio",
+}
+NO_LOGGING_SERVICE = "no logging service here: every step's metrics go to OUTPUT_DIR/metrics.jsonl; drop the flag"
+FROM_MODEL_DIR = ("the tokenizer is read from --model_name_or_path: put its tokenizer files (tokenizer.json, "
+                  "tokenizer_config.json) in the model directory")
+NO_HUB_UPLOAD = "no hub upload here: the model is saved in --output_dir; drop the flag"
+NO_LORA = "no LoRA here: every weight is trained; drop the flag"
+NO_DEEPSPEED = "no DeepSpeed here: FSDP2 shards weights, gradients and AdamW state over the ranks; drop the flag"
+NO_VLLM = "no vLLM here: the policy samples its rollouts in-process (--compile_sampling); drop the flag"
+NO_EVAL_DURING_TRAINING = "no evaluation during training: run eval.py on --output_dir afterwards"
+# open-instruct's flags that have no counterpart of the same meaning: what to do instead
+OPEN_INSTRUCT_HINTS = {
+    "--use_flash_attn": "pass --attn_implementation flash_attention_2 (needs the flash-attn package), or for sft "
+                        "and dpo --attn_implementation packed_varlen (torch's own varlen flash kernel)",
+    "--with_tracking": NO_LOGGING_SERVICE, "--report_to": NO_LOGGING_SERVICE,
+    "--wandb_project_name": NO_LOGGING_SERVICE, "--wandb_entity": NO_LOGGING_SERVICE,
+    "--logging_steps": "every step's metrics go to OUTPUT_DIR/metrics.jsonl; drop the flag",
+    "--tokenizer_name": FROM_MODEL_DIR, "--tokenizer_name_or_path": FROM_MODEL_DIR,
+    "--tokenizer_revision": FROM_MODEL_DIR, "--use_slow_tokenizer": "a fast tokenizer is needed (its offsets locate "
+                                                                      "the assistant turns); drop the flag",
+    "--num_epochs": "passes over the data: --num_train_epochs",  # (rlvr takes it: --ppo_epochs)
+    "--save_freq": "--checkpointing_steps N writes a resumable checkpoint every N steps; the model is saved at the end",
+    "--max_prompt_token_length": "prompts longer than --max_seq_length minus --response_length tokens are dropped: "
+                                 "pass --max_seq_length as max_prompt_token_length + response_length",
+    "--max_token_length": "pass --max_seq_length (prompt and response together)",
+    "--resume_from_checkpoint": "pass --resume: it continues from the newest checkpoint in --output_dir",
+    "--keep_last_n_checkpoints": "only the newest checkpoint is kept; drop the flag",
+    "--push_to_hub": NO_HUB_UPLOAD, "--hf_entity": NO_HUB_UPLOAD, "--hf_repo_id": NO_HUB_UPLOAD,
+    "--hf_repo_revision": NO_HUB_UPLOAD, "--save_to_hub": NO_HUB_UPLOAD,
+    "--exp_name": "a run is named by its --output_dir; drop the flag",
+    "--use_lora": NO_LORA, "--use_qlora": NO_LORA, "--lora_rank": NO_LORA, "--lora_alpha": NO_LORA,
+    "--lora_dropout": NO_LORA,
+    "--deepspeed_stage": NO_DEEPSPEED, "--zero_stage": NO_DEEPSPEED, "--offload_optimizer": NO_DEEPSPEED,
+    "--offload_param": NO_DEEPSPEED,
+    "--dataset_name": "pass --dataset_mixer_list NAME 1.0",
+    "--dataset_mixer": "pass --dataset_mixer_list NAME AMOUNT ...",
+    "--dataset_mixer_list_splits": "a hub dataset's train split is read: save another split as .jsonl or .parquet",
+    "--max_train_samples": "give a row count as the amount in --dataset_mixer_list (NAME 1000)",
+    "--dataset_mixer_eval_list": NO_EVAL_DURING_TRAINING, "--local_eval_every": NO_EVAL_DURING_TRAINING,
+    "--apply_verifiable_reward": "the reward is always the verifier's (--verification_reward); drop the flag",
+    "--async_steps": "rollouts are sampled by the current policy (no asynchronous steps); drop the flag",
+    "--trust_remote_code": "models run on transformers' own code only; drop the flag",
+    "--add_bos": "the chat template decides the first token (--chat_template_name tulu adds no BOS); drop the flag",
+    "--use_liger_kernel": "the loss never holds the full [tokens, vocab] logits already; drop the flag",
+    "--concatenated_forward": "chosen and rejected are always scored in one forward; drop the flag",
+    "--model_revision": "download that revision and pass its directory as --model_name_or_path",
+    "--low_cpu_mem_usage": "each rank reads only its own shard of the weights already; drop the flag",
+    "--use_8bit_optimizer": "AdamW keeps fp32 moments here; drop the flag",
+}
+
+
+def true_or_false(text: str) -> bool:
+    """A boolean flag's value as open-instruct's parser (transformers' HfArgumentParser) reads it."""
+    value = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}.get(text.lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not true or false")
+    return value
+
+
+class Switch(argparse.Action):
+    """A boolean flag: `--flag` sets it, `--flag true|false` too (open-instruct's `--packing False`), and a negatable
+    one (argparse.BooleanOptionalAction) is turned off by `--no-flag` or `--no_flag` as well."""
+
+    def __init__(self, option_strings, dest, negatable=False, default=False, **kwargs):
+        self.negations = [prefix + name[2:] for name in option_strings for prefix in ("--no-", "--no_")] * negatable
+        super().__init__(option_strings + self.negations, dest, nargs="?", default=default, metavar="true|false",
+                         **kwargs)
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        try:
+            on = True if value is None else true_or_false(value)
+        except argparse.ArgumentTypeError as error:
+            raise argparse.ArgumentError(self, str(error)) from None
+        setattr(namespace, self.dest, on != (option_string in self.negations))
+
+
+class StageParser(argparse.ArgumentParser):
+    """The stages' flags: argparse, but
+    - no prefix matching: argparse would read `--num_unique_prompts 48` as `--num_unique_prompts_rollout 48`;
+    - open-instruct's spellings of our flags are accepted (OPEN_INSTRUCT_ALIASES), and its flags that have no
+      counterpart here are refused with what to do instead (OPEN_INSTRUCT_HINTS);
+    - boolean flags take open-instruct's `--flag True` / `--flag False` too (Switch);
+    - an error is one line, raised as SystemExit(message): infra.run prints it once however many ranks parse."""
+
+    def __init__(self, description: str):
+        super().__init__(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                         allow_abbrev=False)
+
+    def add_argument(self, *names, **kwargs):
+        if kwargs.get("action") in ("store_true", argparse.BooleanOptionalAction):
+            kwargs.update(negatable=kwargs["action"] is argparse.BooleanOptionalAction, action=Switch)
+        action = super().add_argument(*names, **kwargs)
+        for alias in [alias for alias, name in OPEN_INSTRUCT_ALIASES.items() if name in names]:
+            super().add_argument(alias, **{**kwargs, "dest": action.dest, "help": argparse.SUPPRESS})  # errors name it
+        return action
+
+    def parse_args(self, args=None, namespace=None):
+        parsed, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            self.error(self.unknown_flag(unknown))
+        return parsed
+
+    def unknown_flag(self, unknown: list[str]) -> str:
+        flags = [token.split("=")[0] for token in unknown if token.startswith("--")]
+        if not flags:
+            return f"unexpected value(s) {' '.join(unknown)}: a flag given one value too many?"
+        flag = flags[0]
+        hint = OPEN_INSTRUCT_HINTS.get(flag) or (NO_VLLM if flag.startswith("--vllm_") else None)
+        if hint:
+            return f"argument {flag} is open-instruct's: {hint}"
+        close = difflib.get_close_matches(flag, [name for name in self._option_string_actions if name[:2] == "--"], 1)
+        return f"unknown flag {flag}" + (f"; did you mean {close[0]}?" if close else " (--help lists the flags)")
+
+    def error(self, message: str):
+        raise SystemExit(f"{self.prog}: {message}")
 
 
 def bounded(kind, low=None, high=None, *, low_open=False, high_open=False):
@@ -96,13 +231,21 @@ def load_rows(name_or_path: str):
     """A hub dataset's train split or a local .parquet file as a datasets.Dataset (with its own types)."""
     import datasets
 
+    looks_local = name_or_path.lower().endswith((".parquet", ".jsonl", ".json")) or name_or_path.startswith((".", "/"))
+    if looks_local and not os.path.exists(name_or_path):
+        raise FileNotFoundError(f"dataset file not found: {name_or_path}")
     if name_or_path.lower().endswith(".parquet"):
-        if not os.path.exists(name_or_path):
-            raise FileNotFoundError(f"dataset file not found: {name_or_path}")
-        return datasets.load_dataset("parquet", data_files=name_or_path, split="train")
-    if os.path.exists(name_or_path):
-        raise ValueError(f"{name_or_path}: local datasets must be .jsonl, .json or .parquet files")
-    return datasets.load_dataset(name_or_path, split="train")
+        rows = datasets.load_dataset("parquet", data_files=name_or_path, split="train")
+    elif os.path.exists(name_or_path):
+        raise DataError(f"dataset {name_or_path}: local datasets must be .jsonl, .json or .parquet files")
+    else:
+        try:
+            rows = datasets.load_dataset(name_or_path, split="train")
+        except Exception as error:  # not found, offline, gated, no train split: say which, in one line
+            first_line = (str(error).strip().splitlines() or [""])[0]
+            raise DataError(f"dataset {name_or_path}: no such local file, and the hub's copy could not be loaded "
+                            f"({type(error).__name__}: {first_line})") from None
+    return rows
 
 
 def read_json_records(path: str) -> list[tuple[str, object]]:
@@ -143,7 +286,7 @@ def read_json_records(path: str) -> list[tuple[str, object]]:
                 record = InvalidRecord(f"dataset {path}, line {number}, column {error.colno}: not JSON ({error.msg})")
             pairs.append((f"line {number}", record))
     if not pairs:
-        raise ValueError(f"dataset {path} is empty")
+        raise DataError(f"dataset {path} is empty")
     return pairs
 
 
@@ -184,15 +327,15 @@ def load_valid_rows(name: str, validate=None, skip_invalid: bool = False):
 def parse_mixer_list(items: list[str]) -> list[tuple[str, float]]:
     """["a.jsonl", "0.5", "b", "100"] -> [("a.jsonl", 0.5), ("b", 100)] with clear errors."""
     if len(items) % 2:
-        raise ValueError(f"--dataset_mixer_list takes NAME AMOUNT pairs, got {len(items)} values: {items}")
+        raise DataError(f"--dataset_mixer_list takes NAME AMOUNT pairs, got {len(items)} values: {items}")
     pairs = []
     for name, amount in zip(items[::2], items[1::2]):
         try:
             value = int(amount) if amount.isdigit() else float(amount)
         except ValueError:
-            raise ValueError(f"--dataset_mixer_list: amount {amount!r} for {name} is not a number") from None
+            raise DataError(f"--dataset_mixer_list: amount {amount!r} for {name} is not a number") from None
         if value <= 0:
-            raise ValueError(f"--dataset_mixer_list: amount for {name} must be positive, got {amount}")
+            raise DataError(f"--dataset_mixer_list: amount for {name} must be positive, got {amount}")
         pairs.append((name, value))
     return pairs
 
@@ -222,9 +365,10 @@ def mix_datasets(dataset_mixer_list: list[str], seed: int, validate=None, skip_i
         rows, skipped = load_valid_rows(name, validate, skip_invalid)
         available = len(rows)
         if available == 0:
-            raise ValueError(f"dataset {name} has no usable rows")
+            raise DataError(f"dataset {name} has no usable rows")
         if isinstance(amount, int) and amount > len(rows):
-            raise ValueError(f"dataset {name}: asked for {amount} rows but it has {len(rows)}")
+            raise DataError(f"dataset {name}: asked for {amount} rows but it has {len(rows)}; ask for at most "
+                            f"{len(rows)}, or a fraction (2.0 takes every row twice)")
         rows = rows.select(take_rows(len(rows), amount, seed))
         if "source" in rows.column_names:  # keep the dataset's own provenance column under another name
             rows = rows.rename_column("source", "original_source")
@@ -232,22 +376,39 @@ def mix_datasets(dataset_mixer_list: list[str], seed: int, validate=None, skip_i
         report[name] = {"rows": len(rows), "available": available, "skipped_invalid": skipped}
     columns = set.intersection(*(set(p.column_names) for p in parts))
     parts = [p.select_columns(sorted(columns)) for p in parts]
+    # One schema for all: cast each part by column and field name to the first's, so that a parquet file's large_string
+    # columns (pandas >= 3, polars and pyarrow write them) and struct fields in another order mix with JSON rows.
+    for number, part in enumerate(parts[1:], 1):
+        if part.features != parts[0].features:
+            try:
+                parts[number] = part.cast(parts[0].features)
+            except (ValueError, TypeError, NotImplementedError):
+                column = next(c for c in sorted(columns) if part.features[c] != parts[0].features[c])
+                raise DataError(f"datasets {parts[0]['source'][0]} and {part['source'][0]} hold column {column} in "
+                                f"different shapes ({parts[0].features[column]} and {part.features[column]}); "
+                                "convert one to the other's") from None
     return datasets.concatenate_datasets(parts), report
 
 
 def load_mixture(args, validate):
     """The stages' entry point: mix `--dataset_mixer_list`, then decontaminate if asked.
 
-    Returns the rows and a report for <output_dir>/mixture.json.
+    Returns the rows and a report for <output_dir>/mixture.json. Data that cannot be used stops the run with one line
+    (SystemExit) that names the dataset, its line or row and the field.
     """
-    rows, report = mix_datasets(args.dataset_mixer_list, args.seed, validate, args.skip_invalid_rows)
-    report = {"datasets": report}
-    if args.decontaminate_against:
-        benchmarks = [name.strip() for name in args.decontaminate_against.split(",") if name.strip()]
-        rows, report["decontamination"] = decontaminate(rows, benchmarks, args.decontaminate_ngram_size,
-                                                        args.decontaminate_threshold)
-        if len(rows) == 0:
-            raise ValueError(f"decontamination against {benchmarks} dropped every training row")
+    try:
+        rows, report = mix_datasets(args.dataset_mixer_list, args.seed, validate, args.skip_invalid_rows)
+        report = {"datasets": report}
+        if args.decontaminate_against:
+            benchmarks = [name.strip() for name in args.decontaminate_against.split(",") if name.strip()]
+            rows, report["decontamination"] = decontaminate(rows, benchmarks, args.decontaminate_ngram_size,
+                                                            args.decontaminate_threshold)
+            if len(rows) == 0:
+                raise DataError(f"decontamination against {benchmarks} dropped every training row")
+    except InvalidRecord as error:
+        raise SystemExit(f"{error} (--skip_invalid_rows drops such rows and counts them)") from None
+    except (DataError, FileNotFoundError) as error:  # (FileNotFoundError: a dataset file, or a benchmark's)
+        raise SystemExit(str(error)) from None
     return rows, report
 
 
@@ -295,17 +456,23 @@ def load_tokenizer(model_name_or_path: str, chat_template_name: str | None = Non
     """The model's tokenizer with a pad token and a chat template (its own, or Tülu's if asked)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
+    except (OSError, ValueError) as error:  # files that do not parse, a tokenizer class transformers does not know
+        raise SystemExit(f"{model_name_or_path}: its tokenizer cannot be loaded "
+                         f"({(str(error).strip().splitlines() or [''])[0]})") from None
     if chat_template_name == "tulu":
         tokenizer.chat_template = TULU_CHAT_TEMPLATE
     elif chat_template_name is not None:
-        raise ValueError(f"unknown --chat_template_name {chat_template_name!r} (known: tulu)")
+        raise SystemExit(f"unknown --chat_template_name {chat_template_name!r} (known: tulu)")
     if tokenizer.chat_template is None:
-        raise ValueError(f"{model_name_or_path} has no chat template: pass --chat_template_name tulu")
+        raise SystemExit(f"{model_name_or_path} has no chat template: pass --chat_template_name tulu")
     if not tokenizer.is_fast:
-        raise ValueError(f"{model_name_or_path}: a fast tokenizer is needed (token offsets locate the assistant turns)")
+        raise SystemExit(f"{model_name_or_path}: a fast tokenizer is needed (token offsets locate the assistant "
+                         "turns): add its tokenizer.json")
     if tokenizer.eos_token is None:
-        raise ValueError(f"{model_name_or_path}: the tokenizer has no EOS token")
+        raise SystemExit(f"{model_name_or_path}: the tokenizer has no EOS token: set eos_token in "
+                         "tokenizer_config.json")
     if tokenizer.pad_token is None:  # padding is masked out of attention and labels, so any id will do
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -507,7 +674,7 @@ def load_benchmark(name: str, path: str | None = None) -> list[dict]:
     directory `path`, then in .cache/benchmarks (made by data/fetch_offline.py); else from the hub.
     BenchmarkUnavailable says what would serve it when none of them has it."""
     if name not in BENCHMARK_FIELDS:
-        raise ValueError(f"unknown benchmark {name!r} (known: {', '.join(BENCHMARK_FIELDS)})")
+        raise DataError(f"unknown benchmark {name!r} (known: {', '.join(BENCHMARK_FIELDS)})")
     if path is not None and not os.path.isdir(path):
         if not os.path.exists(path):
             raise FileNotFoundError(f"benchmark {name}: {path} not found")
@@ -619,57 +786,3 @@ def _iter_rows(dataset, batch_size: int = 4096):
     for batch in dataset.select_columns(columns).iter(batch_size=batch_size):
         for i in range(len(batch[columns[0]])):
             yield {c: batch[c][i] for c in columns}
-
-
-# ---------------------------------------------------------------------------------------------
-# RLVR records
-# RLVR trains on prompts whose answers a verifier can check (Tülu 3's RLVR-GSM-MATH-IF-Mixed-Constraints):
-#   {"messages": [prompt turns], "ground_truth": str, "dataset": "gsm8k" | "MATH" | "ifeval"}
-# ground_truth is the answer (GSM8K, MATH) or the IFEval constraints as JSON. A final assistant turn in
-# messages, if present, is a reference answer and is left out of the prompt.
-
-RLVR_DATASETS = ("gsm8k", "math", "ifeval")
-
-
-def rlvr_prompt_messages(row: dict, where: str) -> list[dict]:
-    """The prompt turns of an RLVR record (validated); InvalidRecord names dataset, row and field."""
-    messages = row.get("messages")
-    if isinstance(messages, list) and messages and isinstance(messages[-1], dict) \
-            and messages[-1].get("role") == "assistant":
-        messages = messages[:-1]
-    if not isinstance(messages, list) or not messages:
-        raise InvalidRecord(f"{where}, field messages: expected a non-empty list of prompt turns, got {messages!r}")
-    return validate_messages(messages, where, needs_assistant=False)  # the response is about to be sampled
-
-
-def validate_rlvr_record(row: dict, where: str) -> dict:
-    """The record, checked down to what its verifier needs, so that no reward raises mid-run."""
-    messages = rlvr_prompt_messages(row, where)
-    dataset = row.get("dataset")
-    if not isinstance(dataset, str) or dataset.lower() not in RLVR_DATASETS:
-        raise InvalidRecord(f"{where}, field dataset: {dataset!r} has no verifier (expected one of "
-                            f"{RLVR_DATASETS}, any case)")
-    ground_truth = row.get("ground_truth")
-    if not isinstance(ground_truth, str) or not ground_truth.strip():
-        raise InvalidRecord(f"{where}, field ground_truth: expected a non-empty string, got {ground_truth!r:.100}")
-    try:
-        verifiers.check_ground_truth(ground_truth, dataset)
-    except ValueError as error:
-        raise InvalidRecord(f"{where}, field ground_truth: {error}") from None
-    return {"messages": messages, "ground_truth": ground_truth, "dataset": dataset}
-
-
-def tokenize_rlvr_dataset(dataset, tokenizer, max_prompt_token_length: int, num_proc: int = 1):
-    """Prompt token ids (rendered up to the assistant header) with ground_truth and lower-cased dataset.
-
-    Prompts longer than max_prompt_token_length are dropped and counted, not truncated: a cut prompt
-    would lose the question the verifier checks. Returns (dataset, number dropped).
-    """
-    tokenized = dataset.map(
-        lambda row: {"input_ids": tokenize_prompt(tokenizer, rlvr_prompt_messages(row, f"dataset {row.get('source')}")),
-                     "ground_truth": row["ground_truth"], "dataset": row["dataset"].lower()},
-        remove_columns=[c for c in dataset.column_names if c not in ("source", "ground_truth", "dataset")],
-        num_proc=num_proc if num_proc > 1 else None, desc="tokenizing prompts")
-    kept = tokenized.filter(lambda row: len(row["input_ids"]) <= max_prompt_token_length,
-                            num_proc=num_proc if num_proc > 1 else None, desc="dropping long prompts")
-    return kept, len(tokenized) - len(kept)

@@ -7,16 +7,16 @@
         --dataset_mixer_list allenai/llama-3.1-tulu-3-8b-preference-mixture 1.0 --chat_template_name tulu \
         --per_device_train_batch_size 1 --gradient_accumulation_steps 16 --output_dir output/dpo-8b
 
-sft.py's story, on infra.py's machinery; `diff sft.py dpo.py` shows what DPO adds: preference pairs (one
-forward scores a micro-batch's chosen and rejected sequences); dpo_loss (dpo, dpo_norm as in Tülu 3,
-simpo, ipo) averaged over the optimizer batch's pairs, whatever its split into micro-batches and
-ranks; reference log-probs scored once by the initial model before training, with the same sharding,
-and cached on disk under a hash of model files, tokenized data, precision and log-prob kind (sums for
-dpo, per-token means for the others); a restart reads them back; no reference model in memory while
-training (`--reference live` keeps a frozen one instead);
-reward and log-prob metrics (chosen log-probs often fall while the margin grows: DPO moves margins).
+sft.py's story, on modeling.py's log-probs and infra.py's machinery; `diff sft.py dpo.py` shows what DPO
+adds: preference pairs (one forward scores a micro-batch's chosen and rejected sequences); dpo_loss (dpo,
+dpo_norm as in Tülu 3, simpo, ipo) averaged over the optimizer batch's pairs, whatever its split into
+micro-batches and ranks; reference log-probs scored once by the initial model before training, with the
+same sharding, and cached on disk under a hash of model files, tokenized data, precision and log-prob kind
+(sums for dpo, per-token means for the others); a restart reads them back; no reference model in memory
+while training (`--reference live` keeps a frozen one instead); reward and log-prob metrics (chosen
+log-probs often fall while the margin grows: DPO moves margins).
 
-Simplified relative to open-instruct: no LoRA, no DeepSpeed, no logging services; the last partial
+Simplified relative to open-instruct: no LoRA, no DeepSpeed; the last partial
 optimizer batch of an epoch is dropped.
 """
 import argparse
@@ -31,16 +31,16 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 from safetensors.torch import load_file, save_file
-from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 import data_mix
 import infra
+import modeling
 
 # Flags that may change when a run is resumed; every other flag must match the run in --output_dir. The two
 # batch flags may change, on any number of ranks, as long as the sequences per optimizer step stay the same.
 RESUMABLE_FLAGS = {"resume", "checkpointing_steps", "preprocessing_num_workers", "per_device_train_batch_size",
-                   "gradient_accumulation_steps"}
+                   "gradient_accumulation_steps", "report_to"}
 LOSS_TYPES = ("dpo", "dpo_norm", "simpo", "ipo")
 
 
@@ -48,7 +48,7 @@ LOSS_TYPES = ("dpo", "dpo_norm", "simpo", "ipo")
 # Arguments
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = data_mix.StageParser(__doc__)
     parser.add_argument("--model_name_or_path", required=True, help="Hugging Face model directory or hub name")
     data_mix.add_data_args(parser, max_seq_length=2048)
     parser.add_argument("--output_dir", required=True)
@@ -56,7 +56,9 @@ def parse_args(argv=None):
                         help="preference pairs per micro-batch (one forward scores each pair's chosen and rejected)")
     parser.add_argument("--gradient_accumulation_steps", type=data_mix.POSITIVE_INT, default=16)
     parser.add_argument("--learning_rate", type=data_mix.NON_NEGATIVE, default=5e-7)
-    parser.add_argument("--lr_scheduler_type", default="linear", choices=["linear", "constant"])
+    parser.add_argument("--lr_scheduler_type", default="linear", choices=infra.LR_SCHEDULES,
+                        help="as transformers' get_scheduler: warmup (--warmup_ratio) from 0, then decay to 0; "
+                             "constant: no warmup")
     parser.add_argument("--warmup_ratio", type=data_mix.FRACTION, default=0.1)
     parser.add_argument("--weight_decay", type=data_mix.NON_NEGATIVE, default=0.0)
     parser.add_argument("--max_grad_norm", type=data_mix.bounded(float), default=1.0,
@@ -81,12 +83,16 @@ def parse_args(argv=None):
     parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
                         help="compute dtype; auto = bf16 on GPU, fp32 on CPU (master weights stay fp32)")
     parser.add_argument("--attn_implementation", default=None,
-                        help=f"e.g. sdpa, eager, or {infra.PACKED_ATTENTION}: packed rows attend within each example "
-                             "without a [T, T] mask; default: the model's own choice (sdpa where it supports it)")
+                        help=f"e.g. sdpa, eager, or {modeling.PACKED_ATTENTION} (packed rows attend within each "
+                             "example without a [T, T] mask); default: that one with --packing where it computes "
+                             "exactly what the model's own does, else the model's own (sdpa where it supports it)")
     parser.add_argument("--max_tokens_per_micro_batch", type=data_mix.POSITIVE_INT, default=None, metavar="N",
                         help="pack each rank's share of the optimizer batch into rows of at most N tokens, first-fit "
-                             "decreasing (a longer example: a row of its own); replaces --per_device_train_batch_size as "
-                             "the micro-batch (it still sets the optimizer batch); same gradient")
+                             "decreasing (a longer example: a row of its own); replaces --per_device_train_batch_size "
+                             "as the micro-batch (it still sets the optimizer batch); same gradient")
+    parser.add_argument("--report_to", default="none", choices=["none", "tensorboard", "wandb"],
+                        help="each step's metrics also to TensorBoard (OUTPUT_DIR/runs) or Weights & Biases (their "
+                             "packages are optional); metrics.jsonl gets them always")
     parser.add_argument("--checkpointing_steps", type=data_mix.POSITIVE_INT, default=500,
                         help="write a resumable checkpoint every N steps")
     parser.add_argument("--resume", action="store_true",
@@ -102,32 +108,6 @@ def parse_args(argv=None):
 
 # ---------------------------------------------------------------------------------------------
 # Loss
-
-def chunked_label_logprobs(hidden, head, labels, chunk_tokens: int = 4096):
-    """log p(labels[:, t+1] | tokens <= t), shape [B, T-1], fp32, 0 where the label is -100.
-
-    `head` maps decoder states [n, H] to the model's logits [n, V]. Only the trained positions go through
-    it, a chunk of tokens at a time under activation checkpointing, so the [tokens, vocab] logits never
-    exist in full, in forward or in backward (backward recomputes one chunk's logits at a time).
-    log p = logit[label] - logsumexp, in fp32.
-    """
-    batch, length, width = hidden.shape
-    targets = labels[:, 1:].reshape(-1)                      # [N] next-token labels
-    trained = (targets != data_mix.IGNORE_INDEX).nonzero().squeeze(-1)
-    states = hidden[:, :-1].reshape(-1, width)[trained]      # [n, H] only the positions that carry loss
-    pieces = [checkpoint(target_logprobs, states[i:i + chunk_tokens], head, targets[trained[i:i + chunk_tokens]],
-                         use_reentrant=False) for i in range(0, len(trained), chunk_tokens)]
-    logprobs = torch.zeros(batch, length - 1, dtype=torch.float32, device=hidden.device)
-    if pieces:  # scatter back to [B, T-1] (a new tensor, not a view: FSDP hooks the forward's output)
-        logprobs = logprobs.index_put((trained // (length - 1), trained % (length - 1)), torch.cat(pieces))
-    return logprobs
-
-
-def target_logprobs(states, head, targets):
-    """log p(targets[i] | states[i]) [n] for one chunk of decoder states [n, H] and their next tokens [n]."""
-    logits = head(states).float()                            # [n, V] fp32 for the softmax
-    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
-
 
 def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *, loss_type: str, beta: float,
              label_smoothing: float = 0.0, gamma_beta_ratio: float = 0.3):
@@ -158,7 +138,7 @@ def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
 
 def sequence_logps(label_logprobs, labels, position_ids):
     """Summed label log-probs [N] (fp32) and scored-token counts [N] of the N sequences in a batch, from
-    label_logprobs [R, T-1] (CausalLMLogProbs) and labels, position_ids [R, T]: a row holds one padded
+    label_logprobs [R, T-1] (modeling.CausalLMLogProbs) and labels, position_ids [R, T]: a row holds one padded
     sequence or several packed ones (position_ids restart at 0)."""
     starts = position_ids == 0                                           # [R, T] first token of a sequence
     sequence_index = (starts.flatten().cumsum(0) - 1).view(starts.shape)[:, 1:].flatten()  # [R*(T-1)]
@@ -168,53 +148,6 @@ def sequence_logps(label_logprobs, labels, position_ids):
                                                                            label_logprobs.flatten() * scored)
     counts = torch.zeros_like(sums).index_add(0, sequence_index, scored.float())
     return sums, counts
-
-
-class GivenStates:
-    """A base model's output that holds only the decoder states; any other field (router logits, image
-    features, ...) reads as None."""
-
-    def __init__(self, states):
-        self.last_hidden_state = states
-
-    def __getattr__(self, name):
-        return None
-
-    def __getitem__(self, index):
-        return (self.last_hidden_state,)[index]
-
-
-class CausalLMLogProbs(torch.nn.Module):
-    """The model as FSDP sees it: token ids in, the log-prob of each label out.
-
-    Wrapping the Hugging Face model puts its base model (the decoder) and the chunked head in one forward,
-    so FSDP gathers the output-embedding weight for the loss like any other parameter.
-    """
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, labels, position_ids=None, attention_mask=None):
-        base = getattr(self.model, self.model.base_model_prefix)  # what the model's own forward calls first
-        hidden = base(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
-                      use_cache=False).last_hidden_state
-        return chunked_label_logprobs(hidden, self.head_logits, labels)
-
-    def head_logits(self, states):
-        """The model's own logits for decoder states [n, H] -> [n, V], so whatever the architecture does after
-        the output projection (Gemma 2's soft-cap, Granite's and Cohere's logit scaling, ...) applies."""
-        return self.after_base(GivenStates(states[None]), logits_to_keep=0).logits[0]
-
-    def after_base(self, base_output, **kwargs):
-        """The model's own forward from its base model's output on: the base model stands in by returning
-        `base_output`, so no architecture's head or loss needs a case of its own here."""
-        base = getattr(self.model, self.model.base_model_prefix)
-        base.forward = lambda *args, **ignored: base_output
-        try:
-            return self.model(input_ids=None, **kwargs)
-        finally:
-            del base.forward  # back to the class's forward
 
 
 def concatenated_logps(model, batch, mean: bool):
@@ -268,7 +201,8 @@ def preference_messages(row: dict, where: str) -> tuple[list[dict], list[dict]]:
     chosen = preference_side(row, "chosen", where)
     rejected = preference_side(row, "rejected", where)
     if chosen[:-1] != rejected[:-1]:  # DPO compares two answers to one prompt
-        turn = next((i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b), min(len(chosen), len(rejected)) - 1)
+        turn = next((i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b),
+                    min(len(chosen), len(rejected)) - 1)
         raise data_mix.InvalidRecord(f"{where}, field rejected: its prompt turns differ from chosen's at turn {turn}")
     if chosen == rejected:  # no preference to learn: the DPO margin is 0 whatever the model does
         raise data_mix.InvalidRecord(f"{where}, field rejected: identical to chosen")
@@ -339,9 +273,9 @@ def micro_batches(examples, order: list[int], args, rank: int, world_size: int, 
     pair alone, the cheapest micro-batch for a rank that must run one that trains nothing)."""
     length = lambda i: len(examples[i]["chosen_input_ids"]) + len(examples[i]["rejected_input_ids"])  # noqa: E731
     mine = order[rank::world_size]
-    for pairs in [[min(mine, key=length)]] if stand_in else data_mix.micro_batch_indices(
+    for indices in [[min(mine, key=length)]] if stand_in else data_mix.micro_batch_indices(
             mine, args.per_device_train_batch_size, args.max_tokens_per_micro_batch, length):
-        yield collate_preference_pairs(examples, pairs, pad_token_id, args.packing)
+        yield collate_preference_pairs(examples, indices, pad_token_id, args.packing)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -394,55 +328,53 @@ def cached_reference_logps(model, examples, args, rank: int, world_size: int, de
 # ---------------------------------------------------------------------------------------------
 # Training
 
-def accumulate_gradients(model, reference, examples, batch: list[int], args, rank: int, world_size: int, device,
+def accumulate_gradients(model, reference, examples, batch_indices: list[int], args, rank: int, world_size: int, device,
                          pad_token_id: int):
     """Forward and backward over this rank's micro-batches of one optimizer batch. `reference`: a frozen model,
     the cached (chosen, rejected) tables, or None (simpo). Returns sums over all ranks' pairs of (loss, rewards
     chosen, rejected, correct orderings, logps chosen, rejected) [6], and input tokens over all ranks."""
     mean = args.dpo_loss_type != "dpo"  # dpo_norm, simpo and ipo compare mean per-token log-probs
+    micros = [{k: v.to(device) for k, v in micro.items()}  # input_ids, labels, position_ids: [R, T] (R rows)
+              for micro in micro_batches(examples, batch_indices, args, rank, world_size, pad_token_id)]
     totals = torch.zeros(6, device=device)
     input_tokens = torch.zeros((), device=device)
-    micros = list(micro_batches(examples, batch, args, rank, world_size, pad_token_id))
     # FSDP's collectives pair up across ranks, so every rank runs as many micro-batches as the busiest one
     # (token budgets pack ranks unevenly): a rank with fewer adds stand-ins with weight 0.
     most = torch.tensor(len(micros), device=device)
     dist.all_reduce(most, op=dist.ReduceOp.MAX)
-    stand_ins = list(micro_batches(examples, batch, args, rank, world_size, pad_token_id, stand_in=True))
+    stand_ins = [{k: v.to(device) for k, v in micro.items()} for micro in micro_batches(
+        examples, batch_indices, args, rank, world_size, pad_token_id, stand_in=True)]
     for number, micro in enumerate(micros + stand_ins * (int(most) - len(micros))):
         weight = float(number < len(micros))
-        micro = {k: v.to(device) for k, v in micro.items()}
-        chosen_logps, rejected_logps = concatenated_logps(model, micro, mean)
+        chosen_logps, rejected_logps = concatenated_logps(model, micro, mean)  # [B] each, B pairs
         ref_chosen_logps, ref_rejected_logps = None, None  # simpo
         if isinstance(reference, torch.nn.Module):
             with torch.no_grad():
                 ref_chosen_logps, ref_rejected_logps = concatenated_logps(reference, micro, mean)
         elif reference is not None:
-            ref_chosen_logps, ref_rejected_logps = (table[micro["index"]] for table in reference)
-        losses, chosen_rewards, rejected_rewards = dpo_loss(
+            ref_chosen_logps, ref_rejected_logps = (table[micro["index"]] for table in reference)  # [N] -> [B]
+        losses, chosen_rewards, rejected_rewards = dpo_loss(  # [B] each
             chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, loss_type=args.dpo_loss_type,
             beta=args.dpo_beta, label_smoothing=args.dpo_label_smoothing, gamma_beta_ratio=args.dpo_gamma_beta_ratio)
         # The mean over the optimizer batch's pairs: a divisor known before any forward.
         # FSDP averages gradients over ranks; multiplying by world_size turns that average into a sum.
-        loss = losses.sum() / len(batch) * world_size * weight
-        loss.backward()
+        loss = losses.sum() / len(batch_indices) * world_size * weight
         totals += weight * torch.stack([losses.sum(), chosen_rewards.sum(), rejected_rewards.sum(),
                                         (chosen_rewards > rejected_rewards).sum(), chosen_logps.sum(),
                                         rejected_logps.sum()]).detach()
+        loss.backward()
         input_tokens += weight * (micro["attention_mask"].sum() if "attention_mask" in micro
                                   else micro["input_ids"].numel())
-    dist.all_reduce(totals)
-    dist.all_reduce(input_tokens)
+    for total in (totals, input_tokens):
+        dist.all_reduce(total)
     return totals, input_tokens
 
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, world_size, device = infra.init_distributed()
-    try:
+    with infra.process_group() as (rank, world_size, device):
         with infra.claimed_output_dir(args, rank, RESUMABLE_FLAGS):
             train(args, rank, world_size, device)
-    finally:
-        dist.destroy_process_group()
 
 
 def train(args, rank: int, world_size: int, device) -> None:
@@ -463,43 +395,47 @@ def train(args, rank: int, world_size: int, device) -> None:
     if rank == 0:
         data_mix.save_json(os.path.join(args.output_dir, "mixture.json"), data_report)
 
-    infra.register_packed_attention()  # --attn_implementation packed_varlen
-    model = infra.load_model(args.model_name_or_path, args, device, rank, CausalLMLogProbs)
-    first_pair = examples[torch.randperm(len(examples), generator=torch.Generator().manual_seed(args.seed))[0].item()]
-    first_ids = torch.tensor([first_pair["chosen_input_ids"][:64]], device=device)
+    args.attn_implementation = modeling.choose_attention(args.model_name_or_path, args.attn_implementation,
+                                                         args.packing, args.max_seq_length, rank)
+    model = infra.load_model(args.model_name_or_path, args, device, rank, modeling.CausalLMLogProbs)
+    first = torch.randperm(len(examples), generator=torch.Generator().manual_seed(args.seed))[0].item()
+    first_example = examples[first]
+    first_ids = torch.tensor([first_example["chosen_input_ids"][:64]], device=device)
     infra.check_loaded_model(model, args.model_name_or_path, first_ids,
                              lambda ids, positions: model(input_ids=ids, labels=ids, position_ids=positions),
                              infra.resolve_dtype(args.dtype, device), rank)
     # The reference is the initial model: scored before any update (and before a resume loads trained weights).
     reference = None  # simpo has none
     if args.dpo_loss_type != "simpo" and args.reference == "live":
-        reference = infra.load_model(args.model_name_or_path, args, device, rank, CausalLMLogProbs
+        reference = infra.load_model(args.model_name_or_path, args, device, rank, modeling.CausalLMLogProbs
                                      ).eval().requires_grad_(False)
     elif args.dpo_loss_type != "simpo":
         reference = cached_reference_logps(model, examples, args, rank, world_size, device, tokenizer.pad_token_id,
                                            run_facts)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay,
                                   fused=device.type == "cuda")
-    scheduler = infra.make_scheduler(optimizer, args.lr_scheduler_type, math.ceil(args.warmup_ratio * total_steps),
+    scheduler = infra.make_scheduler(optimizer, args.lr_scheduler_type, int(args.warmup_ratio * total_steps),
                                      total_steps)
     metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
     start_step = infra.load_checkpoint(model, optimizer, scheduler, checkpoint) if checkpoint else 0
     if rank == 0:  # forget what the checkpoint does not cover: later steps' metrics, incomplete checkpoints
         infra.truncate_metrics(metrics_path, start_step)
         infra.remove_checkpoints(args.output_dir, keep=checkpoint and checkpoint[0])
+    report = infra.MetricsReport(args.report_to if rank == 0 else "none", args.output_dir, start_step, vars(args))
 
     model.train()
     progress = tqdm(total=total_steps, initial=start_step, desc="dpo", disable=rank != 0)
     for step in range(start_step, total_steps):
-        torch.manual_seed(args.seed + 7919 * step + rank)  # the global RNG (dropout) is a function of the step
+        # the global RNG (dropout) is a function of the step
+        torch.manual_seed(args.seed + infra.STEP_SEED_STRIDE * step + rank)
         epoch, index = divmod(step, steps_per_epoch)
         # The data order is a function of (seed, epoch): a resumed run sees the same batches.
         order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(args.seed + epoch)).tolist()
-        batch = order[index * batch_size:(index + 1) * batch_size]
+        batch_indices = order[index * batch_size:(index + 1) * batch_size]
         started = time.perf_counter()
 
         totals, input_tokens = accumulate_gradients(
-            model, reference, examples, batch, args, rank, world_size, device, tokenizer.pad_token_id)
+            model, reference, examples, batch_indices, args, rank, world_size, device, tokenizer.pad_token_id)
 
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm if args.max_grad_norm > 0
                                                    else float("inf"))
@@ -521,13 +457,15 @@ def train(args, rank: int, world_size: int, device) -> None:
                    "input_tokens": int(input_tokens.item()), "tokens_per_s": input_tokens.item() / elapsed}
         if rank == 0:
             infra.append_metrics(metrics_path, metrics)
+            report(metrics)
             progress.set_postfix(loss=f"{mean_loss:.4f}", margin=f"{chosen_reward - rejected_reward:.3f}")
             progress.update()
         if (step + 1) % args.checkpointing_steps == 0 and step + 1 < total_steps:
             infra.save_checkpoint(model, optimizer, scheduler, step + 1, args.output_dir, rank, run_facts)
     progress.close()
+    report.close()
     infra.save_hf_model(model, tokenizer, args.model_name_or_path, args.output_dir, rank)
 
 
 if __name__ == "__main__":
-    main()
+    infra.run(main)

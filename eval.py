@@ -57,7 +57,7 @@ import verifiers
 # Arguments
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = data_mix.StageParser(__doc__)
     parser.add_argument("--model_name_or_path", nargs="+", required=True, help="one or more models to compare")
     parser.add_argument("--tasks", default="gsm8k,math500,ifeval,humaneval,mmlu",
                         help=f"comma list of {ALL_TASKS}, or a suite: {SUITES}")
@@ -102,9 +102,6 @@ def parse_args(argv=None):
     unknown = [t for t in args.tasks if t not in ALL_TASKS]
     if unknown:
         parser.error(f"unknown task(s) {unknown}; known: {', '.join(ALL_TASKS)} and the suites {', '.join(SUITES)}")
-    for path in args.model_name_or_path:
-        if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")):
-            parser.error(f"--model_name_or_path {path}: not a model directory (it has no config.json)")
     for task in args.tasks:
         try:
             task_settings(task, args)
@@ -561,6 +558,8 @@ def load_task_data(args) -> tuple[dict, list[str]]:
             exemplars_too = " (its exemplars: 3 rows of the train split)" if "drop_train" in str(error) else ""
             missing.append(f"{task}{exemplars_too}: {error}")
             continue
+        except (data_mix.InvalidRecord, data_mix.DataError, FileNotFoundError) as error:  # a --benchmark_dir file
+            raise SystemExit(f"{task}: {error}") from None
         data[task] = (examples[: args.limit] if args.limit else examples, train)
     return data, missing
 
@@ -752,19 +751,22 @@ def evaluate(args, rank: int, world_size: int, device) -> dict:
 
 def main(argv=None):
     args = parse_args(argv)
+    for path in args.model_name_or_path:  # before the process group, the sandbox check and any data
+        infra.check_model_path(path)
     missing = sandbox.missing_isolation() if set(CODE_TASKS) & set(args.tasks) else []
     if missing and not args.allow_unsandboxed_code:  # before any model loads: say it now, not hours in
         raise SystemExit(f"humaneval runs model-written code, but the sandbox cannot isolate it here (missing: "
                          f"{', '.join(missing)}; namespaces need root or user namespaces). Pass "
                          f"--allow_unsandboxed_code to run it anyway, at your own risk.")
-    rank, world_size, device = infra.init_distributed()
-    try:
+    with infra.process_group() as (rank, world_size, device):
         if rank == 0:
-            os.makedirs(args.output_dir, exist_ok=True)
+            try:
+                os.makedirs(args.output_dir, exist_ok=True)
+            except OSError as error:  # a file of that name, no permission, a read-only disk
+                raise SystemExit(f"--output_dir {args.output_dir}: cannot write there ({error.strerror}: "
+                                 f"{error.filename}); choose another") from None
         return evaluate(args, rank, world_size, device)
-    finally:
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main()
+    infra.run(main)

@@ -1,31 +1,34 @@
-"""The machinery the scripts share around their methods: sft.py and dpo.py use all but the sampling
-helpers, rlvr.py all but packed attention, eval.py the distributed setup and the sampling helpers. A stage
-is copied with infra.py, data_mix.py and verifiers.py (data_mix imports it). A reader learning the recipe
-can skip all but the last two sections, which change what the model computes.
+"""The machinery the scripts share to run a model: sft.py and dpo.py use all but the sampling helpers, rlvr.py
+all of it, eval.py the distributed setup and the sampling helpers. What changes what the model computes in
+training (the log-prob wrapper, packed attention) is modeling.py's. A stage is copied with infra.py,
+modeling.py and data_mix.py (rlvr.py also with verifiers.py). A reader learning the recipe can skip all
+but the last section, the sampling helpers, which decide what rollouts and generations draw.
 
-The file's sections, top to bottom: distributed setup (torchrun or plain python, NCCL on GPU, gloo on CPU);
+The file's sections, top to bottom: distributed setup (torchrun or plain python, NCCL on GPU, gloo on CPU) and the
+stages' entry point, which prints a user's mistake as one line, once across ranks;
 model loading (built on the meta device, sharded with FSDP2 per decoder layer, each rank reading only its
 own shard of the safetensors files) and the guard that checks the loaded model against plain
 from_pretrained before the first update; the Hugging Face save; the output directory, the data and model
-fingerprints a resume checks, checkpoints, metrics and the learning-rate schedule, which make an
-interrupted run resume onto the same loss curve; the attention for packed rows; the sampling helpers
+fingerprints a resume checks, checkpoints, metrics (metrics.jsonl; TensorBoard or W&B when asked) and the
+learning-rate schedule, which make an interrupted run resume onto the same loss curve; the sampling helpers
 (left-padded prompts, the KV cache's keyword, top-p draws).
 """
 import contextlib
 import ctypes
 import datetime
 import fcntl
-import functools
 import hashlib
 import inspect
 import itertools
 import json
+import math
 import os
 import re
 import shutil
 import signal
 import socket
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
@@ -59,22 +62,98 @@ def init_distributed():
     return dist.get_rank(), dist.get_world_size(), device
 
 
+@contextlib.contextmanager
+def process_group():
+    """init_distributed() for a stage's main(), and the group's end however the stage ends. A user's mistake
+    (SystemExit with a message) is reported here, before the group ends, once across ranks (report_user_error); a rank
+    whose collective then fails because that rank left stops quietly with status 1: its error is the consequence."""
+    rank, world_size, device = init_distributed()
+    try:
+        yield rank, world_size, device
+    except SystemExit as stop:
+        if isinstance(stop.code, str):
+            report_user_error(stop)
+        raise
+    except Exception:
+        if world_size > 1 and user_errors_reported() > 0:
+            time.sleep(3)  # the reporting rank exits first, so torchrun's summary names it as the root cause
+            raise SystemExit(1) from None
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def run(main) -> None:
+    """A stage's command line: main(), where a user's mistake, raised as SystemExit("what, where, what to do"), ends
+    the process with that one line on stderr and exit status 1, said once however many ranks stop for it; anything
+    else is a bug and keeps its traceback."""
+    try:
+        main()
+    except SystemExit as stop:
+        if not isinstance(stop.code, str):  # --help, or an exit status: as it is
+            raise
+        report_user_error(stop)
+        sys.exit(1)
+
+
+def report_user_error(stop: SystemExit) -> None:
+    """Print a user's mistake to stderr if no rank has yet (an error before the process group: every rank parsed the
+    same flags; after: a rank that alone found a fault, a file missing on its node, says it)."""
+    if not getattr(stop, "reported", False) and user_errors_reported(add=1) == 1:
+        print(stop.code, file=sys.stderr, flush=True)
+    stop.reported = True
+
+
+def user_errors_reported(add: int = 0) -> int:
+    """How many ranks have reported a user error, after adding `add`. Under torchrun the count is kept in the
+    launcher's key-value store, which outlives every rank's process group. Elsewhere rank 0 speaks for all."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return add if os.environ.get("RANK", "0") == "0" else 0
+    try:
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                              timeout=datetime.timedelta(seconds=30))
+        return store.add(f"user_errors_reported/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", add)
+    except (RuntimeError, OSError):  # the launcher is gone: rank 0 speaks for all
+        return add if os.environ.get("RANK", "0") == "0" else 0
+
+
 # ---------------------------------------------------------------------------------------------
 # Model loading and the load guard
 
-def check_model_path(path: str) -> None:
-    """Stop early on a path that is neither a model directory nor an org/name hub id."""
+# one of these is in every tokenizer transformers loads: fast, SentencePiece, BPE, WordPiece, tiktoken
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt", "tiktoken.model")
+
+
+def check_model_path(path: str, flag: str = "--model_name_or_path", tokenizer: bool = True) -> None:
+    """Stop early on a path that is neither a model directory (config.json and, with `tokenizer`, a tokenizer's
+    files) nor an org/name hub id."""
     looks_local = os.path.isabs(path) or path.startswith(".") or path.count("/") != 1
     if not os.path.isdir(path) and looks_local:
-        raise SystemExit(f"--model_name_or_path {path}: no such directory (and not an org/name hub id)")
+        raise SystemExit(f"{flag} {path}: no such directory (and not an org/name hub id)")
+    if not os.path.isdir(path):
+        try:  # (downloads the hub model's config.json, as loading it would)
+            cached_file(path, "config.json")
+        except OSError as error:
+            raise SystemExit(f"{flag} {path}: no such directory, and no hub model of that name could be had "
+                             f"({str(error).strip().splitlines()[0]})") from None
     if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")):
-        raise SystemExit(f"--model_name_or_path {path}: not a model directory (it has no config.json)")
+        raise SystemExit(f"{flag} {path}: not a model directory (it has no config.json)")
+    if os.path.isdir(path):
+        try:
+            with open(os.path.join(path, "config.json"), "rb") as f:
+                json.load(f)
+        except ValueError as error:
+            raise SystemExit(f"{flag} {path}: its config.json is not JSON ({error})") from None
+    if os.path.isdir(path) and tokenizer and not any(os.path.exists(os.path.join(path, name))
+                                                      for name in TOKENIZER_FILES):
+        raise SystemExit(f"{flag} {path}: no tokenizer files (none of {', '.join(TOKENIZER_FILES)}); copy in the "
+                         "tokenizer of the model these weights come from")
 
 
 def load_model(path: str, args, device, rank: int, wrapper):
     """wrapper(the model), sharded with FSDP2: each decoder layer is its own unit (gathered just before use,
     freed after), the root unit holds the embeddings, final norm and head. The wrapper is the stage's module
-    around the Hugging Face model (sft and dpo: CausalLMLogProbs; rlvr: HFModel, or ValueModel with its head).
+    around the Hugging Face model (sft and dpo: modeling.CausalLMLogProbs; rlvr: HFModel, or ValueModel with its head).
 
     Built empty on the meta device; then each rank reads just the slices of its own shards from the model's
     safetensors files (DCP), cast to fp32, so no rank holds a full copy. Where the files do not hold exactly
@@ -84,7 +163,10 @@ def load_model(path: str, args, device, rank: int, wrapper):
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(path)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as error:  # not JSON, a model type this transformers does not know, ...
+        raise SystemExit(f"{path}: its config.json cannot be read ({str(error).strip().splitlines()[0]})") from None
     config.use_cache = False
     quantization = getattr(config, "quantization_config", None)
     if quantization:  # from_pretrained would build quantized modules that this full-precision training never sees
@@ -355,6 +437,10 @@ def final_model_saved(output_dir: str, rank: int) -> bool:
 # which the same command (with --resume) continues at the newest complete checkpoint, on any number of ranks.
 
 LOCK_FILE, CHECKPOINT_DONE = "run.lock", "trainer_state.json"
+# Per-step seeds, so that a resumed run draws at each step what the uninterrupted run drew there: seed +
+# STEP_SEED_STRIDE * step + rank, a stride above any rank count, gives every (step, rank) its own seed (dropout,
+# rlvr's mini-batch order). rlvr's sampler strides by another prime, so its draws are not the dropout stream's.
+STEP_SEED_STRIDE, SAMPLING_SEED_STRIDE = 7919, 104729
 
 
 @contextlib.contextmanager
@@ -371,8 +457,13 @@ def claimed_output_dir(args, rank: int, resumable_flags: set):
         raise SystemExit("--output_dir must differ from --model_name_or_path")
     verdict, lock = [""], None
     if rank == 0:
-        os.makedirs(args.output_dir, exist_ok=True)
-        lock = open(os.path.join(args.output_dir, LOCK_FILE), "a+")
+        try:
+            os.makedirs(args.output_dir, exist_ok=True)
+            lock = open(os.path.join(args.output_dir, LOCK_FILE), "a+")
+        except OSError as error:  # a file of that name, no permission, a read-only disk: every rank stops with it
+            verdict = [f"--output_dir {args.output_dir}: cannot write there ({error.strerror}: {error.filename}); "
+                       "choose another"]
+    if lock is not None:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             lock.truncate(0)
@@ -722,6 +813,45 @@ def append_metrics(path: str, metrics: dict) -> None:
         f.write(json.dumps(metrics) + "\n")
 
 
+class MetricsReport:
+    """Each step's metrics also to TensorBoard or Weights & Biases (--report_to; metrics.jsonl gets them always).
+    Both are optional dependencies, imported only when asked. TensorBoard writes OUTPUT_DIR/runs, and a resumed
+    run hides the steps after its checkpoint there as metrics.jsonl forgets them; a resumed run is a new W&B run
+    (project WANDB_PROJECT, or wandb's default) that continues the step count."""
+
+    def __init__(self, report_to: str, output_dir: str, start_step: int, run_config: dict):
+        self.writer = self.run = None
+        if report_to == "tensorboard":
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise SystemExit("--report_to tensorboard: the tensorboard package is not installed "
+                                 "(pip install tensorboard), or pass --report_to none") from None
+            self.writer = SummaryWriter(os.path.join(output_dir, "runs"), purge_step=start_step + 1)
+        elif report_to == "wandb":
+            try:
+                import wandb
+            except ImportError:
+                raise SystemExit("--report_to wandb: the wandb package is not installed (pip install wandb), "
+                                 "or pass --report_to none") from None
+            self.run = wandb.init(name=os.path.basename(os.path.abspath(output_dir)), config=run_config)
+
+    def __call__(self, metrics: dict) -> None:
+        scalars = {key: value for key, value in metrics.items() if key != "step"}
+        if self.writer is not None:
+            for key, value in scalars.items():
+                self.writer.add_scalar(key, value, metrics["step"])
+            self.writer.flush()  # a killed run keeps what it reported
+        if self.run is not None:
+            self.run.log(scalars, step=metrics["step"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self.run is not None:
+            self.run.finish()
+
+
 def truncate_metrics(path: str, step: int) -> None:
     """On resume, keep the steps the checkpoint covers: a killed run's later steps are repeated, and its
     last line may be half-written. Rewritten durably, so a kill here loses nothing."""
@@ -731,88 +861,26 @@ def truncate_metrics(path: str, step: int) -> None:
             write_durably(path, "".join(kept))
 
 
+LR_SCHEDULES = ("linear", "cosine", "constant_with_warmup", "constant")
+
+
 def make_scheduler(optimizer, kind: str, warmup_steps: int, total_steps: int):
-    """Linear warmup, then linear decay to 0 (or constant)."""
+    """The learning rate's factor at each step as transformers' get_scheduler gives it (open-instruct's schedule):
+    linear warmup from 0 over warmup_steps (factor step / W, so the first update's rate is 0), then linear or
+    cosine decay to 0 at total_steps, or constant; `constant` has no warmup at all (transformers ignores it). The stages
+    pass int(warmup_ratio x total_steps), rounded down as open-instruct rounds it."""
     def factor(step):
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
         if kind == "constant":
             return 1.0
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+        if step < warmup_steps:
+            return step / warmup_steps
+        if kind == "constant_with_warmup":
+            return 1.0
+        decay_steps = max(1, total_steps - warmup_steps)
+        if kind == "cosine":
+            return max(0.0, 0.5 * (1.0 + math.cos(math.pi * (step - warmup_steps) / decay_steps)))
+        return max(0.0, (total_steps - step) / decay_steps)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-# ---------------------------------------------------------------------------------------------
-# Packed attention
-# Attention inside each packed document, without a [T, T] mask: an attention implementation registered with
-# transformers (--attn_implementation packed_varlen), so the model stays Hugging Face's code. Its mask function
-# builds nothing; the attention finds the documents in position_ids (they restart at every example).
-PACKED_ATTENTION = "packed_varlen"
-
-
-def register_packed_attention() -> None:
-    from transformers import AttentionInterface, AttentionMaskInterface
-
-    AttentionInterface.register(PACKED_ATTENTION, packed_attention)
-    AttentionMaskInterface.register(PACKED_ATTENTION, packed_attention_mask)
-
-
-def packed_attention_mask(batch_size: int, q_length: int, kv_length: int, attention_mask=None, **kwargs):
-    """No mask (transformers calls this once per forward); a padded batch is refused: it would need one."""
-    if attention_mask is not None and not attention_mask.all():
-        raise ValueError(f"{PACKED_ATTENTION} attention takes packed rows, not padded ones: use --packing, "
-                         "or another --attn_implementation")
-    return None
-
-
-@functools.lru_cache(maxsize=1)  # keyed by the tensor's identity and version: every layer gets the same
-def document_bounds(position_ids, rows: int, version: int):  # position_ids, so one host sync per forward
-    """cu_seqlens [D+1] (int32) and the longest length of the D documents of position_ids [rows or 1, T]
-    flattened: a document starts where a row starts or its position does not follow the previous one."""
-    flat = position_ids.expand(rows, -1).flatten()
-    starts = torch.ones_like(flat, dtype=torch.bool)
-    starts[1:] = flat[1:] != flat[:-1] + 1
-    starts[::position_ids.shape[-1]] = True
-    bounds = torch.cat([starts.nonzero().flatten(), torch.tensor([flat.numel()], device=flat.device)])
-    return bounds.to(torch.int32), int(bounds.diff().max())
-
-
-def packed_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
-                     position_ids=None, **kwargs):
-    """Causal attention within each document of packed rows: query, key, value [B, H or Hkv, T, E] -> [B, T, H, E].
-    CUDA (bf16/fp16): one variable-length flash kernel (torch.nn.attention.varlen) over all documents;
-    elsewhere one SDPA call per document (each sees only its own keys)."""
-    batch, heads, length = query.shape[:3]
-    if position_ids is None or attention_mask is not None or key.shape[2] != length \
-            or not getattr(module, "is_causal", False):
-        raise ValueError(f"{PACKED_ATTENTION} attention takes packed causal rows (position_ids, no attention_mask): "
-                         "use --packing, or another --attn_implementation")
-    if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None or dropout:
-        raise ValueError(f"{PACKED_ATTENTION} attention has no logit soft-capping, attention sinks or dropout: "
-                         "this model needs --attn_implementation eager or flex_attention")
-    bounds, longest = document_bounds(position_ids, batch, position_ids._version)
-    if kwargs.get("sliding_window") is not None and longest > kwargs["sliding_window"]:
-        raise ValueError(f"{PACKED_ATTENTION} attention has no sliding window, and a {longest}-token document is "
-                         f"longer than this layer's window of {kwargs['sliding_window']}: use a shorter "
-                         "--max_seq_length or --attn_implementation flex_attention")
-    # [B, H, T, E] -> [B*T, H, E]: the documents end to end
-    q, k, v = (x.transpose(1, 2).reshape(batch * length, x.shape[1], x.shape[-1]) for x in (query, key, value))
-    if query.is_cuda and query.dtype in (torch.bfloat16, torch.float16):
-        from torch.nn.attention.varlen import varlen_attn
-
-        options = inspect.signature(varlen_attn).parameters
-        if "window_size" not in options:
-            raise RuntimeError(f"{PACKED_ATTENTION} attention on CUDA needs torch >= 2.10 (varlen_attn's window_size)")
-        grouped = {"enable_gqa": True} if heads != key.shape[1] and "enable_gqa" in options else {}
-        if heads != key.shape[1] and not grouped:  # torch 2.10 / 2.11: repeat each key/value head for its group
-            k, v = (x.repeat_interleave(heads // key.shape[1], dim=1) for x in (k, v))
-        out = varlen_attn(q, k, v, bounds, bounds, longest, longest, scale=scaling, window_size=(-1, 0), **grouped)
-    else:
-        spans = bounds.tolist()
-        out = torch.cat([torch.nn.functional.scaled_dot_product_attention(
-            q[s:e].transpose(0, 1), k[s:e].transpose(0, 1), v[s:e].transpose(0, 1), is_causal=True, scale=scaling,
-            enable_gqa=heads != key.shape[1]).transpose(0, 1) for s, e in zip(spans, spans[1:])])
-    return out.reshape(batch, length, heads, value.shape[-1]), None
 
 
 # ---------------------------------------------------------------------------------------------

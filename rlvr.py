@@ -54,7 +54,7 @@ import verifiers
 # Flags that may change when a run is resumed; every other flag must match the run in --output_dir. The two
 # batch flags may change, on any number of ranks, as long as the sequences per optimizer step stay the same.
 RESUMABLE_FLAGS = {"resume", "checkpointing_steps", "preprocessing_num_workers", "per_device_train_batch_size",
-                   "gradient_accumulation_steps"}
+                   "gradient_accumulation_steps", "report_to"}
 # Defaults that differ between the two algorithms (Tülu 3.1 GRPO: 2 mini-batches per rollout, a response cut at
 # the length limit scores 0; Tülu 3 8B PPO: one, and -10).
 ALGO_DEFAULTS = {"grpo": dict(learning_rate=5e-7, lr_scheduler_type="constant", beta=0.01,
@@ -69,7 +69,7 @@ ALGO_DEFAULTS = {"grpo": dict(learning_rate=5e-7, lr_scheduler_type="constant", 
 # Arguments
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = data_mix.StageParser(__doc__)
     parser.add_argument("--model_name_or_path", required=True, help="Hugging Face model directory or hub name")
     data_mix.add_data_args(parser, max_seq_length=4096)
     parser.add_argument("--output_dir", required=True)
@@ -118,7 +118,7 @@ def parse_args(argv=None):
     parser.add_argument("--per_device_train_batch_size", type=data_mix.POSITIVE_INT, default=1,
                         help="sequences per micro-batch")
     parser.add_argument("--learning_rate", type=data_mix.NON_NEGATIVE, default=None, help="default 5e-7 (grpo), 3e-7 (ppo)")
-    parser.add_argument("--lr_scheduler_type", default=None, choices=["linear", "constant"],
+    parser.add_argument("--lr_scheduler_type", default=None, choices=infra.LR_SCHEDULES,
                         help="default constant (grpo), linear (ppo)")
     parser.add_argument("--warmup_ratio", type=data_mix.FRACTION, default=0.0)
     parser.add_argument("--weight_decay", type=data_mix.NON_NEGATIVE, default=0.0)
@@ -132,6 +132,9 @@ def parse_args(argv=None):
                         help="compute dtype; auto = bf16 on GPU, fp32 on CPU (master weights stay fp32)")
     parser.add_argument("--attn_implementation", default=None,
                         help="e.g. sdpa, eager; default: the model's own choice (sdpa where it supports it)")
+    parser.add_argument("--report_to", default="none", choices=["none", "tensorboard", "wandb"],
+                        help="each step's metrics also to TensorBoard (OUTPUT_DIR/runs) or Weights & Biases (their "
+                             "packages are optional); metrics.jsonl gets them always")
     parser.add_argument("--checkpointing_steps", type=data_mix.POSITIVE_INT, default=500,
                         help="write a resumable checkpoint every N steps")
     parser.add_argument("--resume", action="store_true",
@@ -500,15 +503,73 @@ class Sampler:
 
 
 # ---------------------------------------------------------------------------------------------
+# RLVR records
+# RLVR trains on prompts whose answers a verifier can check (Tülu 3's RLVR-GSM-MATH-IF-Mixed-Constraints):
+#   {"messages": [prompt turns], "ground_truth": str, "dataset": "gsm8k" | "MATH" | "ifeval"}
+# ground_truth is the answer (GSM8K, MATH) or the IFEval constraints as JSON. A final assistant turn in
+# messages, if present, is a reference answer and is left out of the prompt.
+
+RLVR_DATASETS = ("gsm8k", "math", "ifeval")
+
+
+def rlvr_prompt_messages(row: dict, where: str) -> list[dict]:
+    """The prompt turns of an RLVR record (validated); InvalidRecord names dataset, row and field."""
+    messages = row.get("messages")
+    if isinstance(messages, list) and messages and isinstance(messages[-1], dict) \
+            and messages[-1].get("role") == "assistant":
+        messages = messages[:-1]
+    if not isinstance(messages, list) or not messages:
+        raise data_mix.InvalidRecord(f"{where}, field messages: expected a non-empty list of prompt turns, "
+                                     f"got {messages!r}")
+    return data_mix.validate_messages(messages, where, needs_assistant=False)  # the response is about to be sampled
+
+
+def validate_rlvr_record(row: dict, where: str) -> dict:
+    """The record, checked down to what its verifier needs, so that no reward raises mid-run."""
+    messages = rlvr_prompt_messages(row, where)
+    dataset = row.get("dataset")
+    if not isinstance(dataset, str) or dataset.lower() not in RLVR_DATASETS:
+        raise data_mix.InvalidRecord(f"{where}, field dataset: {dataset!r} has no verifier (expected one of "
+                                     f"{RLVR_DATASETS}, any case)")
+    ground_truth = row.get("ground_truth")
+    if not isinstance(ground_truth, str) or not ground_truth.strip():
+        raise data_mix.InvalidRecord(f"{where}, field ground_truth: expected a non-empty string, "
+                                     f"got {ground_truth!r:.100}")
+    try:
+        verifiers.check_ground_truth(ground_truth, dataset)
+    except ValueError as error:
+        raise data_mix.InvalidRecord(f"{where}, field ground_truth: {error}") from None
+    return {"messages": messages, "ground_truth": ground_truth, "dataset": dataset}
+
+
+def tokenize_rlvr_dataset(dataset, tokenizer, max_prompt_token_length: int, num_proc: int = 1):
+    """Prompt token ids (rendered up to the assistant header) with ground_truth and lower-cased dataset.
+
+    Prompts longer than max_prompt_token_length are dropped and counted, not truncated: a cut prompt
+    would lose the question the verifier checks. Returns (dataset, number dropped).
+    """
+    def prompt_ids(row):
+        return data_mix.tokenize_prompt(tokenizer, rlvr_prompt_messages(row, f"dataset {row.get('source')}"))
+    tokenized = dataset.map(
+        lambda row: {"input_ids": prompt_ids(row), "ground_truth": row["ground_truth"],
+                     "dataset": row["dataset"].lower()},
+        remove_columns=[c for c in dataset.column_names if c not in ("source", "ground_truth", "dataset")],
+        num_proc=num_proc if num_proc > 1 else None, desc="tokenizing prompts")
+    kept = tokenized.filter(lambda row: len(row["input_ids"]) <= max_prompt_token_length,
+                            num_proc=num_proc if num_proc > 1 else None, desc="dropping long prompts")
+    return kept, len(tokenized) - len(kept)
+
+
+# ---------------------------------------------------------------------------------------------
 # Data and rewards
 
 def load_rlvr_data(args, tokenizer, rank: int):
     """Mixed, validated, tokenized prompts; rank 0 prepares first so the others reuse its cache."""
     if rank != 0:
         dist.barrier()
-    rows, report = data_mix.load_mixture(args, data_mix.validate_rlvr_record)
-    prompts, too_long = data_mix.tokenize_rlvr_dataset(rows, tokenizer, args.max_seq_length - args.response_length,
-                                                       args.preprocessing_num_workers)
+    rows, report = data_mix.load_mixture(args, validate_rlvr_record)
+    prompts, too_long = tokenize_rlvr_dataset(rows, tokenizer, args.max_seq_length - args.response_length,
+                                              args.preprocessing_num_workers)
     if rank == 0:
         dist.barrier()
     if len(prompts) == 0:
@@ -569,7 +630,8 @@ def update(trained, optimizer, rollout, old: dict, args, step: int, rank: int, w
     PPO's value model has its own gradient clipping and parameter group (AdamW acts per parameter: as its own
     optimizer, open-instruct's), so a large value gradient never shrinks the policy's step."""
     mask, length = old["loss_mask"], rollout.response_mask.shape[1]
-    generator = torch.Generator().manual_seed(args.seed + 7919 * step + rank)  # mini-batch order, resumable
+    # the mini-batch order is a function of the step: resumable
+    generator = torch.Generator().manual_seed(args.seed + infra.STEP_SEED_STRIDE * step + rank)
     totals = torch.zeros(4, dtype=torch.float64, device=mask.device)  # loss, value loss, clipped tokens, tokens
     grad_norm_sums = dict.fromkeys(trained.keys(), 0.0)
     for _ in range(args.ppo_epochs):
@@ -624,7 +686,7 @@ def rollout_metrics(rollout, old: dict, scores, verified, rows: list[dict]) -> d
             "entropy": (old["entropy"] * mask).sum(), "cut": (~rollout.stopped).sum(),
             "logprob_diff": ((rollout.logprobs - old["old_logps"]).abs() * mask).sum(),
             "sequence_tokens": rollout.attention_mask.sum()}
-    for kind in data_mix.RLVR_DATASETS:
+    for kind in RLVR_DATASETS:
         sums[f"correct/{kind}"] = sum(v for v, row in zip(verified.tolist(), rows) if row["dataset"] == kind)
         sums[f"count/{kind}"] = sum(row["dataset"] == kind for row in rows)
     totals = torch.tensor([float(v) for v in sums.values()], dtype=torch.float64, device=scores.device)
@@ -639,7 +701,7 @@ def rollout_metrics(rollout, old: dict, scores, verified, rows: list[dict]) -> d
                # |sampler log-prob - training forward log-prob| per token: ~0 unless the two paths disagree
                "sampling_logprob_diff": total["logprob_diff"] / tokens}
     metrics.update({f"accuracy/{kind}": total[f"correct/{kind}"] / total[f"count/{kind}"]
-                    for kind in data_mix.RLVR_DATASETS if total[f"count/{kind}"]})
+                    for kind in RLVR_DATASETS if total[f"count/{kind}"]})
     return metrics
 
 
@@ -648,12 +710,9 @@ def rollout_metrics(rollout, old: dict, scores, verified, rows: list[dict]) -> d
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, world_size, device = infra.init_distributed()
-    try:
+    with infra.process_group() as (rank, world_size, device):
         with infra.claimed_output_dir(args, rank, RESUMABLE_FLAGS):
             train(args, rank, world_size, device)
-    finally:
-        dist.destroy_process_group()
 
 
 def train(args, rank: int, world_size: int, device) -> None:
@@ -690,24 +749,26 @@ def train(args, rank: int, world_size: int, device) -> None:
     trained = torch.nn.ModuleDict({"policy": policy})
     if args.algo == "ppo":
         value_path = args.value_model_name_or_path or args.model_name_or_path
-        infra.check_model_path(value_path)
+        infra.check_model_path(value_path, "--value_model_name_or_path", tokenizer=False)
         trained["value"] = infra.load_model(value_path, args, device, rank,
                                             functools.partial(ValueModel, head=saved_value_head(value_path)))
     optimizer = torch.optim.AdamW([{"params": model.parameters()} for model in trained.values()],  # a group per model
                                   lr=args.learning_rate, weight_decay=args.weight_decay, fused=device.type == "cuda")
-    scheduler = infra.make_scheduler(optimizer, args.lr_scheduler_type, math.ceil(args.warmup_ratio * total_steps),
+    scheduler = infra.make_scheduler(optimizer, args.lr_scheduler_type, int(args.warmup_ratio * total_steps),
                                      total_steps)
     metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
     start_step = infra.load_checkpoint(trained, optimizer, scheduler, checkpoint) if checkpoint else 0
     if rank == 0:  # forget what the checkpoint does not cover: later steps' metrics, incomplete checkpoints
         infra.truncate_metrics(metrics_path, start_step)
         infra.remove_checkpoints(args.output_dir, keep=checkpoint and checkpoint[0])
+    report = infra.MetricsReport(args.report_to if rank == 0 else "none", args.output_dir, start_step, vars(args))
 
     compile_decode = device.type == "cuda" and world_size == 1 if args.compile_sampling is None else args.compile_sampling
     sampler = Sampler(policy, args.max_seq_length - args.response_length, args.response_length, compile_decode)
     progress = tqdm(total=total_steps, initial=start_step, desc=f"rlvr {args.algo}", disable=rank != 0)
     for step in range(start_step, total_steps):
-        torch.manual_seed(args.seed + 7919 * step + rank)  # the global RNG (dropout) is a function of the step
+        # the global RNG (dropout) is a function of the step
+        torch.manual_seed(args.seed + infra.STEP_SEED_STRIDE * step + rank)
         epoch, index = divmod(step, steps_per_epoch)
         # The prompt order is a function of (seed, epoch): a resumed run sees the same prompts.
         order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed + epoch)).tolist()
@@ -715,7 +776,7 @@ def train(args, rank: int, world_size: int, device) -> None:
         rows = [prompts[i] for i in batch_indices[rank::world_size] for _ in range(group)]  # a group is contiguous
         started = time.perf_counter()
         policy.eval()  # (gradient checkpointing would turn the KV cache off in train mode)
-        generator = torch.Generator(device).manual_seed(args.seed + 104729 * (step + 1) + rank)
+        generator = torch.Generator(device).manual_seed(args.seed + infra.SAMPLING_SEED_STRIDE * (step + 1) + rank)
         with full_parameters(policy):
             rollout = sampler.generate([row["input_ids"] for row in rows], args.temperature, args.top_p,
                                        tokenizer.eos_token_id, tokenizer.pad_token_id, args.stop_strings, tokenizer,
@@ -742,13 +803,15 @@ def train(args, rank: int, world_size: int, device) -> None:
                         "time/reference": referenced - scored, "time/training": finished - referenced})
         if rank == 0:
             infra.append_metrics(metrics_path, metrics)
+            report(metrics)
             progress.set_postfix(reward=f"{metrics['reward_mean']:.2f}", kl=f"{metrics['kl']:.4f}")
             progress.update()
         if (step + 1) % args.checkpointing_steps == 0 and step + 1 < total_steps:
             infra.save_checkpoint(trained, optimizer, scheduler, step + 1, args.output_dir, rank, run_facts)
     progress.close()
+    report.close()
     infra.save_hf_model(policy, tokenizer, args.model_name_or_path, args.output_dir, rank)
 
 
 if __name__ == "__main__":
-    main()
+    infra.run(main)

@@ -7,10 +7,11 @@
         --dataset_mixer_list allenai/tulu-3-sft-mixture 1.0 --chat_template_name tulu \
         --per_device_train_batch_size 1 --gradient_accumulation_steps 16 --output_dir output/sft-8b
 
-The file's sections, top to bottom: arguments; the loss (written by hand on the model's own head,
-so no [tokens, vocab] logits exist in full); data (mix, validate, tokenize with the loss only on assistant
-turns); training (the loop). What every stage needs around that lives in infra.py: distributed setup
-(torchrun or plain python), model loading (sharded with FSDP2 per decoder layer, each rank reading only
+The file's sections, top to bottom: arguments; the loss; data (mix, validate, tokenize with the loss only on
+assistant turns); training (the loop). The model as the loss sees it lives in modeling.py: the log-prob wrapper
+(each label's log-prob from the model's own head, a chunk of tokens at a time, so no [tokens, vocab] logits exist
+in full) and the attention for packed rows. What every stage needs to run a model lives in infra.py: distributed
+setup (torchrun or plain python), model loading (sharded with FSDP2 per decoder layer, each rank reading only
 its own shard of the safetensors files, and checked against plain from_pretrained before the first
 update), the Hugging Face save, and the output directory and checkpoints that make an interrupted run
 resume onto the same loss curve.
@@ -25,7 +26,7 @@ examples). That is what lets --max_tokens_per_micro_batch regroup each rank's sh
 NLL per trained token under either reduction (summed NLL / trained tokens of the optimizer batch), so
 runs with `sum` and `mean` log comparable curves; only the gradient's scale differs.
 
-Simplified relative to open-instruct: no LoRA, no DeepSpeed, no logging services; the last partial
+Simplified relative to open-instruct: no LoRA, no DeepSpeed; the last partial
 optimizer batch of an epoch is dropped.
 """
 import argparse
@@ -36,23 +37,23 @@ import time
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
-from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 import data_mix
 import infra
+import modeling
 
 # Flags that may change when a run is resumed; every other flag must match the run in --output_dir. The two
 # batch flags may change, on any number of ranks, as long as the sequences per optimizer step stay the same.
 RESUMABLE_FLAGS = {"resume", "checkpointing_steps", "preprocessing_num_workers", "per_device_train_batch_size",
-                   "gradient_accumulation_steps"}
+                   "gradient_accumulation_steps", "report_to"}
 
 
 # ---------------------------------------------------------------------------------------------
 # Arguments
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = data_mix.StageParser(__doc__)
     parser.add_argument("--model_name_or_path", required=True, help="Hugging Face model directory or hub name")
     data_mix.add_data_args(parser, max_seq_length=4096)
     parser.add_argument("--output_dir", required=True)
@@ -60,7 +61,9 @@ def parse_args(argv=None):
                         help="sequences per micro-batch")
     parser.add_argument("--gradient_accumulation_steps", type=data_mix.POSITIVE_INT, default=16)
     parser.add_argument("--learning_rate", type=data_mix.NON_NEGATIVE, default=5e-6)
-    parser.add_argument("--lr_scheduler_type", default="linear", choices=["linear", "constant"])
+    parser.add_argument("--lr_scheduler_type", default="linear", choices=infra.LR_SCHEDULES,
+                        help="as transformers' get_scheduler: warmup (--warmup_ratio) from 0, then decay to 0; "
+                             "constant: no warmup")
     parser.add_argument("--warmup_ratio", type=data_mix.FRACTION, default=0.03)
     parser.add_argument("--weight_decay", type=data_mix.NON_NEGATIVE, default=0.0)
     parser.add_argument("--max_grad_norm", type=data_mix.bounded(float), default=1.0,
@@ -82,12 +85,16 @@ def parse_args(argv=None):
     parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
                         help="compute dtype; auto = bf16 on GPU, fp32 on CPU (master weights stay fp32)")
     parser.add_argument("--attn_implementation", default=None,
-                        help=f"e.g. sdpa, eager, or {infra.PACKED_ATTENTION}: packed rows attend within each example "
-                             "without a [T, T] mask; default: the model's own choice (sdpa where it supports it)")
+                        help=f"e.g. sdpa, eager, or {modeling.PACKED_ATTENTION} (packed rows attend within each "
+                             "example without a [T, T] mask); default: that one with --packing where it computes "
+                             "exactly what the model's own does, else the model's own (sdpa where it supports it)")
     parser.add_argument("--max_tokens_per_micro_batch", type=data_mix.POSITIVE_INT, default=None, metavar="N",
                         help="pack each rank's share of the optimizer batch into rows of at most N tokens, first-fit "
-                             "decreasing (a longer example: a row of its own); replaces --per_device_train_batch_size as "
-                             "the micro-batch (it still sets the optimizer batch); same gradient")
+                             "decreasing (a longer example: a row of its own); replaces --per_device_train_batch_size "
+                             "as the micro-batch (it still sets the optimizer batch); same gradient")
+    parser.add_argument("--report_to", default="none", choices=["none", "tensorboard", "wandb"],
+                        help="each step's metrics also to TensorBoard (OUTPUT_DIR/runs) or Weights & Biases (their "
+                             "packages are optional); metrics.jsonl gets them always")
     parser.add_argument("--checkpointing_steps", type=data_mix.POSITIVE_INT, default=500,
                         help="write a resumable checkpoint every N steps")
     parser.add_argument("--resume", action="store_true",
@@ -102,92 +109,13 @@ def parse_args(argv=None):
 # ---------------------------------------------------------------------------------------------
 # Loss
 
-def chunked_label_logprobs(hidden, head, labels, chunk_tokens: int = 4096):
-    """log p(labels[:, t+1] | tokens <= t), shape [B, T-1], fp32, 0 where the label is -100.
-
-    `head` maps decoder states [n, H] to the model's logits [n, V]. Only the trained positions go through
-    it, a chunk of tokens at a time under activation checkpointing, so the [tokens, vocab] logits never
-    exist in full, in forward or in backward (backward recomputes one chunk's logits at a time).
-    log p = logit[label] - logsumexp, in fp32.
-    """
-    batch, length, width = hidden.shape
-    targets = labels[:, 1:].reshape(-1)                      # [N] next-token labels
-    trained = (targets != data_mix.IGNORE_INDEX).nonzero().squeeze(-1)
-    states = hidden[:, :-1].reshape(-1, width)[trained]      # [n, H] only the positions that carry loss
-    pieces = [checkpoint(target_logprobs, states[i:i + chunk_tokens], head, targets[trained[i:i + chunk_tokens]],
-                         use_reentrant=False) for i in range(0, len(trained), chunk_tokens)]
-    logprobs = torch.zeros(batch, length - 1, dtype=torch.float32, device=hidden.device)
-    if pieces:  # scatter back to [B, T-1] (a new tensor, not a view: FSDP hooks the forward's output)
-        logprobs = logprobs.index_put((trained // (length - 1), trained % (length - 1)), torch.cat(pieces))
-    return logprobs
-
-
-def target_logprobs(states, head, targets):
-    """log p(targets[i] | states[i]) [n] for one chunk of decoder states [n, H] and their next tokens [n]."""
-    logits = head(states).float()                            # [n, V] fp32 for the softmax
-    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
-
-
 def sft_loss(label_logprobs, labels, denominator: float):
     """Summed negative log-likelihood of the trained tokens / denominator (a constant of the optimizer batch).
 
-    label_logprobs: [B, T-1] from chunked_label_logprobs; labels: [B, T] (-100 = not trained).
+    label_logprobs: [B, T-1] from modeling.chunked_label_logprobs; labels: [B, T] (-100 = not trained).
     """
-    trained = labels[:, 1:] != data_mix.IGNORE_INDEX          # [B, T-1]
-    return -(label_logprobs * trained).sum() / denominator
-
-
-class GivenStates:
-    """A base model's output that holds only the decoder states; any other field (router logits, image
-    features, ...) reads as None."""
-
-    def __init__(self, states):
-        self.last_hidden_state = states
-
-    def __getattr__(self, name):
-        return None
-
-    def __getitem__(self, index):
-        return (self.last_hidden_state,)[index]
-
-
-class CausalLMLogProbs(torch.nn.Module):
-    """The model as FSDP sees it: token ids in, the log-prob of each label out.
-
-    Wrapping the Hugging Face model puts its base model (the decoder) and the chunked head in one forward,
-    so FSDP gathers the output-embedding weight for the loss like any other parameter.
-    """
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, labels, position_ids=None, attention_mask=None, load_balancing=False):
-        """[B, T-1] label log-probs; with `load_balancing` also the model's router (load-balancing) loss."""
-        base = getattr(self.model, self.model.base_model_prefix)  # what the model's own forward calls first
-        output = base(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
-                      use_cache=False, **({"output_router_logits": True} if load_balancing else {}))
-        label_logprobs = chunked_label_logprobs(output.last_hidden_state, self.head_logits, labels)
-        if not load_balancing:
-            return label_logprobs
-        # the model's own forward computes its auxiliary loss from the router logits (the head sees one token)
-        return label_logprobs, self.after_base(output, logits_to_keep=1, output_router_logits=True,
-                                               attention_mask=attention_mask).aux_loss
-
-    def head_logits(self, states):
-        """The model's own logits for decoder states [n, H] -> [n, V], so whatever the architecture does after
-        the output projection (Gemma 2's soft-cap, Granite's and Cohere's logit scaling, ...) applies."""
-        return self.after_base(GivenStates(states[None]), logits_to_keep=0).logits[0]
-
-    def after_base(self, base_output, **kwargs):
-        """The model's own forward from its base model's output on: the base model stands in by returning
-        `base_output`, so no architecture's head or loss needs a case of its own here."""
-        base = getattr(self.model, self.model.base_model_prefix)
-        base.forward = lambda *args, **ignored: base_output
-        try:
-            return self.model(input_ids=None, **kwargs)
-        finally:
-            del base.forward  # back to the class's forward
+    trained_mask = labels[:, 1:] != data_mix.IGNORE_INDEX     # [B, T-1]
+    return -(label_logprobs * trained_mask).sum() / denominator
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,7 +152,7 @@ def micro_batches(examples, order: list[int], args, rank: int, world_size: int, 
 # ---------------------------------------------------------------------------------------------
 # Training
 
-def accumulate_gradients(model, examples, batch: list[int], args, rank: int, world_size: int, device,
+def accumulate_gradients(model, examples, batch_indices: list[int], args, rank: int, world_size: int, device,
                          pad_token_id: int):
     """Forward and backward over this rank's micro-batches of one optimizer batch.
 
@@ -233,27 +161,27 @@ def accumulate_gradients(model, examples, batch: list[int], args, rank: int, wor
     """
     # The loss divisor belongs to the whole optimizer batch, so it is known before any forward: each rank
     # counts the trained tokens of its collated micro-batches (packing's boundary labels are already -100).
-    micros = [{k: v.to(device) for k, v in micro.items()}
-              for micro in micro_batches(examples, batch, args, rank, world_size, pad_token_id)]
+    micros = [{k: v.to(device) for k, v in micro.items()}  # input_ids, labels, position_ids: [R, T] (R rows)
+              for micro in micro_batches(examples, batch_indices, args, rank, world_size, pad_token_id)]
     trained_tokens = sum(((micro["labels"][:, 1:] != data_mix.IGNORE_INDEX).sum() for micro in micros),
                          torch.zeros((), dtype=torch.long, device=device))
     dist.all_reduce(trained_tokens)
-    denominator = len(batch) if args.reduce_loss == "sum" else trained_tokens
+    denominator = len(batch_indices) if args.reduce_loss == "sum" else trained_tokens
     summed_nll = torch.zeros((), device=device)
     input_tokens = torch.zeros((), device=device)
     # FSDP's collectives pair up across ranks, so every rank runs as many micro-batches as the busiest one
     # (token budgets pack ranks unevenly): a rank with fewer adds stand-ins with weight 0.
     most = torch.tensor(len(micros), device=device)
     dist.all_reduce(most, op=dist.ReduceOp.MAX)
-    stand_ins = [{k: v.to(device) for k, v in micro.items()}
-                 for micro in micro_batches(examples, batch, args, rank, world_size, pad_token_id, stand_in=True)]
+    stand_ins = [{k: v.to(device) for k, v in micro.items()} for micro in micro_batches(
+        examples, batch_indices, args, rank, world_size, pad_token_id, stand_in=True)]
     router_loss = torch.zeros((), device=device)
     for number, micro in enumerate(micros + stand_ins * (int(most) - len(micros))):
         weight = float(number < len(micros))
         if args.load_balancing_loss:
-            label_logprobs, aux_loss = model(**micro, load_balancing=True)
+            label_logprobs, aux_loss = model(**micro, load_balancing=True)  # [R, T-1], a scalar
         else:
-            label_logprobs, aux_loss = model(**micro), None
+            label_logprobs, aux_loss = model(**micro), None  # [R, T-1]
         # FSDP averages gradients over ranks; multiplying by world_size turns that average into a sum.
         loss = sft_loss(label_logprobs, micro["labels"], denominator) * world_size * weight
         summed_nll += loss.detach() * denominator / world_size
@@ -271,12 +199,9 @@ def accumulate_gradients(model, examples, batch: list[int], args, rank: int, wor
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, world_size, device = infra.init_distributed()
-    try:
+    with infra.process_group() as (rank, world_size, device):
         with infra.claimed_output_dir(args, rank, RESUMABLE_FLAGS):
             train(args, rank, world_size, device)
-    finally:
-        dist.destroy_process_group()
 
 
 def train(args, rank: int, world_size: int, device) -> None:
@@ -297,9 +222,11 @@ def train(args, rank: int, world_size: int, device) -> None:
     if rank == 0:
         data_mix.save_json(os.path.join(args.output_dir, "mixture.json"), data_report)
 
-    infra.register_packed_attention()  # --attn_implementation packed_varlen
-    model = infra.load_model(args.model_name_or_path, args, device, rank, CausalLMLogProbs)
-    first_example = examples[torch.randperm(len(examples), generator=torch.Generator().manual_seed(args.seed))[0].item()]
+    args.attn_implementation = modeling.choose_attention(args.model_name_or_path, args.attn_implementation,
+                                                         args.packing, args.max_seq_length, rank)
+    model = infra.load_model(args.model_name_or_path, args, device, rank, modeling.CausalLMLogProbs)
+    first = torch.randperm(len(examples), generator=torch.Generator().manual_seed(args.seed))[0].item()
+    first_example = examples[first]
     first_ids = torch.tensor([first_example["input_ids"][:64]], device=device)
     infra.check_loaded_model(model, args.model_name_or_path, first_ids,
                              lambda ids, positions: model(input_ids=ids, labels=ids, position_ids=positions),
@@ -312,26 +239,28 @@ def train(args, rank: int, world_size: int, device) -> None:
             args.load_balancing_weight = text_config.router_aux_loss_coef
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay,
                                   fused=device.type == "cuda")
-    scheduler = infra.make_scheduler(optimizer, args.lr_scheduler_type, math.ceil(args.warmup_ratio * total_steps),
+    scheduler = infra.make_scheduler(optimizer, args.lr_scheduler_type, int(args.warmup_ratio * total_steps),
                                      total_steps)
     metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
     start_step = infra.load_checkpoint(model, optimizer, scheduler, checkpoint) if checkpoint else 0
     if rank == 0:  # forget what the checkpoint does not cover: later steps' metrics, incomplete checkpoints
         infra.truncate_metrics(metrics_path, start_step)
         infra.remove_checkpoints(args.output_dir, keep=checkpoint and checkpoint[0])
+    report = infra.MetricsReport(args.report_to if rank == 0 else "none", args.output_dir, start_step, vars(args))
 
     model.train()
     progress = tqdm(total=total_steps, initial=start_step, desc="sft", disable=rank != 0)
     for step in range(start_step, total_steps):
-        torch.manual_seed(args.seed + 7919 * step + rank)  # the global RNG (dropout) is a function of the step
+        # the global RNG (dropout) is a function of the step
+        torch.manual_seed(args.seed + infra.STEP_SEED_STRIDE * step + rank)
         epoch, index = divmod(step, steps_per_epoch)
         # The data order is a function of (seed, epoch): a resumed run sees the same batches.
         order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(args.seed + epoch)).tolist()
-        batch = order[index * batch_size:(index + 1) * batch_size]
+        batch_indices = order[index * batch_size:(index + 1) * batch_size]
         started = time.perf_counter()
 
         summed_nll, trained_tokens, input_tokens, router_loss = accumulate_gradients(
-            model, examples, batch, args, rank, world_size, device, tokenizer.pad_token_id)
+            model, examples, batch_indices, args, rank, world_size, device, tokenizer.pad_token_id)
 
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm if args.max_grad_norm > 0
                                                    else float("inf"))
@@ -352,13 +281,15 @@ def train(args, rank: int, world_size: int, device) -> None:
                    "tokens_per_s": input_tokens.item() / elapsed}
         if rank == 0:
             infra.append_metrics(metrics_path, metrics)
+            report(metrics)
             progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
             progress.update()
         if (step + 1) % args.checkpointing_steps == 0 and step + 1 < total_steps:
             infra.save_checkpoint(model, optimizer, scheduler, step + 1, args.output_dir, rank, run_facts)
     progress.close()
+    report.close()
     infra.save_hf_model(model, tokenizer, args.model_name_or_path, args.output_dir, rank)
 
 
 if __name__ == "__main__":
-    main()
+    infra.run(main)

@@ -27,6 +27,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import infra  # noqa: E402
+import modeling  # noqa: E402
 import sft  # noqa: E402
 
 LOADERS = ("rank0_broadcast", "sharded_dcp")
@@ -57,7 +58,7 @@ def worker(rank, ranks, port, loader, model_dir, results):
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # the peak (VmHWM) starts again from the current RSS
     started = time.perf_counter()
-    model = infra.load_model(model_dir, args, device, rank, sft.CausalLMLogProbs)
+    model = infra.load_model(model_dir, args, device, rank, modeling.CausalLMLogProbs)
     torch.distributed.barrier()
     seconds = time.perf_counter() - started
     peak = memory_gb("VmHWM")

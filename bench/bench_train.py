@@ -60,6 +60,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data_mix  # noqa: E402
 import dpo  # noqa: E402
 import infra  # noqa: E402
+import modeling  # noqa: E402
 import sft  # noqa: E402
 
 BUNDLED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".cache", "models",
@@ -220,7 +221,7 @@ def baseline_runner(path, run_args, examples, rank, world_size, device):
 
 
 def sft_runner(path, run_args, examples, rank, world_size, device):
-    model = infra.load_model(path, run_args, device, rank, sft.CausalLMLogProbs).train()
+    model = infra.load_model(path, run_args, device, rank, modeling.CausalLMLogProbs).train()
     update = make_update(model, run_args, device)
 
     def plan(batch):
@@ -240,7 +241,7 @@ def dpo_runner(path, run_args, examples, rank, world_size, device):
               "rejected_input_ids": r["input_ids"], "rejected_labels": r["labels"]}
              for c, r in zip(examples[0::2], examples[1::2])]
     reference = tuple(torch.full((len(pairs),), -1.0, device=device) for _ in range(2))
-    model = infra.load_model(path, run_args, device, rank, dpo.CausalLMLogProbs).train()
+    model = infra.load_model(path, run_args, device, rank, modeling.CausalLMLogProbs).train()
     update = make_update(model, run_args, device)
 
     def pair_batch(batch):  # rank r's examples are batch[r::world_size] in order; examples 2j, 2j+1 are pair j
@@ -412,7 +413,7 @@ def main():
     if args.plan_ranks:
         return plan_only(args)
     rank, world_size, device = infra.init_distributed()
-    infra.register_packed_attention()  # --attn_implementation packed_varlen
+    modeling.register_packed_attention()  # --attn_implementation packed_varlen
     try:
         if args.lengths == "rows" and args.rows_per_step % world_size:
             raise SystemExit(f"--rows_per_step {args.rows_per_step} must be a multiple of the {world_size} ranks")

@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import dpo
 import eval as evaluation
 import infra
+import modeling
 import rlvr
 import sft
 from conftest import build_tiny_tokenizer, plain_python_environment, read_metrics, run_in_process
@@ -137,7 +138,8 @@ def test_every_tensor_holds_what_from_pretrained_gives(family, capsys):
     with plain_python_environment():
         infra.init_distributed()
         try:
-            loaded = infra.load_model(family["model_dir"], args, torch.device("cpu"), 0, sft.CausalLMLogProbs).model
+            loaded = infra.load_model(family["model_dir"], args, torch.device("cpu"), 0,
+                                      modeling.CausalLMLogProbs).model
             tensors = {name: tensor.full_tensor() if isinstance(tensor, DTensor) else tensor for name, tensor in
                        [*loaded.named_parameters(remove_duplicate=False), *loaded.named_buffers()]}
         finally:
@@ -239,6 +241,28 @@ def zero_buffers(model):  # a planted loading fault: the buffers no state dict c
                 buffer.zero_()
 
 
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_packed_attention_is_the_default_exactly_where_a_packed_row_gives_each_document_alone(name):
+    """modeling's verdict from the config agrees with a forward: where it picks the packed attention, a packed
+    row's logits are each document's computed alone; where it does not, the packed attention refuses the model."""
+    modeling.register_packed_attention()
+    config = build_config(name, build_tiny_tokenizer())
+    chosen = modeling.packed_attention_mismatch(config, max_seq_length=12) == ""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    input_ids = torch.randint(4, config.get_text_config().vocab_size, (1, 20))
+    position_ids = torch.cat([torch.arange(12), torch.arange(8)])[None]  # documents of 12 and 8 tokens
+    with torch.no_grad():
+        alone = torch.cat([model(input_ids=input_ids[:, :12]).logits, model(input_ids=input_ids[:, 12:]).logits], 1)
+        model.set_attn_implementation(modeling.PACKED_ATTENTION)
+        if chosen:
+            torch.testing.assert_close(model(input_ids=input_ids, position_ids=position_ids).logits, alone)
+        else:
+            with pytest.raises(ValueError, match=modeling.PACKED_ATTENTION):
+                model(input_ids=input_ids, position_ids=position_ids)
+    assert chosen == (name not in {"mistral", "olmo3", "gemma2", "gemma3", "gemma3_multimodal"})  # windows, soft-cap
+
+
 @pytest.mark.parametrize("stage", [sft, dpo, rlvr])
 def test_a_buffer_left_unfilled_is_caught_before_training(stage, tmp_path, monkeypatch):
     family = make_family("gemma3", tmp_path)
@@ -252,7 +276,7 @@ def test_a_buffer_left_unfilled_is_caught_before_training(stage, tmp_path, monke
 @pytest.mark.parametrize("stage", [sft, dpo])
 def test_a_head_transform_the_loss_ignores_is_caught_before_training(stage, tmp_path, monkeypatch):
     family = make_family("granite", tmp_path)  # logits / logits_scaling after the projection
-    monkeypatch.setattr(stage.CausalLMLogProbs, "head_logits",
+    monkeypatch.setattr(modeling.CausalLMLogProbs, "head_logits",
                         lambda self, states: states @ self.model.get_output_embeddings().weight.T)
     with pytest.raises(SystemExit, match=r"GraniteForCausalLM \(granite\): .* differ .* by \d"):
         stage_run(family, stage.__name__)

@@ -25,6 +25,7 @@ from torch.distributed.tensor import DTensor
 
 import dpo
 import infra
+import modeling
 import rlvr
 import sft
 import test_dpo_run
@@ -503,13 +504,14 @@ def sharded_load_worker(rank, port, model_dir, unlike_nodes, unlike_weights):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
     infra.init_distributed()
     with pytest.raises(SystemExit, match="no model.safetensors .* the weights must be safetensors"):
-        infra.load_model(unlike_nodes[rank], load_args(unlike_nodes[rank]), torch.device("cpu"), rank, sft.CausalLMLogProbs)
+        infra.load_model(unlike_nodes[rank], load_args(unlike_nodes[rank]), torch.device("cpu"), rank,
+                         modeling.CausalLMLogProbs)
     examples = datasets.Dataset.from_dict({"input_ids": [[1, 2, 3]]})
     os.environ["LOCAL_RANK"] = "0"  # each rank the first of its own node, as on two nodes
     with pytest.raises(SystemExit, match="the model files differ between ranks: rank 0's and rank 1's copies"):
         infra.run_fingerprints(examples, unlike_weights[rank], rank)
     with mock.patch.object(transformers.AutoModelForCausalLM, "from_pretrained", side_effect=AssertionError):
-        model = infra.load_model(model_dir, load_args(model_dir), torch.device("cpu"), rank, sft.CausalLMLogProbs)
+        model = infra.load_model(model_dir, load_args(model_dir), torch.device("cpu"), rank, modeling.CausalLMLogProbs)
     expected = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).state_dict()
     assert model.model.lm_head.weight is model.model.model.embed_tokens.weight  # still tied
     for name, param in model.named_parameters(remove_duplicate=False):
@@ -542,7 +544,8 @@ def load_on_one_rank(model_dir):
     with plain_python_environment():
         infra.init_distributed()
         try:
-            model = infra.load_model(model_dir, load_args(model_dir), torch.device("cpu"), 0, sft.CausalLMLogProbs).model
+            model = infra.load_model(model_dir, load_args(model_dir), torch.device("cpu"), 0,
+                                     modeling.CausalLMLogProbs).model
             return {name: tensor.full_tensor() if isinstance(tensor, DTensor) else tensor for name, tensor in
                     [*model.named_parameters(remove_duplicate=False), *model.named_buffers()]}
         finally:

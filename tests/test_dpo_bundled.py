@@ -7,6 +7,7 @@ import torch
 
 import data_mix
 import dpo
+import modeling
 from conftest import run_in_process
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,7 +29,7 @@ def mean_logps(model_dir, examples):
     """Mean per-token log-probs of the chosen [N] and rejected [N] responses under the model in model_dir."""
     from transformers import AutoModelForCausalLM
 
-    model = dpo.CausalLMLogProbs(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)).eval()
+    model = modeling.CausalLMLogProbs(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)).eval()
     batch = dpo.collate_preference_pairs(examples, list(range(len(examples))), pad_token_id=0, packing=True)
     with torch.no_grad():
         return dpo.concatenated_logps(model, batch, mean=True)

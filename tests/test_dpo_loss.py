@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from dpo import CausalLMLogProbs, collate_preference_pairs, concatenated_logps, dpo_loss, sequence_logps
+import modeling
+from dpo import collate_preference_pairs, concatenated_logps, dpo_loss, sequence_logps
 from tests.conftest import build_tiny_model
 
 
@@ -87,7 +88,7 @@ def test_sequence_logps_sums_scored_tokens_per_sequence_and_never_scores_a_seque
 
 
 def test_packed_and_padded_pairs_give_the_same_sequence_logps(tiny_tokenizer):
-    model = CausalLMLogProbs(build_tiny_model(tiny_tokenizer)).eval()
+    model = modeling.CausalLMLogProbs(build_tiny_model(tiny_tokenizer)).eval()
     generator = torch.Generator().manual_seed(0)
     examples = []
     for chosen_length, rejected_length in ((9, 4), (13, 6)):

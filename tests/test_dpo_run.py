@@ -11,6 +11,7 @@ import torch.multiprocessing as mp
 import data_mix
 import dpo
 import infra
+import modeling
 from conftest import build_tiny_model, free_port, read_metrics, run_in_process
 
 PROBLEMS = [(3, 4), (12, 30), (7, 8), (21, 2), (5, 5), (40, 1), (9, 6), (13, 13)]
@@ -139,7 +140,7 @@ def gradient_worker(rank, world_size, port, model_dir, data, cache_dir, out_path
                                    "--output_dir", "x", "--reference_cache_dir", f"{cache_dir}/{world_size}",
                                    "--dpo_loss_type", loss_type, "--dpo_beta", "0.5",
                                    "--packing" if packing else "--no-packing"])
-            model = infra.load_model(model_dir, args, device, rank, dpo.CausalLMLogProbs)
+            model = infra.load_model(model_dir, args, device, rank, modeling.CausalLMLogProbs)
             # scored with 3 pairs per micro-batch: on 2 ranks the last group leaves a rank a stand-in pair
             args.per_device_train_batch_size = 3
             reference = dpo.cached_reference_logps(model, examples, args, rank, world_size, device,

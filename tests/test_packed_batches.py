@@ -1,5 +1,5 @@
 """Token-budget micro-batches (--max_tokens_per_micro_batch) and packed attention without a dense mask
-(--attn_implementation packed_varlen), for sft.py and dpo.py."""
+(--attn_implementation packed_varlen, the default for packed rows where it is exact), for sft.py and dpo.py."""
 import os
 
 import pytest
@@ -12,6 +12,7 @@ from torch.utils._pytree import tree_leaves
 import data_mix
 import dpo
 import infra
+import modeling
 import sft
 from conftest import build_tiny_model, free_port
 from test_dpo_run import write_pairs
@@ -64,7 +65,7 @@ def step_worker(rank, world_size, port, model_dir, data, out_path):
                       MASTER_PORT=port)
     torch.set_num_threads(1)
     rank, world_size, device = infra.init_distributed()
-    infra.register_packed_attention()
+    modeling.register_packed_attention()
     tokenizer = data_mix.load_tokenizer(model_dir)
     sft_examples = [data_mix.tokenize_sft(tokenizer, m, 128) for m in conversations()]
     rows = data_mix.load_valid_rows(str(data), dpo.validate_preference_record)[0]
@@ -72,7 +73,7 @@ def step_worker(rank, world_size, port, model_dir, data, out_path):
     reference = (torch.full((len(pairs),), -3.0), torch.full((len(pairs),), -2.0))
     runs = [("sft", reduction, budget, "sdpa") for reduction in ("sum", "mean") for budget in BUDGETS]
     runs += [("dpo", "pairs", budget, "sdpa") for budget in BUDGETS]
-    runs += [(stage, "sum" if stage == "sft" else "pairs", 96, infra.PACKED_ATTENTION) for stage in ("sft", "dpo")]
+    runs += [(stage, "sum" if stage == "sft" else "pairs", 96, modeling.PACKED_ATTENTION) for stage in ("sft", "dpo")]
     results, counts = {}, {}
     for stage, reduction, budget, attention in runs:
         module = sft if stage == "sft" else dpo
@@ -81,7 +82,7 @@ def step_worker(rank, world_size, port, model_dir, data, out_path):
                                   "--attn_implementation", attention]
                                  + ["--max_tokens_per_micro_batch", str(budget)] * (budget is not None)
                                  + ["--reduce_loss", reduction] * (stage == "sft"))
-        model = infra.load_model(model_dir, args, device, rank, module.CausalLMLogProbs)
+        model = infra.load_model(model_dir, args, device, rank, modeling.CausalLMLogProbs)
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
         batch = list(range(8 if stage == "sft" else 4 * world_size))
         if stage == "sft":
@@ -159,12 +160,12 @@ def packed_forward_backward(model, attention: str):
 
 
 def test_packed_attention_gives_the_dense_mask_outputs_and_gradients_without_a_dense_mask(tiny_tokenizer):
-    infra.register_packed_attention()
+    modeling.register_packed_attention()
     model = build_tiny_model(tiny_tokenizer)
     dense_logits, dense_grads, dense_shapes = packed_forward_backward(model, "sdpa")
-    infra.document_bounds.cache_clear()
-    logits, grads, shapes = packed_forward_backward(model, infra.PACKED_ATTENTION)
-    assert infra.document_bounds.cache_info().misses == 1  # the documents are found once, not once per layer
+    modeling.document_bounds.cache_clear()
+    logits, grads, shapes = packed_forward_backward(model, modeling.PACKED_ATTENTION)
+    assert modeling.document_bounds.cache_info().misses == 1  # the documents are found once, not once per layer
     torch.testing.assert_close(logits, dense_logits, rtol=1e-5, atol=1e-5)
     for name, grad in grads.items():
         torch.testing.assert_close(grad, dense_grads[name], rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
@@ -178,7 +179,7 @@ def test_packed_attention_gives_the_dense_mask_outputs_and_gradients_without_a_d
 def test_packed_attention_refuses_models_it_would_compute_wrongly(tiny_tokenizer):
     from transformers import Gemma2Config, Gemma2ForCausalLM, MistralConfig, MistralForCausalLM
 
-    infra.register_packed_attention()
+    modeling.register_packed_attention()
     small = dict(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                  num_attention_heads=2, num_key_value_heads=1, head_dim=16)
     input_ids = torch.randint(0, len(tiny_tokenizer), (1, 20))
@@ -194,3 +195,27 @@ def test_packed_attention_refuses_models_it_would_compute_wrongly(tiny_tokenizer
     padded = build_tiny_model(tiny_tokenizer, attn_implementation="packed_varlen")
     with pytest.raises(ValueError, match="not padded ones"):
         padded(input_ids=input_ids, attention_mask=(torch.arange(20) < 15).long().unsqueeze(0), use_cache=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# The default attention for packed rows
+
+def test_packed_rows_default_to_the_packed_attention_where_it_is_exact(tiny_model_dir, capsys):
+    assert modeling.choose_attention(tiny_model_dir, None, True, 128, rank=0) == modeling.PACKED_ATTENTION
+    assert modeling.choose_attention(tiny_model_dir, "sdpa", True, 128, rank=0) == "sdpa"  # asked for: kept
+    assert modeling.choose_attention(tiny_model_dir, None, False, 128, rank=0) is None  # padded rows: the model's own
+    assert capsys.readouterr().out == ""
+
+
+def test_packed_rows_fall_back_to_the_models_own_attention_with_one_line_saying_why(tiny_tokenizer, tmp_path, capsys):
+    from transformers import Gemma2Config
+
+    Gemma2Config(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                 num_attention_heads=2, num_key_value_heads=1, head_dim=16, attn_logit_softcapping=5.0,
+                 sliding_window=4096).save_pretrained(tmp_path)
+    assert modeling.choose_attention(str(tmp_path), None, True, 128, rank=0) is None
+    assert capsys.readouterr().out.splitlines() == [
+        f"attention: the model's own, with a [T, T] mask per packed row, not {modeling.PACKED_ATTENTION}: "
+        "the model soft-caps its attention logits"]
+    assert modeling.choose_attention(str(tmp_path), None, True, 128, rank=1) is None
+    assert capsys.readouterr().out == ""  # rank 0 says it once

@@ -2,6 +2,7 @@
 import hashlib
 import json
 import os
+import sys
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from torch._dynamo.utils import counters
 
 import data_mix
 import infra
+import modeling
 import sft
 from conftest import free_port, read_metrics, run_in_process
 
@@ -48,7 +50,8 @@ def test_chunked_logprobs_give_the_plain_cross_entropy_loss_and_gradients():
     weight = torch.randn(50, 16, requires_grad=True)
     labels = torch.randint(0, 50, (2, 9))
     labels[0, :4] = data_mix.IGNORE_INDEX
-    logprobs = sft.chunked_label_logprobs(hidden, lambda states: states @ weight.T, labels, chunk_tokens=3)  # several chunks
+    logprobs = modeling.chunked_label_logprobs(hidden, lambda states: states @ weight.T, labels,
+                                               chunk_tokens=3)  # several chunks
     chunked = sft.sft_loss(logprobs, labels, denominator=2.0)
     chunked_grads = torch.autograd.grad(chunked, (hidden, weight))
 
@@ -63,7 +66,8 @@ def test_chunked_logprobs_give_the_plain_cross_entropy_loss_and_gradients():
 
 def test_label_logprobs_are_zero_where_nothing_is_trained():
     labels = torch.full((1, 5), data_mix.IGNORE_INDEX)
-    logprobs = sft.chunked_label_logprobs(torch.randn(1, 5, 4), lambda states: states @ torch.randn(7, 4).T, labels)
+    head = lambda states: states @ torch.randn(7, 4).T  # noqa: E731
+    logprobs = modeling.chunked_label_logprobs(torch.randn(1, 5, 4), head, labels)
     assert logprobs.shape == (1, 4) and (logprobs == 0).all()
 
 
@@ -89,7 +93,7 @@ def gradient_worker(rank, world_size, port, model_dir, out_path):
     for packing in (True, False):
         args = sft.parse_args(["--model_name_or_path", model_dir, "--dataset_mixer_list", "x", "1", "--output_dir", "x",
                                "--packing" if packing else "--no-packing"])
-        model = infra.load_model(model_dir, args, device, rank, sft.CausalLMLogProbs)
+        model = infra.load_model(model_dir, args, device, rank, modeling.CausalLMLogProbs)
         for reduction in ("sum", "mean"):
             for per_device, accumulation in SPLITS[world_size]:
                 args.per_device_train_batch_size, args.reduce_loss = per_device, reduction
@@ -130,7 +134,7 @@ def compile_worker(rank, world_size, port, model_dir, out_path):
         args = sft.parse_args(["--model_name_or_path", model_dir, "--dataset_mixer_list", "x", "1", "--output_dir", "x",
                                "--packing", "--per_device_train_batch_size", "4"] + ["--compile"] * compiled)
         counters.clear()
-        model = infra.load_model(model_dir, args, device, rank, sft.CausalLMLogProbs)
+        model = infra.load_model(model_dir, args, device, rank, modeling.CausalLMLogProbs)
         nll = sft.accumulate_gradients(model, examples, list(range(8)), args, rank, world_size, device,
                                        tokenizer.pad_token_id)[0]
         graphs[compiled] = counters["stats"]["unique_graphs"]  # graphs dynamo compiled in this forward
@@ -219,6 +223,46 @@ def test_trained_model_differs_and_tulu_template_is_saved(tiny_model_dir, tmp_pa
     trained = load_file(str(tmp_path / "out" / "model.safetensors"))
     source = load_file(os.path.join(tiny_model_dir, "model.safetensors"))
     assert any(not torch.equal(trained[name], source[name]) for name in source)
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics reported to TensorBoard or Weights & Biases (--report_to)
+
+def tensorboard_scalars(directory) -> dict:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(directory))
+    events.Reload()
+    return {tag: [(event.step, event.value) for event in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_report_to_tensorboard_gets_every_metric_that_metrics_jsonl_gets(tiny_model_dir, tmp_path):
+    pytest.importorskip("tensorboard")
+    data = write_dataset(tmp_path / "data.jsonl")
+    run_sft(base_args(tiny_model_dir, data, tmp_path / "out", "--max_train_steps", "2", "--report_to", "tensorboard"))
+    metrics = read_metrics(tmp_path / "out")
+    expected = {key: [(m["step"], pytest.approx(m[key], rel=1e-6)) for m in metrics]  # (stored as float32)
+                for key in metrics[0] if key != "step"}
+    assert tensorboard_scalars(tmp_path / "out" / "runs") == expected
+
+
+def test_a_resumed_tensorboard_report_hides_the_steps_after_the_checkpoint(tmp_path):
+    pytest.importorskip("tensorboard")
+    killed = infra.MetricsReport("tensorboard", str(tmp_path), 0, {})
+    killed({"step": 1, "loss": 1.0})
+    killed({"step": 2, "loss": 2.0})  # after the checkpoint of step 1: repeated by the resumed run
+    killed.close()
+    resumed = infra.MetricsReport("tensorboard", str(tmp_path), 1, {})
+    resumed({"step": 2, "loss": 5.0})
+    resumed.close()
+    assert tensorboard_scalars(tmp_path / "runs") == {"loss": [(1, 1.0), (2, 5.0)]}
+
+
+@pytest.mark.parametrize("service, module", [("tensorboard", "torch.utils.tensorboard"), ("wandb", "wandb")])
+def test_report_to_a_service_whose_package_is_missing_is_a_one_line_error(service, module, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, module, None)  # `import` raises ImportError
+    with pytest.raises(SystemExit, match=f"^--report_to {service}: the {service} package is not installed"):
+        infra.MetricsReport(service, str(tmp_path), 0, {})
 
 
 # ---------------------------------------------------------------------------------------------
