@@ -5,9 +5,10 @@
 
 A Llama-3.2-1B-shaped model (hidden 2048, MLP 8192, 32 heads, 8 KV heads, vocab 128256, tied embeddings unless
 --untied; --num_hidden_layers of its 16) with random weights is built on the meta device and sharded per decoder
-layer as infra.load_model shards it, wrapped as sft.py wraps it. It trains --steps AdamW steps (fp32) on random
-tokens with sft.py's loss; then infra.save_checkpoint writes a checkpoint and infra.load_checkpoint reads it back
-into the same model and optimizer, as a resume does.
+layer as infra.load_model shards it, in sft.py's wrapper (modeling.CausalLMLogProbs). It trains --steps AdamW
+steps (fp32) on random tokens with sft.py's loss; then infra.save_checkpoint writes a checkpoint and
+infra.load_checkpoint reads it back into the same model and optimizer (which still holds its moments, so the read
+allocates a second set beside them; a resumed run's optimizer has none).
 
 Per rank: the training peak (VmHWM at the end of the steps: the process's peak so far), the peak while writing
 and while reading (VmHWM, reset through /proc/self/clear_refs just before each), the RSS before each, seconds.
@@ -26,7 +27,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import infra  # noqa: E402
-import sft  # noqa: E402
+import modeling  # noqa: E402
 
 
 def memory_gb(field: str) -> float:
@@ -51,7 +52,7 @@ def build_model(args):
                          vocab_size=128256, num_hidden_layers=args.num_hidden_layers, max_position_embeddings=8192,
                          tie_word_embeddings=not args.untied, use_cache=False)
     with torch.device("meta"):
-        model = sft.CausalLMLogProbs(AutoModelForCausalLM.from_config(config, dtype=torch.float32))
+        model = modeling.CausalLMLogProbs(AutoModelForCausalLM.from_config(config, dtype=torch.float32))
     for layer in model.model.model.layers:
         fully_shard(layer)
     fully_shard(model)
