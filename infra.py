@@ -22,19 +22,21 @@ import inspect
 import itertools
 import json
 import os
+import re
 import shutil
 import signal
 import socket
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.checkpoint import HuggingFaceStorageReader
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, Shard
 from transformers.utils import cached_file
 
 
@@ -419,7 +421,11 @@ def write_durably(path: str, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(path + ".tmp", path)
-    directory = os.open(os.path.dirname(path), os.O_RDONLY)  # the rename itself survives a power loss too
+    fsync_directory(os.path.dirname(path))  # the rename itself survives a power loss too
+
+
+def fsync_directory(path: str) -> None:
+    directory = os.open(path, os.O_RDONLY)
     os.fsync(directory)
     os.close(directory)
 
@@ -484,6 +490,9 @@ def resume_checkpoint(output_dir: str, run_facts: dict, world_size: int):
     path = os.path.join(output_dir, max(done, key=lambda name: int(name.removeprefix("checkpoint-"))))
     with open(os.path.join(path, CHECKPOINT_DONE)) as f:
         saved = json.load(f)
+    if "world_size" not in saved:  # DCP's shard files, tied weights unsupported
+        raise SystemExit(f"{path}: a checkpoint in the format before one file per rank; finish this run with the "
+                         "version of this script that wrote it")
     changed = [name for name in ("data", "model") if saved[name] != run_facts[name]]
     if changed:
         raise SystemExit(f"--resume: the {' and the '.join(changed)} changed since {path} was written "
@@ -501,31 +510,201 @@ def resume_checkpoint(output_dir: str, run_facts: dict, world_size: int):
 
 
 def save_checkpoint(model, optimizer, scheduler, step: int, output_dir: str, rank: int, run_facts: dict) -> None:
-    """output_dir/checkpoint-{step}: each rank writes its own shards of the weights and AdamW moments (DCP,
-    safetensors, fsynced); then rank 0 writes the trainer state, the mark of a complete checkpoint, and only
-    then removes the older ones. The data position and the global RNG are functions of the step."""
+    """output_dir/checkpoint-{step}: each rank streams its own rows of the weights and of the AdamW state into its
+    own safetensors file, straight from the tensors' memory (no full tensor, no second copy of the state), and
+    fsyncs it; then rank 0 writes the trainer state, the mark of a complete checkpoint, and only then removes the
+    older ones. The data position and the global RNG are functions of the step."""
     path = os.path.join(output_dir, f"checkpoint-{step}")
-    state = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)["state"]}
-    dcp.save(state, storage_writer=HuggingFaceStorageWriter(path, save_distributed=True))
-    if rank == 0:  # dcp.save returns on rank 0 after every rank has reported its files written
-        write_durably(os.path.join(path, CHECKPOINT_DONE),
-                      json.dumps({"step": step, "scheduler": scheduler.state_dict(), **run_facts}))
+    os.makedirs(path, exist_ok=True)
+    world_size = dist.get_world_size()
+    tensors, rows = {}, {}  # {name: this rank's tensor}, {name: [the first row this rank holds, the rows in all]}
+    for name, tensor in checkpoint_tensors(model, optimizer):
+        if isinstance(tensor, DTensor):  # a weight or a moment: this rank's rows
+            tensors[name], rows[name] = local_rows(tensor)
+        elif rank == 0:  # AdamW's step count, the same on every rank: stored once
+            tensors[name] = tensor
+    write_safetensors(os.path.join(path, checkpoint_file(rank, world_size)), tensors, {"rows": json.dumps(rows)})
+    dist.barrier()  # every rank's file is written and fsynced
+    if rank == 0:
+        write_durably(os.path.join(path, CHECKPOINT_DONE), json.dumps(
+            {"step": step, "world_size": world_size, "scheduler": scheduler.state_dict(), **run_facts}))
         remove_checkpoints(output_dir, keep=path)
     dist.barrier()
 
 
 def load_checkpoint(model, optimizer, scheduler, checkpoint) -> int:
-    """Restore weights, AdamW moments and scheduler, resharded onto this launch's ranks; return the step."""
+    """Restore weights, AdamW state and scheduler, resharded onto this launch's ranks; return the step. Each rank
+    reads just its own rows of each tensor from whichever files hold them: into the weights in place (a tied
+    weight into the one tensor its names share, so it stays tied) and into moments made for it."""
     path, saved = checkpoint
-    optimizer_state = get_optimizer_state_dict(model, optimizer)  # creates the moments to load into
-    state = {"model": get_model_state_dict(model), "optimizer": optimizer_state["state"]}
-    dcp.load(state, storage_reader=HuggingFaceStorageReader(path))  # each rank reads the slices of its shards
-    set_model_state_dict(model, state["model"])
-    set_optimizer_state_dict(model, optimizer, optimizer_state)
+    stored = read_checkpoint_index([os.path.join(path, checkpoint_file(r, saved["world_size"]))
+                                    for r in range(saved["world_size"])])
+    parameters = checkpoint_parameters(model)
+    moments = {name: {entry.removeprefix(name + "."): entry for entry in stored if entry.startswith(name + ".")}
+               for name in parameters}  # (none for a parameter that never had a gradient, as in the run)
+    known = set(parameters).union(*(entries.values() for entries in moments.values()))
+    if stored.keys() != known:  # another model's names, or a tensor stored under another of its names
+        raise RuntimeError(f"{path} holds {sorted(stored.keys() - known)[:3]}, which this model does not have, and "
+                           f"lacks {sorted(known - stored.keys())[:3]}")
+    index = {id(param): i for i, param in enumerate(p for group in optimizer.param_groups for p in group["params"])}
+    state = {}
+    with torch.no_grad():
+        for name, param in parameters.items():
+            read_rows(stored[name], into=param)
+            if moments[name]:
+                state[index[id(param)]] = {key: read_rows(stored[entry], into=torch.empty_like(param) if
+                                                          stored[entry][0].first_row is not None else None)
+                                           for key, entry in moments[name].items()}
+    # torch's own rule puts each value on its parameter's device (the step count too, for a fused AdamW)
+    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
     scheduler.load_state_dict(saved["scheduler"])
     for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):  # the scheduler state alone
         group["lr"] = lr                                                    # does not reach the optimizer
     return saved["step"]
+
+
+def checkpoint_tensors(model, optimizer):
+    """(name, tensor) of each weight a checkpoint stores, each followed by `name.key` of its AdamW state."""
+    for name, param in checkpoint_parameters(model).items():
+        yield name, param
+        for key, value in optimizer.state.get(param, {}).items():
+            yield f"{name}.{key}", value
+
+
+def checkpoint_parameters(model) -> dict:
+    """{name: parameter}, each parameter once. A parameter under several names (tied embeddings, or any other
+    set) goes under the one name save_pretrained keeps for it: save_pretrained drops each name that matches a
+    `_tied_weights_keys` pattern of a Hugging Face model inside (from_pretrained ties those back to their
+    source). A set left with other than one name, or two parameters that share memory, is sharing that neither
+    knows: it stops here rather than store a tensor twice or load it back untied."""
+    tied_names = [f"{prefix}.{key}" if prefix else key for prefix, module in model.named_modules()
+                  for key in getattr(module, "_tied_weights_keys", None) or {}]
+    aliases = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(param), (param, []))[1].append(name)
+    parameters, memory = {}, {}  # {the address of a tensor's memory: its name}
+    for param, names in aliases.values():
+        kept = names if len(names) == 1 else [name for name in names if not any(re.search(t, name) for t in tied_names)]
+        local = param.to_local() if isinstance(param, DTensor) else param
+        address = local.untyped_storage().data_ptr() if local.numel() else None
+        if len(kept) != 1 or address in memory:
+            raise RuntimeError(f"{', '.join(names + [memory[address]] if address in memory else names)} share memory "
+                               "in a way that no _tied_weights_keys of the model declares: a checkpoint would store "
+                               "them twice and load them back untied")
+        parameters[kept[0]] = param
+        if address is not None:
+            memory[address] = kept[0]
+    return parameters
+
+
+def local_rows(tensor) -> tuple:
+    """(this rank's rows of a weight or moment, [the index of its first row, the rows in all]), as FSDP2 shards
+    a tensor: dim 0 cut into torch.chunk's pieces over one mesh dimension (the last ranks may hold none)."""
+    mesh, total = tensor.device_mesh, tensor.shape[0] if tensor.dim() else 0
+    per_rank = -(-total // mesh.size())
+    first = min(mesh.get_local_rank() * per_rank, total)
+    local = tensor.to_local()
+    if tensor.placements != (Shard(0),) or mesh.ndim != 1 or not tensor.dim() or not local.is_contiguous() \
+            or local.shape[0] != min(per_rank, total - first):
+        raise RuntimeError(f"a tensor {list(tensor.shape)} sharded as {tensor.placements} over {mesh}: checkpoints "
+                           "store FSDP2's row shards over one mesh dimension only")
+    return local, [first, total]
+
+
+def checkpoint_file(rank: int, world_size: int) -> str:
+    return f"rank-{rank:05d}-of-{world_size:05d}.safetensors"
+
+
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
+                      torch.int64: "I64", torch.int32: "I32"}
+COPY_CHUNK_BYTES = 64 * 2**20  # what crosses between a GPU and the host at a time
+
+
+def write_safetensors(path: str, tensors: dict, metadata: dict) -> None:
+    """A safetensors file of `tensors`, their bytes written in place from their own memory (from a GPU, a chunk at
+    a time), fsynced with its directory entry."""
+    header, offset = {"__metadata__": {"format": "pt", **metadata}}, 0
+    for name, tensor in tensors.items():
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with open(path, "wb") as f:
+        f.write(len(encoded).to_bytes(8, "little") + encoded)
+        for tensor in tensors.values():
+            flat = tensor.detach().reshape(-1).view(torch.uint8)  # a view: the tensor is contiguous
+            for start in range(0, flat.numel(), COPY_CHUNK_BYTES):
+                f.write(flat[start:start + COPY_CHUNK_BYTES].cpu().numpy())  # (on the CPU, .cpu() copies nothing)
+        f.flush()
+        os.fsync(f.fileno())
+    fsync_directory(os.path.dirname(path))
+
+
+class StoredPiece(NamedTuple):
+    """Where one rank's rows of a tensor lie in a checkpoint: file, byte offset, dtype, shape, first row (or None:
+    the whole tensor, stored once)."""
+    file: str
+    offset: int
+    dtype: torch.dtype
+    shape: list
+    first_row: int | None
+
+
+def read_checkpoint_index(files: list) -> dict:
+    """{name: [StoredPiece per file holding some of it]} from the files' safetensors headers."""
+    dtypes = {code: dtype for dtype, code in SAFETENSORS_DTYPES.items()}
+    stored = {}
+    for file in files:
+        with open(file, "rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(length))
+        rows = json.loads(header.pop("__metadata__")["rows"])
+        for name, entry in header.items():
+            stored.setdefault(name, []).append(StoredPiece(file, 8 + length + entry["data_offsets"][0],
+                                                           dtypes[entry["dtype"]], entry["shape"],
+                                                           rows[name][0] if name in rows else None))
+    return stored
+
+
+def read_rows(pieces: list, into=None):
+    """`into` (a DTensor) with this rank's rows read from the pieces that hold them; with into=None, the tensor
+    that the one piece holds whole (a step count)."""
+    if into is None:
+        piece = pieces[0]
+        return read_bytes(piece.file, piece.offset, torch.empty(piece.shape, dtype=piece.dtype))
+    local, (first, total) = local_rows(into)
+    filled = 0
+    for piece in pieces:
+        if piece.dtype != local.dtype or piece.shape[1:] != list(local.shape[1:]):
+            raise RuntimeError(f"{piece.file} holds a {piece.dtype} {piece.shape} shard of a {local.dtype} "
+                               f"{[total, *local.shape[1:]]} tensor")
+        low, high = max(first, piece.first_row), min(first + local.shape[0], piece.first_row + piece.shape[0])
+        if low < high:
+            row_bytes = local[0].numel() * local.element_size()
+            read_bytes(piece.file, piece.offset + (low - piece.first_row) * row_bytes, local[low - first:high - first])
+            filled += high - low
+    if filled != local.shape[0]:
+        raise RuntimeError(f"the checkpoint's files hold {filled} of this rank's {local.shape[0]} rows")
+    return into
+
+
+def read_bytes(file: str, offset: int, into):
+    """Fill the contiguous tensor `into` with the bytes of `file` from `offset` on: read straight into its memory
+    (on a GPU, through the host a chunk at a time)."""
+    flat = into.reshape(-1).view(torch.uint8)
+    with open(file, "rb") as f:
+        f.seek(offset)
+        for start in range(0, flat.numel(), COPY_CHUNK_BYTES):
+            chunk = flat[start:start + COPY_CHUNK_BYTES]
+            host = chunk if chunk.device.type == "cpu" else torch.empty_like(chunk, device="cpu")
+            if f.readinto(host.numpy()) != host.numel():
+                raise SystemExit(f"{file}: shorter than its header says, so this checkpoint is damaged; restore the "
+                                 "file, or start the run again in a new --output_dir")
+            if host is not chunk:
+                chunk.copy_(host)
+    return into
 
 
 def remove_checkpoints(output_dir: str, keep: str | None) -> None:

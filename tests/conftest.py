@@ -75,6 +75,15 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
 
 
 @pytest.fixture(scope="session")
+def tiny_tied_model_dir(tmp_path_factory, tiny_tokenizer):
+    """The tiny Llama with its output embeddings tied to its input embeddings, as SmolLM2's and Llama-3.2's are."""
+    path = tmp_path_factory.mktemp("tiny_tied_model")
+    build_tiny_model(tiny_tokenizer, tie_word_embeddings=True).save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
 def bundled_model_dir():
     if not os.path.exists(os.path.join(BUNDLED_MODEL, "model.safetensors")):
         pytest.fail(f"bundled model missing at {BUNDLED_MODEL}: run `python data/fetch_offline.py` (make test does)")

@@ -97,18 +97,21 @@ def stage_run(family, stage, *flags):
     """One optimizer step of a stage on the family's model; returns its output directory."""
     out = family["path"] / "-".join([stage, *flags]).replace("--", "")
     if not out.exists():
-        common = ["--model_name_or_path", family["model_dir"], "--output_dir", str(out), "--learning_rate", "1e-3"]
-        if stage == "rlvr":
-            run_in_process(rlvr.main, common + [
-                "--dataset_mixer_list", str(family["files"]["rlvr"]), "1.0", "--num_unique_prompts_rollout", "2",
-                "--num_samples_per_prompt_rollout", "2", "--total_episodes", "4", "--response_length", "4",
-                "--max_seq_length", "64", "--per_device_train_batch_size", "2", "--num_mini_batches", "1", *flags])
-        else:
-            run_in_process((sft if stage == "sft" else dpo).main, common + [
-                "--dataset_mixer_list", str(family["files"][stage]), "1.0", "--max_seq_length", "128",
-                "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "1", "--max_train_steps", "1",
-                *flags])
+        run_in_process(*stage_command(family, stage, out, *flags))
     return out
+
+
+def stage_command(family, stage, out, *flags):
+    """(main, argv) of one optimizer step of a stage on the family's model (flags may ask for more)."""
+    common = ["--model_name_or_path", family["model_dir"], "--output_dir", str(out), "--learning_rate", "1e-3"]
+    if stage == "rlvr":
+        return rlvr.main, common + [
+            "--dataset_mixer_list", str(family["files"]["rlvr"]), "1.0", "--num_unique_prompts_rollout", "2",
+            "--num_samples_per_prompt_rollout", "2", "--total_episodes", "4", "--response_length", "4",
+            "--max_seq_length", "64", "--per_device_train_batch_size", "2", "--num_mini_batches", "1", *flags]
+    return (sft if stage == "sft" else dpo).main, common + [
+        "--dataset_mixer_list", str(family["files"][stage]), "1.0", "--max_seq_length", "128",
+        "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "1", "--max_train_steps", "1", *flags]
 
 
 def hf_label_logprobs(family, messages):
@@ -183,6 +186,28 @@ def test_saved_model_reloads_with_every_weight_changed_and_ties_kept(family):
     reloaded, original = (AutoModelForCausalLM.from_pretrained(d) for d in (out, family["model_dir"]))
     tied = original.get_output_embeddings().weight is original.get_input_embeddings().weight
     assert (reloaded.get_output_embeddings().weight is reloaded.get_input_embeddings().weight) == tied
+
+
+TWO_STEPS = {"sft": ("sft", "--max_train_steps", "2"), "dpo": ("dpo", "--max_train_steps", "2"),
+             "grpo": ("rlvr", "--algo", "grpo", "--total_episodes", "8"),
+             "ppo": ("rlvr", "--algo", "ppo", "--total_episodes", "8")}
+
+
+@pytest.mark.full
+@pytest.mark.parametrize("stage", TWO_STEPS)
+def test_a_run_resumed_from_its_checkpoint_saves_bitwise_the_same_model(family, stage):
+    """Two steps with a checkpoint after the first; with the final model removed, the same command resumes
+    from the checkpoint (its weights, tied ones too, and AdamW state) and saves the same bytes."""
+    script, *flags = TWO_STEPS[stage]
+    out = family["path"] / f"resumed-{stage}"
+    main, argv = stage_command(family, script, out, *flags, "--checkpointing_steps", "1", "--resume")
+    run_in_process(main, argv)
+    weights, first_step = (out / "model.safetensors").read_bytes(), read_metrics(out)[0]
+    assert json.loads((out / "checkpoint-1" / "trainer_state.json").read_text())["step"] == 1
+    os.remove(out / "config.json")
+    run_in_process(main, argv)
+    assert [m["step"] for m in read_metrics(out)] == [1, 2] and read_metrics(out)[0] == first_step  # (its timings)
+    assert (out / "model.safetensors").read_bytes() == weights
 
 
 def test_eval_batched_greedy_equals_each_prompt_alone(family):

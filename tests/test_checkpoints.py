@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import transformers
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.distributed.tensor import DTensor
 
@@ -117,14 +118,10 @@ def newest_complete_checkpoint(output_dir) -> int:
 
 
 def assert_same_run(output_dir, reference_dir):
-    """Same per-step losses and final weights as the uninterrupted run, and nothing left half-done."""
+    """Bitwise the uninterrupted run's per-step losses and final weights, and nothing left half-done."""
     ran, expected = read_metrics(output_dir), read_metrics(reference_dir)
-    assert [m["step"] for m in ran] == [m["step"] for m in expected]
-    for a, b in zip(ran, expected):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-7) and a["lr"] == b["lr"], (a, b)
-    weights, reference = (load_file(os.path.join(d, "model.safetensors")) for d in (output_dir, reference_dir))
-    for name in reference:
-        torch.testing.assert_close(weights[name], reference[name], rtol=1e-6, atol=1e-7)
+    assert [(m["step"], m["loss"], m["lr"]) for m in ran] == [(m["step"], m["loss"], m["lr"]) for m in expected]
+    assert (output_dir / "model.safetensors").read_bytes() == (reference_dir / "model.safetensors").read_bytes()
     assert sorted(os.listdir(output_dir)) == sorted(os.listdir(reference_dir))
 
 
@@ -137,10 +134,17 @@ STAGES = {  # the stage's main and its arguments for a 3-step run with a checkpo
         "--output_dir", str(out), "--max_seq_length", "128", "--per_device_train_batch_size", "2",
         "--gradient_accumulation_steps", "1", "--learning_rate", "1e-3", "--dpo_beta", "0.5",
         "--max_train_steps", "3", "--checkpointing_steps", "1", "--resume"]),
-    "rlvr": lambda model, tmp, out: (rlvr.main, test_rlvr_train.base_args(
-        model, test_rlvr_train.write_rlvr_data(tmp / "rlvr.jsonl"), out, "--total_episodes", "24",
-        "--checkpointing_steps", "1", "--resume")),
+    **{algo: lambda model, tmp, out, algo=algo: (rlvr.main, test_rlvr_train.base_args(
+        model, test_rlvr_train.write_rlvr_data(tmp / "rlvr.jsonl"), out, "--algo", algo, "--total_episodes", "24",
+        "--checkpointing_steps", "1", "--resume")) for algo in ("grpo", "ppo")},
 }
+TIES = ("untied", "tied")  # the tiny Llama as it is, and with its output embeddings tied to its input embeddings
+
+
+@pytest.fixture
+def tiny_model(request, tiny_model_dir, tiny_tied_model_dir):
+    """The tiny model directory a test's `tie` parameter names."""
+    return tiny_tied_model_dir if request.node.callspec.params["tie"] == "tied" else tiny_model_dir
 
 
 def kind(op: str) -> str:
@@ -151,16 +155,18 @@ def kind(op: str) -> str:
 # Where DPO and RLVR are killed: the checkpoint they replace is still complete, then half deleted (the
 # instants of the old two-rename window), the final model is all in but its config.json, and DPO's
 # reference cache is written but not yet moved in.
-STAGE_KILLS = ("os.remove checkpoint-1/trainer_state.json", "os.remove checkpoint-1/shard-00001-model-00001-of-00001"
-               ".safetensors", "os.rename model.tmp/config.json", "os.rename reference_logps/")
+STAGE_KILLS = ("os.remove checkpoint-1/trainer_state.json", "os.remove checkpoint-1/rank-00000-of-00001.safetensors",
+               "os.rename model.tmp/config.json", "os.rename reference_logps/")
 
 
-@pytest.mark.parametrize("stage", STAGES)
-def test_a_kill_at_any_file_operation_resumes_onto_the_uninterrupted_run(stage, tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("stage, tie", [
+    pytest.param(stage, tie, marks=[pytest.mark.full] * (tie == "tied" or stage == "ppo"))  # the slow ones
+    for stage in STAGES for tie in TIES])
+def test_a_kill_at_any_file_operation_resumes_onto_the_uninterrupted_run(stage, tie, tiny_model, tmp_path):
     """SFT is killed before the first and the last operation of each kind (28 of its 37), DPO and RLVR at the
     instants of STAGE_KILLS; each killed run is resumed by the same command and must reach the uninterrupted
-    run's losses and weights, never resuming from an older checkpoint than the newest committed."""
-    main, argv = STAGES[stage](tiny_model_dir, tmp_path, tmp_path / "straight")
+    run's losses and weights bitwise, never resuming from an older checkpoint than the newest committed."""
+    main, argv = STAGES[stage](tiny_model, tmp_path, tmp_path / "straight")
     ops = run_killed_at(main, argv, tmp_path / "straight", None)  # --resume on a new directory starts the run
     assert "os.rename checkpoint-2/trainer_state.json.tmp" in ops and "shutil.rmtree checkpoint-1" in ops
     if stage == "sft":  # before the first and the last operation of each kind
@@ -173,7 +179,7 @@ def test_a_kill_at_any_file_operation_resumes_onto_the_uninterrupted_run(stage, 
         kill_points = [index for index, op in enumerate(ops, start=1) if op.startswith(STAGE_KILLS)]
         assert len(kill_points) == 3 + (stage == "dpo"), ops
     for pair in [kill_points[i:i + 2] for i in range(0, len(kill_points), 2)]:  # two at a time: one per core
-        runs = {kill_at: STAGES[stage](tiny_model_dir, tmp_path, tmp_path / f"killed-{kill_at}") for kill_at in pair}
+        runs = {kill_at: STAGES[stage](tiny_model, tmp_path, tmp_path / f"killed-{kill_at}") for kill_at in pair}
         killed = {k: start_killed_at(main, argv, tmp_path / f"killed-{k}", k) for k, (main, argv) in runs.items()}
         for kill_at, started in killed.items():
             out, done = tmp_path / f"killed-{kill_at}", finish(started)
@@ -187,6 +193,99 @@ def test_a_kill_at_any_file_operation_resumes_onto_the_uninterrupted_run(stage, 
         for kill_at, started in zip(runs, resumed):
             finish(started)
             assert_same_run(tmp_path / f"killed-{kill_at}", tmp_path / "straight")
+
+
+STAGE_PREFIXES = {"sft": "model.", "dpo": "model.", "grpo": "policy.model.", "ppo": "policy.model."}  # the HF model's
+ADAMW_STATE = ("exp_avg", "exp_avg_sq", "step")
+
+
+@pytest.mark.parametrize("tie", TIES)
+@pytest.mark.parametrize("stage", STAGES)
+def test_a_run_resumed_from_its_checkpoint_trains_bitwise_the_uninterrupted_runs_weights(stage, tie, tiny_model,
+                                                                                          tmp_path, monkeypatch):
+    """The checkpoint holds each weight once, under the name save_pretrained gives it (a tied one: the input
+    embeddings'), and one set of AdamW moments for it; after the load a tied weight is still one tensor."""
+    out = tmp_path / "out"
+    main, argv = STAGES[stage](tiny_model, tmp_path, out)
+    run_in_process(main, argv)  # 3 steps; checkpoint-2 stays
+    straight = {"weights": (out / "model.safetensors").read_bytes(), "metrics": read_metrics(out)}
+    with safe_open(out / "model.safetensors", "pt") as f:
+        saved_by_save_pretrained = set(f.keys())
+    with safe_open(out / "checkpoint-2" / "rank-00000-of-00001.safetensors", "pt") as f:
+        stored = set(f.keys())
+    weights = {name for name in stored if name.rsplit(".", 1)[-1] not in ADAMW_STATE}
+    assert stored == {f"{name}{state}" for name in weights for state in ["", *(f".{s}" for s in ADAMW_STATE)]}
+    prefix = STAGE_PREFIXES[stage]
+    assert {name.removeprefix(prefix) for name in weights if name.startswith(prefix)} == saved_by_save_pretrained
+    assert ("model.lm_head.weight" in saved_by_save_pretrained) == (tie == "untied")
+    if stage == "ppo":  # the value model: the policy's base model and a scalar head
+        assert {name for name in weights if name.startswith("value.")} == {"value.score.weight"} | {
+            f"value.{name}" for name in saved_by_save_pretrained if name.startswith("model.")}
+
+    real_load, loaded = infra.load_checkpoint, {}
+
+    def load_and_look(model, optimizer, scheduler, checkpoint):
+        step = real_load(model, optimizer, scheduler, checkpoint)
+        lm = next(module for module in model.modules()
+                  if isinstance(module, transformers.PreTrainedModel) and module.get_output_embeddings())
+        loaded.update(tied=lm.get_output_embeddings().weight is lm.get_input_embeddings().weight,
+                      moments=len(optimizer.state), parameters=len(list(model.parameters())))
+        return step
+    monkeypatch.setattr(infra, "load_checkpoint", load_and_look)
+    os.remove(out / "config.json")  # the final model is not there: the same command resumes at checkpoint-2
+    run_in_process(main, argv)
+    assert loaded == {"tied": tie == "tied", "moments": loaded["parameters"], "parameters": loaded["parameters"]}
+    assert (out / "model.safetensors").read_bytes() == straight["weights"]
+    assert [(m["loss"], m["lr"]) for m in read_metrics(out)] == [(m["loss"], m["lr"]) for m in straight["metrics"]]
+
+
+def test_a_tied_weight_is_one_entry_under_the_name_save_pretrained_keeps(tiny_tokenizer):
+    model = sft.CausalLMLogProbs(build_tiny_model(tiny_tokenizer, tie_word_embeddings=True))
+    parameters = infra.checkpoint_parameters(model)
+    assert "model.model.embed_tokens.weight" in parameters and "model.lm_head.weight" not in parameters
+    assert list(parameters.values()) == list(model.parameters())  # every parameter once
+
+
+def test_memory_shared_in_a_way_the_model_does_not_declare_stops_the_checkpoint(tiny_tokenizer):
+    model = sft.CausalLMLogProbs(build_tiny_model(tiny_tokenizer))
+    mlp = model.model.model.layers[0].mlp
+    mlp.up_proj.weight = mlp.gate_proj.weight  # one parameter under two names that no _tied_weights_keys names
+    shared = r"model.model.layers.0.mlp.(gate|up)_proj.weight, model.model.layers.0.mlp.(gate|up)_proj.weight share"
+    with pytest.raises(RuntimeError, match=shared + " memory in a way that no _tied_weights_keys of the model declares"):
+        infra.checkpoint_parameters(model)
+    mlp.up_proj.weight = torch.nn.Parameter(mlp.gate_proj.weight.detach())  # two parameters over one memory
+    with pytest.raises(RuntimeError, match=shared):
+        infra.checkpoint_parameters(model)
+
+
+def test_a_checkpoint_file_cut_short_is_refused_by_name(tmp_path):
+    path = str(tmp_path / "rank-00000-of-00001.safetensors")
+    weights = torch.arange(6.0).reshape(3, 2)
+    infra.write_safetensors(path, {"w": weights}, {"rows": json.dumps({"w": [0, 3]})})
+    stored = infra.read_checkpoint_index([path])
+    assert torch.equal(infra.read_bytes(path, stored["w"][0].offset, torch.empty(3, 2)), weights)
+    with safe_open(path, "pt") as f:  # a plain safetensors file
+        assert torch.equal(f.get_tensor("w"), weights)
+    os.truncate(path, os.path.getsize(path) - 4)
+    with pytest.raises(SystemExit, match=f"{path}: shorter than its header says"):
+        infra.read_bytes(path, stored["w"][0].offset, torch.empty(3, 2))
+
+
+def test_the_bundled_tied_model_checkpoints_and_resumes_bitwise(bundled_model_dir, tmp_path):
+    """The command a new user types: SmolLM2 ties its head to its input embeddings."""
+    out = tmp_path / "out"
+    argv = ["--model_name_or_path", bundled_model_dir, "--dataset_mixer_list",
+            os.path.join(ROOT, "data", "demo", "sft_train.jsonl"), "1.0", "--output_dir", str(out),
+            "--checkpointing_steps", "1", "--max_train_steps", "2", "--per_device_train_batch_size", "1",
+            "--gradient_accumulation_steps", "1", "--max_seq_length", "128"]
+    test_sft.run_sft(argv)
+    assert json.loads((out / "checkpoint-1" / "trainer_state.json").read_text())["step"] == 1
+    with safe_open(out / "checkpoint-1" / "rank-00000-of-00001.safetensors", "pt") as f:
+        assert "model.model.embed_tokens.weight" in f.keys() and "model.lm_head.weight" not in f.keys()
+    weights = (out / "model.safetensors").read_bytes()
+    os.remove(out / "config.json")  # as if killed during step 2: the same command with --resume finishes it
+    test_sft.run_sft(argv + ["--resume"])
+    assert (out / "model.safetensors").read_bytes() == weights
 
 
 def test_truncated_metrics_drop_a_half_written_last_line_and_the_steps_after_the_checkpoint(tmp_path):
@@ -277,10 +376,10 @@ def interrupted_sft_run(model_dir, data, output_dir, monkeypatch, *flags):
             test_sft.run_sft(test_sft.base_args(model_dir, data, output_dir, "--checkpointing_steps", "2", *flags))
 
 
-def test_a_resume_with_other_data_or_another_base_model_is_refused(tiny_model_dir, tiny_tokenizer, tmp_path,
-                                                                    monkeypatch):
+@pytest.mark.parametrize("tie", [TIES[0], pytest.param(TIES[1], marks=pytest.mark.full)])
+def test_a_resume_with_other_data_or_another_base_model_is_refused(tie, tiny_tokenizer, tmp_path, monkeypatch):
     model = tmp_path / "model"
-    build_tiny_model(tiny_tokenizer).save_pretrained(model)
+    build_tiny_model(tiny_tokenizer, tie_word_embeddings=tie == "tied").save_pretrained(model)
     tiny_tokenizer.save_pretrained(model)
     data = tmp_path / "data.jsonl"
     test_sft.write_dataset(data)
@@ -292,7 +391,7 @@ def test_a_resume_with_other_data_or_another_base_model_is_refused(tiny_model_di
     with pytest.raises(SystemExit, match="the data changed since .*checkpoint-2"):
         test_sft.run_sft(resume)
     data.write_text(original)
-    build_tiny_model(tiny_tokenizer, seed=1).save_pretrained(model)
+    build_tiny_model(tiny_tokenizer, seed=1, tie_word_embeddings=tie == "tied").save_pretrained(model)
     with pytest.raises(SystemExit, match="the model changed since .*checkpoint-2"):
         test_sft.run_sft(resume)
 
@@ -300,22 +399,60 @@ def test_a_resume_with_other_data_or_another_base_model_is_refused(tiny_model_di
 # ---------------------------------------------------------------------------------------------
 # Resume on another number of ranks
 
+def training_state(model, optimizer) -> dict:
+    """{name: full tensor} of the weights and AdamW state that a checkpoint stores (every rank calls it)."""
+    return {name: tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+            for name, tensor in infra.checkpoint_tensors(model, optimizer)}
+
+
+def check_loads_bitwise(patch):
+    """Each checkpoint's full state is kept beside its output directory as it is saved; a load must restore it
+    bitwise."""
+    save, load = infra.save_checkpoint, infra.load_checkpoint
+
+    def save_and_keep(model, optimizer, scheduler, step, directory, rank, run_facts):
+        save(model, optimizer, scheduler, step, directory, rank, run_facts)
+        state = training_state(model, optimizer)
+        if rank == 0:
+            save_file(state, f"{directory}.state-{step}.safetensors")
+
+    def load_and_compare(model, optimizer, scheduler, checkpoint):
+        step = load(model, optimizer, scheduler, checkpoint)
+        state = training_state(model, optimizer)
+        saved = load_file(f"{os.path.dirname(checkpoint[0])}.state-{step}.safetensors")
+        assert state.keys() == saved.keys()
+        assert [name for name in saved if not torch.equal(state[name], saved[name])] == []
+        return step
+    patch.setattr(infra, "save_checkpoint", save_and_keep)
+    patch.setattr(infra, "load_checkpoint", load_and_compare)
+
+
 def two_rank_worker(rank, ports, runs):
     """Each (argv, interrupted) in runs as one launch of `torchrun --nproc_per_node 2 sft.py argv`."""
     torch.set_num_threads(1)
     for port, (argv, interrupted) in zip(ports, runs):
         os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=port)
-        if interrupted:
-            with pytest.MonkeyPatch.context() as patch:
+        with pytest.MonkeyPatch.context() as patch:
+            check_loads_bitwise(patch)
+            if interrupted:
                 test_sft.interrupt_at_step(patch, 3)
                 with pytest.raises(test_sft.Interrupt):
                     sft.main(argv)
-        else:
-            sft.main(argv)
+            else:
+                sft.main(argv)
 
 
-def test_a_run_resumed_on_another_number_of_ranks_continues_the_same_curve(tiny_model_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("tie", [TIES[0], pytest.param(TIES[1], marks=pytest.mark.full)])
+def test_a_run_resumed_on_another_number_of_ranks_loads_its_state_bitwise_and_continues_the_same_curve(
+        tie, tiny_tokenizer, tmp_path, monkeypatch):
+    """2 -> 1 and 1 -> 2 ranks: the weights and AdamW state as loaded equal bitwise those saved (an odd number of
+    embedding rows: rank 0 holds one more)."""
+    tiny_model_dir = str(tmp_path / "model")
+    build_tiny_model(tiny_tokenizer, vocab_size=len(tiny_tokenizer) + 1 - len(tiny_tokenizer) % 2,
+                     tie_word_embeddings=tie == "tied").save_pretrained(tiny_model_dir)
+    tiny_tokenizer.save_pretrained(tiny_model_dir)
+    check_loads_bitwise(monkeypatch)
     data = test_sft.write_dataset(tmp_path / "data.jsonl")
     one_rank = ("--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2")  # 4 sequences a step
     two_ranks = ("--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "2")  # 1 x 2 x 2 ranks
