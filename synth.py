@@ -634,9 +634,10 @@ def summarize(args, output, items: list[dict], run_seconds: float, run_items: in
 def main(argv=None) -> dict | None:
     args = parse_args(argv)
     rank, world_size, device = infra.init_distributed()
+    output = None
     try:
         items, flags = plan(args)
-        verdict, output = [""], None
+        verdict = [""]
         if rank == 0:  # claim --output before any model loads; every rank stops on rank 0's verdict
             try:
                 output = infra.ResumableJsonl(args.output, {k: v for k, v in vars(args).items()
@@ -667,10 +668,11 @@ def main(argv=None) -> dict | None:
                     bar.update(len(chunks[k]) if k is not None else 0)
         if rank == 0:
             summary = summarize(args, output, items, time.time() - start, run_items, run_tokens)
-            output.close()
             print(json.dumps(summary, indent=2))
             return summary
     finally:
+        if output is not None:
+            output.close()  # (and its lock)
         dist.destroy_process_group()
 
 

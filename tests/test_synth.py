@@ -163,11 +163,12 @@ def test_drawn_constraints_are_one_to_three_distinct_types_and_never_a_conflicti
 # prompts
 
 
-def test_ifeval_prompts_are_rlvr_rows_whose_prompt_states_their_ground_truth(tmp_path, stub):
+def test_ifeval_prompts_are_rlvr_rows_whose_prompt_states_their_ground_truth(tmp_path, stub, benchmarks_dir):
     server = stub(lambda model, messages, seed: "Write a letter to my neighbour about the garden party.")
     out = str(tmp_path / "if.jsonl")
     summary = run(["prompts", "--skill", "ifeval", "--num_prompts", "6", "--generator", server.model("gen"),
-                   "--output", out, "--batch_size", "4"])
+                   "--decontaminate_against", "ifeval", "--benchmark_dir", benchmarks_dir, "--output", out,
+                   "--batch_size", "4"])
     table = synth.load_constraint_table()
     rows = read_jsonl(out)
     assert [row["id"] for row in rows] == [f"ifeval-{i:07d}" for i in range(6)]
