@@ -17,6 +17,7 @@ Decontamination (--decontaminate_against gsm8k,math,...) drops a training row wh
 """
 import argparse
 import difflib
+import functools
 import json
 import math
 import os
@@ -747,12 +748,7 @@ def decontaminate(dataset, benchmarks: list[str], ngram_size: int = 8, threshold
     """
     if not 0 <= threshold < 1:
         raise ValueError(f"decontamination threshold must be in [0, 1), got {threshold}")
-    owner = {}  # n-gram hash -> index of the first benchmark containing it
-    for index, name in enumerate(benchmarks):
-        examples = load_benchmark(name, benchmark_dir)
-        for example in examples:
-            for h in ngram_hashes(example[BENCHMARK_FIELDS[name][1]], ngram_size):
-                owner.setdefault(h, index)
+    owner = benchmark_ngrams(tuple(benchmarks), ngram_size, benchmark_dir)
     per_benchmark = dict.fromkeys(benchmarks, 0)
     per_source, keep, dropped_examples = {}, [], []
     rows = dataset if isinstance(dataset, list) else _iter_rows(dataset)
@@ -760,24 +756,45 @@ def decontaminate(dataset, benchmarks: list[str], ngram_size: int = 8, threshold
         source = row.get("source", "dataset")
         counts = per_source.setdefault(source, {"rows": 0, "dropped": 0})
         counts["rows"] += 1
-        hashes = ngram_hashes(prompt_text(row, f"row {index} (source {source})"), ngram_size)
-        num_matched = sum(map(owner.__contains__, hashes))
-        if num_matched == 0 or num_matched <= threshold * len(hashes):
+        culprit, overlap = benchmark_overlap(prompt_text(row, f"row {index} (source {source})"), owner, benchmarks,
+                                             ngram_size, threshold)
+        if culprit is None:
             keep.append(index)
             continue
         counts["dropped"] += 1
-        matched = [owner[h] for h in hashes if h in owner]
-        culprit = benchmarks[max(set(matched), key=matched.count)]
         per_benchmark[culprit] += 1
         if len(dropped_examples) < 20:  # a sample, so users can see what was matched
             dropped_examples.append({"row": index, "source": source, "benchmark": culprit,
-                                     "overlap": round(len(matched) / len(hashes), 3)})
+                                     "overlap": round(overlap, 3)})
     kept = [dataset[i] for i in keep] if isinstance(dataset, list) else dataset.select(keep)
     report = {"benchmarks": benchmarks, "ngram_size": ngram_size, "threshold": threshold,
               "rows": len(dataset), "dropped": sum(per_benchmark.values()),
               "dropped_per_source": per_source, "dropped_per_benchmark": per_benchmark,
               "dropped_examples": dropped_examples}
     return kept, report
+
+
+@functools.lru_cache(maxsize=4)  # synth.py checks prompts one at a time: the index is built once per process
+def benchmark_ngrams(benchmarks: tuple, ngram_size: int, benchmark_dir: str | None = None) -> dict:
+    """{n-gram hash: index in `benchmarks` of the first benchmark whose prompts contain it}."""
+    owner = {}
+    for index, name in enumerate(benchmarks):
+        for example in load_benchmark(name, benchmark_dir):
+            for h in ngram_hashes(example[BENCHMARK_FIELDS[name][1]], ngram_size):
+                owner.setdefault(h, index)
+    return owner
+
+
+def benchmark_overlap(text: str, owner: dict, benchmarks, ngram_size: int, threshold: float) -> tuple:
+    """(the benchmark that `text` overlaps, the fraction of its n-grams found in any benchmark) when that fraction
+    is above `threshold` (each overlapping text is charged to the benchmark it shares most n-grams with), else
+    (None, the fraction)."""
+    hashes = ngram_hashes(text, ngram_size)
+    matched = [owner[h] for h in hashes if h in owner]
+    overlap = len(matched) / len(hashes) if hashes else 0.0
+    if not matched or len(matched) <= threshold * len(hashes):
+        return None, overlap
+    return benchmarks[max(set(matched), key=matched.count)], overlap
 
 
 def _iter_rows(dataset, batch_size: int = 4096):

@@ -12,6 +12,12 @@ Each stage runs as a subprocess with its real command line (printed before it ru
 previous stage's output directory and writing its own, exactly as a user would chain them:
 
     base -> sft.py -> output/demo/sft -> dpo.py -> output/demo/dpo -> rlvr.py --algo grpo -> output/demo/rlvr
+                           \-> synth.py preferences -> dpo.py -> output/demo/onpolicy/dpo   (on-policy data)
+
+The on-policy branch makes DPO data the Tülu 3 way, small: the SFT model's and the base model's completions (T 1)
+on held-out RLVR prompts that no measurement uses, rated by the verifier (`--judge verifier`), binarized into
+pairs, then a short DPO run from the SFT checkpoint on those pairs; the report gives the pairs' count and the
+checkpoint's held-out figures beside SFT's.
 
 Before the first stage and after each one, this script measures the checkpoint on the held-out
 splits (greedy decoding, so the numbers are reproducible):
@@ -117,6 +123,52 @@ def rlvr_command(args, model: str, output_dir: str) -> list[str]:
             "--response_length", str(args.max_new_tokens), "--temperature", "1.0",
             "--beta", "0.01", "--learning_rate", "3e-6", "--per_device_train_batch_size", "8",
             "--seed", str(args.seed), "--output_dir", shown_path(output_dir)]
+
+
+ONPOLICY_PROMPTS = 36  # the held-out RLVR prompts beyond the measured 24
+ONPOLICY_BATCH = 4  # pairs per optimizer step: the branch makes a dozen or two
+
+
+def synth_command(args, policy: str, base: str, onpolicy_dir: str) -> list[str]:
+    return [sys.executable, "synth.py", "preferences",
+            "--prompts", shown_path(f"{onpolicy_dir}/prompts.jsonl"),
+            "--policy", shown_path(policy), "--pool", shown_path(base), "--models_per_prompt", "1",
+            "--judge", "verifier", "--max_new_tokens", str(args.max_new_tokens), "--temperature", "1.0",
+            "--seed", str(args.seed), "--output", shown_path(f"{onpolicy_dir}/preferences.jsonl")]
+
+
+def onpolicy_dpo_command(args, model: str, onpolicy_dir: str) -> list[str]:
+    return [sys.executable, "dpo.py",
+            "--model_name_or_path", shown_path(model),
+            "--dataset_mixer_list", shown_path(f"{onpolicy_dir}/preferences.jsonl"), "1.0",
+            "--max_seq_length", "256",
+            "--per_device_train_batch_size", str(ONPOLICY_BATCH), "--gradient_accumulation_steps", "1",
+            "--dpo_loss_type", "dpo_norm", "--dpo_beta", "5",
+            "--learning_rate", "5e-6", "--lr_scheduler_type", "linear", "--warmup_ratio", "0.1",
+            "--num_train_epochs", "1", "--seed", str(args.seed),
+            "--output_dir", shown_path(f"{onpolicy_dir}/dpo")]
+
+
+def onpolicy_branch(args, heldout: dict, base: str, sft_dir: str) -> dict:
+    """Make on-policy pairs from the SFT model and the base model, then DPO from SFT on them (if they fill a batch).
+    Returns the branch's counts and, if DPO ran, its checkpoint."""
+    onpolicy_dir = os.path.join(args.output_dir, "onpolicy")
+    shutil.rmtree(onpolicy_dir, ignore_errors=True)  # a previous demo's branch (synth.py continues an output)
+    os.makedirs(onpolicy_dir)
+    measured = {row["messages"][-1]["content"] for row in heldout["rlvr"]}
+    prompts = [row for row in load_jsonl(os.path.join(DATA_DIR, "rlvr_heldout.jsonl"))
+               if row["messages"][-1]["content"] not in measured][:scaled(ONPOLICY_PROMPTS, args.scale, 4)]
+    with open(os.path.join(onpolicy_dir, "prompts.jsonl"), "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in prompts)
+    run_stage("[on-policy] pairs: SFT vs base completions, judged by the verifier",
+              synth_command(args, sft_dir, base, onpolicy_dir), onpolicy_dir)
+    pairs = len(load_jsonl(os.path.join(onpolicy_dir, "preferences.jsonl")))
+    branch = {"prompts": len(prompts), "pairs": pairs, "checkpoint": None}
+    if pairs >= ONPOLICY_BATCH:
+        branch["checkpoint"] = os.path.join(onpolicy_dir, "dpo")
+        run_stage(f"[on-policy] DPO on {pairs} pairs: {shown_path(sft_dir)} -> {shown_path(branch['checkpoint'])}",
+                  onpolicy_dpo_command(args, sft_dir, onpolicy_dir), branch["checkpoint"])
+    return branch
 
 
 def run_stage(name: str, command: list[str], stage_dir: str) -> None:
@@ -300,7 +352,7 @@ HELDOUT_COLUMNS = [("accuracy", "verifiable accuracy"), ("accuracy/gsm8k", "arit
                    ("preference_accuracy", "preference accuracy")]
 
 
-def write_report(args, heldout_figures: dict, timings: dict, heldout_sizes: dict) -> str:
+def write_report(args, heldout_figures: dict, timings: dict, heldout_sizes: dict, onpolicy: dict) -> str:
     lines = ["# Tülu 3 recipe demo: SFT -> DPO -> RLVR", "",
              f"Model `{shown_path(args.model_name_or_path)}`, scale {args.scale}, seed {args.seed}, "
              f"device {device_name()}. Wall (CPU) minutes: "
@@ -314,6 +366,11 @@ def write_report(args, heldout_figures: dict, timings: dict, heldout_sizes: dict
     for name, figures in heldout_figures.items():
         lines.append(f"| {name} | " + " | ".join(f"{figures[k]:.3f}" if k in figures else "-"
                                                   for k, _ in HELDOUT_COLUMNS) + " |")
+    lines += ["", f"On-policy branch: {onpolicy['pairs']} pairs from {onpolicy['prompts']} held-out RLVR prompts "
+              "(the SFT model's and the base model's completions at T 1, rated by the verifier; `synth.py "
+              "preferences --judge verifier`), " + (
+                  f"then DPO from SFT on them ({ONPOLICY_BATCH} pairs per step): the row \"after on-policy DPO\"."
+                  if onpolicy["checkpoint"] else f"too few for one DPO batch of {ONPOLICY_BATCH}: no DPO run.")]
     lines += ["", "## Training curves (first -> last fifth of the logged steps)", "",
               "| stage | metric | first | last |", "|---|---|---|---|"]
     plots = []
@@ -378,8 +435,14 @@ def main(argv=None) -> None:
         eval_start = clock()
         figures[f"after {stage.upper()}"] = measure(checkpoint, heldout, args, device, stage)
         timings[f"{stage} eval"] = since(eval_start)
+        if stage == "sft":  # the on-policy branch starts from this checkpoint
+            branch_start = clock()
+            onpolicy = onpolicy_branch(args, heldout, args.model_name_or_path, checkpoint)
+            if onpolicy["checkpoint"]:
+                figures["after on-policy DPO"] = measure(onpolicy["checkpoint"], heldout, args, device, "onpolicy")
+            timings["on-policy branch"] = since(branch_start)
     timings["total"] = since(start)
-    print("\n" + write_report(args, figures, timings, {k: len(v) for k, v in heldout.items()}))
+    print("\n" + write_report(args, figures, timings, {k: len(v) for k, v in heldout.items()}, onpolicy))
     print(f"report: {os.path.join(args.output_dir, 'report.md')}")
 
 

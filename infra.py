@@ -1,8 +1,8 @@
 """The machinery the scripts share to run a model; a reader learning the recipe can skip it. sft.py and dpo.py
-use all of it, rlvr.py all of it, eval.py and synth.py the distributed setup and model loading. What changes what
-the model computes is elsewhere: the log-prob wrapper and packed attention in modeling.py, generation (the
-top-p draw, the KV cache, EOS and stop strings) in decoding.py. A stage is copied with infra.py, modeling.py,
-data_mix.py and decoding.py (rlvr.py and eval.py also with verifiers.py).
+use all of it, rlvr.py all of it, eval.py the distributed setup and the entry point, synth.py those and the
+resumable output. What changes what the model computes is elsewhere: the log-prob wrapper and packed attention in
+modeling.py, generation (the top-p draw, the KV cache, EOS and stop strings) in decoding.py. A stage is copied
+with infra.py, modeling.py, data_mix.py and decoding.py (rlvr.py and eval.py also with verifiers.py).
 
 The file's sections, top to bottom: distributed setup (torchrun or plain python, NCCL on GPU, gloo on CPU) and the
 stages' entry point, which prints a user's mistake as one line, once across ranks;
@@ -10,7 +10,8 @@ model loading (built on the meta device, sharded with FSDP2 per decoder layer, e
 own shard of the safetensors files) and the guard that checks the loaded model against plain
 from_pretrained before the first update; the Hugging Face save; the output directory, the data and model
 fingerprints a resume checks, checkpoints, metrics (metrics.jsonl; TensorBoard or W&B when asked) and the
-learning-rate schedule, which make an interrupted run resume onto the same loss curve.
+learning-rate schedule, which make an interrupted run resume onto the same loss curve; synth.py's resumable JSON
+Lines output.
 """
 import contextlib
 import ctypes
@@ -883,3 +884,74 @@ def make_scheduler(optimizer, kind: str, warmup_steps: int, total_steps: int):
             return max(0.0, 0.5 * (1.0 + math.cos(math.pi * (step - warmup_steps) / decay_steps)))
         return max(0.0, (total_steps - step) / decay_steps)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# ---------------------------------------------------------------------------------------------
+# Resumable JSON Lines output (synth.py): rows are appended as they finish; the same command continues a
+# killed run, losing only the rows in flight and never writing one twice.
+
+class ResumableJsonl:
+    """OUTPUT.jsonl (the kept rows, each with its "id") and its companions beside it:
+    OUTPUT.done.jsonl, one line per finished id (kept or dropped, why, and its counters), written after the id's
+    row, so that line is the mark that the id is done; OUTPUT.command.json, the command that writes them (another
+    command is refused: it would mix two kinds of rows in one file); OUTPUT.lock, an flock held while a run
+    writes (the kernel drops it however the process ends). Opening cuts what a kill left unfinished: a torn last
+    line, and rows whose done line was never written (their ids are redone). Lines are flushed to the OS as they
+    are written (a killed process loses nothing written; a power loss may lose the last lines, which a rerun
+    then redoes)."""
+
+    def __init__(self, path: str, command: dict):
+        if not path.endswith(".jsonl"):
+            raise SystemExit(f"--output {path}: the output must be a .jsonl file")
+        stem = path.removesuffix(".jsonl")
+        self.path, self.done_path, self.command_path = path, f"{stem}.done.jsonl", f"{stem}.command.json"
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self.lock = open(f"{stem}.lock", "a+")
+        try:
+            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SystemExit(f"--output {path} is being written by another run (it holds {stem}.lock); wait for it "
+                             "to end or choose another --output") from None
+        if os.path.exists(self.command_path):
+            with open(self.command_path) as f:
+                previous = json.load(f)
+            changed = sorted(k for k in command.keys() | previous.keys() if command.get(k) != previous.get(k))
+            if changed:
+                raise SystemExit(f"--output {path} holds the rows of another command (flags differ: "
+                                 f"{', '.join(f'--{name}' for name in changed)}); rerun that command to finish it, "
+                                 "or choose another --output")
+        elif os.path.exists(path) or os.path.exists(self.done_path):
+            raise SystemExit(f"--output {path} exists but was not written by this script (no {self.command_path}); "
+                             "choose another --output")
+        else:
+            write_durably(self.command_path, json.dumps(command, indent=2))
+        self.done = {record["id"]: record for record in self._complete_lines(self.done_path)}
+        rows = self._complete_lines(path)
+        finished = [row for row in rows if row["id"] in self.done]
+        if len(finished) != len(rows):  # rows without their done line are redone
+            write_durably(path, "".join(json.dumps(row) + "\n" for row in finished))
+        self.rows, self.records = open(path, "a"), open(self.done_path, "a")
+
+    def _complete_lines(self, path: str) -> list[dict]:
+        """The records of the whole lines of `path`; a torn last line (a kill mid-write) is cut off the file."""
+        if not os.path.exists(path):
+            return []
+        with open(path, "rb") as f:
+            data = f.read()
+        whole = data[:data.rfind(b"\n") + 1]
+        if len(whole) != len(data):
+            write_durably(path, whole.decode())
+        return [json.loads(line) for line in whole.decode().splitlines() if line.strip()]
+
+    def write(self, record: dict, row: dict | None) -> None:
+        """Finish one id: its row (if kept), then its done record {"id", "outcome", "counts"}."""
+        if row is not None:
+            self.rows.write(json.dumps(row) + "\n")
+            self.rows.flush()
+        self.records.write(json.dumps(record) + "\n")
+        self.records.flush()
+        self.done[record["id"]] = record
+
+    def close(self) -> None:
+        for f in (self.rows, self.records, self.lock):
+            f.close()

@@ -79,5 +79,7 @@ def test_demo_runs_every_stage_and_writes_the_report(tiny_model_dir, tmp_path, m
     for row in ("| base |", "| after SFT |", "| after DPO |", "| after RLVR |",
                 "| sft | loss |", "| dpo | rewards/accuracy |", "| rlvr | reward_mean |"):
         assert row in report, f"report.md lacks {row!r}"
+    pairs = demo.load_jsonl(str(output_dir / "onpolicy" / "preferences.jsonl"))  # the on-policy branch ran
+    assert f"On-policy branch: {len(pairs)} pairs from 4 held-out RLVR prompts" in report
     predictions = demo.load_jsonl(str(output_dir / "predictions_rlvr.jsonl"))
     assert predictions and all(0.0 <= p["score"] <= 1.0 for p in predictions)
