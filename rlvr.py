@@ -17,7 +17,7 @@ temperature, the distribution sampled) of the policy before the update and of th
   at --response_length scores 0 (--penalty_reward_value). These defaults are Tülu 3.1's flags (open-instruct's
   command for Llama-3.1-Tulu-3.1-8B); its run length and seed are not defaults: README.md's full-scale command.
 - --algo ppo (the Tülu 3 paper): a value model with its own gradient clipping, per-token k1 KL penalty in the
-  reward, GAE, whitened advantages, clipped policy and value losses, several epochs over each rollout batch, a
+  reward (--kl_estimator), GAE, whitened advantages, clipped policy and value losses, several epochs over each rollout batch, a
   cut response scores -10.
 - Later options, off by default (open-instruct's names): --clip_lower/--clip_higher, --advantage_normalization_type
   centered, --mask_truncated_completions, --filter_zero_std_samples, --loss_denominator D, --beta 0 (no
@@ -57,10 +57,10 @@ RESUMABLE_FLAGS = {"resume", "checkpointing_steps", "preprocessing_num_workers",
                    "gradient_accumulation_steps"}
 # Defaults that differ between the two algorithms (Tülu 3.1 GRPO: 2 mini-batches per rollout, a response cut at
 # the length limit scores 0; Tülu 3 8B PPO: one, and -10).
-ALGO_DEFAULTS = {"grpo": dict(learning_rate=5e-7, lr_scheduler_type="constant", beta=0.01,
+ALGO_DEFAULTS = {"grpo": dict(learning_rate=5e-7, lr_scheduler_type="constant", beta=0.01, kl_estimator="kl3",
                                num_samples_per_prompt_rollout=16, ppo_epochs=1, num_mini_batches=2,
                                penalty_reward_value=0.0),
-                 "ppo": dict(learning_rate=3e-7, lr_scheduler_type="linear", beta=0.05,
+                 "ppo": dict(learning_rate=3e-7, lr_scheduler_type="linear", beta=0.05, kl_estimator="kl1",
                               num_samples_per_prompt_rollout=1, ppo_epochs=4, num_mini_batches=1,
                               penalty_reward_value=-10.0)}
 
@@ -93,6 +93,8 @@ def parse_args(argv=None):
                         help="default 0 (grpo), -10 (ppo)")
     parser.add_argument("--beta", type=data_mix.NON_NEGATIVE, default=None,
                         help="KL coefficient; default 0.01 (grpo), 0.05 (ppo); 0: no reference model at all")
+    parser.add_argument("--kl_estimator", default=None, choices=["kl1", "kl3"],
+                        help="KL(pi || pi_ref) per token in GRPO's loss / PPO's reward; default kl3 (grpo), kl1 (ppo)")
     parser.add_argument("--cliprange", type=data_mix.POSITIVE, default=0.2)
     parser.add_argument("--clip_lower", type=data_mix.POSITIVE, default=None,
                         help="ratio clip 1 - eps below; default --cliprange")
@@ -191,6 +193,9 @@ def kl_k3(logps, ref_logps):
     return torch.exp(log_ratio) - log_ratio - 1
 
 
+KL_ESTIMATORS = {"kl1": kl_k1, "kl3": kl_k3}  # --kl_estimator: open-instruct's names
+
+
 def clipped_policy_loss(logps, old_logps, advantages, clip_lower, clip_higher):
     """PPO's clipped surrogate per token: max(-A * rho, -A * clip(rho, 1 - eps_low, 1 + eps_high)), rho = pi / pi_old
     (eps_low = eps_high = --cliprange unless --clip_lower / --clip_higher: DAPO's clip-higher lets unlikely tokens
@@ -222,20 +227,20 @@ def masked_sum(per_token, mask, divisor):
     return (per_token * mask).sum() / divisor
 
 
-def grpo_loss(logps, old_logps, ref_logps, advantages, mask, clip_lower, clip_higher, beta, divisor):
-    """Tülu 3.1 GRPO: mean of max(-A rho, -A clip(rho, 1-eps_low, 1+eps_high)) + beta * KL_k3(pi, pi_ref), the KL in
-    the loss, not the reward (beta 0: no reference, ref_logps None). logps/old_logps/ref_logps/mask: [B, N];
-    advantages: [B]. -> (loss, clipped [B, N])"""
+def grpo_loss(logps, old_logps, ref_logps, advantages, mask, clip_lower, clip_higher, beta, divisor, kl=kl_k3):
+    """Tülu 3.1 GRPO: mean of max(-A rho, -A clip(rho, 1-eps_low, 1+eps_high)) + beta * KL(pi, pi_ref), the KL in the
+    loss, not the reward (beta 0: no reference, ref_logps None), `kl` its estimator (Tülu 3.1: k3).
+    logps/old_logps/ref_logps/mask: [B, N]; advantages: [B]. -> (loss, clipped [B, N])"""
     per_token, clipped = clipped_policy_loss(logps, old_logps, advantages[:, None], clip_lower, clip_higher)
     if beta:
-        per_token = per_token + beta * kl_k3(logps, ref_logps)  # [B, N]
+        per_token = per_token + beta * kl(logps, ref_logps)  # [B, N]
     return masked_sum(per_token, mask, divisor), clipped
 
 
-def ppo_token_rewards(scores, logps, ref_logps, mask, beta):
-    """Tülu 3 PPO reward per token: r_t = -beta * KL_k1_t, plus the verifier's score on the last response token.
-    scores: [B]; logps/ref_logps/mask: [B, N] with mask a prefix of ones (responses are right-padded)."""
-    rewards = -beta * kl_k1(logps, ref_logps) * mask  # [B, N]
+def ppo_token_rewards(scores, logps, ref_logps, mask, beta, kl=kl_k1):
+    """Tülu 3 PPO reward per token: r_t = -beta * KL_t (`kl` its estimator; Tülu 3: k1), plus the verifier's score on
+    the last response token. scores: [B]; logps/ref_logps/mask: [B, N], mask a prefix of ones (right padding)."""
+    rewards = -beta * kl(logps, ref_logps) * mask  # [B, N]
     last = (mask.sum(dim=1).long() - 1).clamp(min=0)  # [B] index of each response's last token
     return rewards.scatter_add(1, last[:, None], scores[:, None].to(rewards.dtype))
 
@@ -557,7 +562,8 @@ def compute_advantages(old: dict, scores, rollout, args) -> None:
         old["advantages"] = group_advantages(scores, group, args.advantage_normalization_type)  # [B]
         return
     ref_logps = old.get("ref_logps", old["old_logps"])  # --beta 0: no reference, and no KL term to weigh
-    rewards = ppo_token_rewards(scores, old["old_logps"], ref_logps, mask, args.beta)  # [B, N]
+    rewards = ppo_token_rewards(scores, old["old_logps"], ref_logps, mask, args.beta,
+                                KL_ESTIMATORS[args.kl_estimator])  # [B, N]
     advantages, old["returns"] = gae(rewards, old["old_values"], mask, args.gamma, args.lam)
     old["advantages"] = whiten(advantages, mask)
 
@@ -585,7 +591,8 @@ def update(trained, optimizer, rollout, old: dict, args, step: int, rank: int, w
                 value_loss = torch.zeros((), device=mask.device)
                 if args.algo == "grpo":
                     loss, clipped = grpo_loss(logps, micro["old_logps"], micro.get("ref_logps"), micro["advantages"],
-                                              micro["loss_mask"], args.clip_lower, args.clip_higher, args.beta, divisor)
+                                              micro["loss_mask"], args.clip_lower, args.clip_higher, args.beta, divisor,
+                                              KL_ESTIMATORS[args.kl_estimator])
                 else:
                     policy_loss, clipped = clipped_policy_loss(logps, micro["old_logps"], micro["advantages"],
                                                                args.clip_lower, args.clip_higher)
@@ -616,10 +623,13 @@ def update(trained, optimizer, rollout, old: dict, args, step: int, rank: int, w
 
 
 def rollout_metrics(rollout, old: dict, scores, verified, rows: list[dict]) -> dict:
-    """Step metrics over every rank's responses: reward, accuracy per dataset, KL, entropy, lengths."""
+    """Step metrics over every rank's responses: reward, accuracy per dataset, KL (kl1, kl3: per token, before the
+    update), entropy, lengths."""
     mask = rollout.response_mask
     sums = {"responses": len(rows), "reward": scores.sum(), "reward_squared": (scores ** 2).sum(),
-            "kl": (kl_k1(old["old_logps"], old.get("ref_logps", math.nan)) * mask).sum(),  # NaN: --beta 0
+            # both estimators of KL(pi || pi_ref) per token (NaN: --beta 0): k1 can go negative, k3 cannot
+            **{name: (kl(old["old_logps"], old.get("ref_logps", math.nan)) * mask).sum()
+               for name, kl in KL_ESTIMATORS.items()},
             "tokens": mask.sum(),
             "entropy": (old["entropy"] * mask).sum(), "cut": (~rollout.stopped).sum(),
             "logprob_diff": ((rollout.logprobs - old["old_logps"]).abs() * mask).sum(),
@@ -633,7 +643,8 @@ def rollout_metrics(rollout, old: dict, scores, verified, rows: list[dict]) -> d
     responses, tokens, reward_mean = total["responses"], total["tokens"], total["reward"] / total["responses"]
     metrics = {"reward_mean": reward_mean, "reward_std": math.sqrt(max(total["reward_squared"] / responses
                                                                       - reward_mean ** 2, 0.0)),
-               "kl": total["kl"] / tokens, "entropy": total["entropy"] / tokens, "response_length": tokens / responses,
+               **{name: total[name] / tokens for name in KL_ESTIMATORS}, "entropy": total["entropy"] / tokens,
+               "response_length": tokens / responses,
                "length_limit_fraction": total["cut"] / responses, "response_tokens": int(tokens),
                "sequence_tokens": int(total["sequence_tokens"]),
                # |sampler log-prob - training forward log-prob| per token: ~0 unless the two paths disagree
@@ -742,7 +753,8 @@ def train(args, rank: int, world_size: int, device) -> None:
                         "time/reference": referenced - scored, "time/training": finished - referenced})
         if rank == 0:
             infra.append_metrics(metrics_path, metrics)
-            progress.set_postfix(reward=f"{metrics['reward_mean']:.2f}", kl=f"{metrics['kl']:.4f}")
+            progress.set_postfix({"reward": f"{metrics['reward_mean']:.2f}",  # and the KL estimator the loss uses
+                                  args.kl_estimator: f"{metrics[args.kl_estimator]:.4f}"})
             progress.update()
         if (step + 1) % args.checkpointing_steps == 0 and step + 1 < total_steps:
             infra.save_checkpoint(trained, optimizer, scheduler, step + 1, args.output_dir, rank, run_facts)

@@ -104,6 +104,15 @@ def test_grpo_loss_by_hand():
     assert not clipped.any()
 
 
+def test_grpo_loss_adds_the_chosen_kl_estimator():
+    logps, ref_logps = torch.tensor([[-1.0, -2.0]]), torch.tensor([[-1.5, -1.0]])  # k1 = [0.5, -1]
+    k3 = [math.exp(-0.5) + 0.5 - 1, math.exp(1.0) - 1 - 1]
+    for kl, per_token in [(rlvr.KL_ESTIMATORS["kl1"], [0.5, -1.0]), (rlvr.KL_ESTIMATORS["kl3"], k3)]:
+        # rho = 1 and A = 0: the loss is the KL term alone, beta * the token mean
+        loss, _ = rlvr.grpo_loss(logps, logps, ref_logps, torch.zeros(1), torch.ones(1, 2), 0.2, 0.2, 0.1, 2, kl)
+        assert loss.item() == pytest.approx(0.1 * sum(per_token) / 2)
+
+
 def test_grpo_loss_ignores_padding_tokens():
     logps = torch.tensor([[-1.0, -2.0]])
     loss, _ = rlvr.grpo_loss(logps, logps, logps - torch.tensor([[1.0, 50.0]]), torch.tensor([2.0]),
