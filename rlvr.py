@@ -123,7 +123,9 @@ def parse_args(argv=None):
     parser.add_argument("--lr_scheduler_type", default=None, choices=["linear", "constant"],
                         help="default constant (grpo), linear (ppo)")
     parser.add_argument("--warmup_ratio", type=data_mix.FRACTION, default=0.0)
-    parser.add_argument("--weight_decay", type=data_mix.NON_NEGATIVE, default=0.0)
+    parser.add_argument("--weight_decay", type=data_mix.NON_NEGATIVE, default=0.01,
+                        help="AdamW's, on every parameter of the policy and the value model; default 0.01: torch's "
+                             "default, which Tülu 3's PPO and 3.1's GRPO ran with")
     parser.add_argument("--max_grad_norm", type=data_mix.bounded(float), default=1.0,
                         help="clip the gradient norm; <= 0 disables")
     parser.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward")
