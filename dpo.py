@@ -91,7 +91,7 @@ def parse_args(argv=None):
                         help="write a resumable checkpoint every N steps")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --output_dir from its newest checkpoint (or start it, if none)")
-    parser.add_argument("--seed", type=int, default=123)
+    parser.add_argument("--seed", type=int, default=42, help="default 42, as Tülu 3 8B DPO (open-instruct dpo_tune.py)")
     args = parser.parse_args(argv)
     if args.max_tokens_per_micro_batch is not None and not args.packing:
         parser.error("--max_tokens_per_micro_batch needs --packing")
