@@ -239,18 +239,26 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, clip_lower, clip_hi
     return masked_sum(per_token, mask, divisor), clipped
 
 
-def ppo_token_rewards(scores, logps, ref_logps, mask, beta, kl=kl_k1):
-    """Tülu 3 PPO reward per token: r_t = -beta * KL_t (`kl` its estimator; Tülu 3: k1), plus the verifier's score on
-    the last response token. scores: [B]; logps/ref_logps/mask: [B, N], mask a prefix of ones (right padding)."""
-    rewards = -beta * kl(logps, ref_logps) * mask  # [B, N]
-    last = (mask.sum(dim=1).long() - 1).clamp(min=0)  # [B] index of each response's last token
-    return rewards.scatter_add(1, last[:, None], scores[:, None].to(rewards.dtype))
+def score_positions(mask, response_length):
+    """[B] where PPO puts each response's score, as Tülu 3's PPO code does: one past its last token (the state after
+    EOS, whose value the critic learns to be the score) while that is within --response_length, else on its last
+    token (a response cut at the limit). mask: [B, N], N <= response_length, a prefix of ones (right padding)."""
+    lengths = mask.sum(dim=1).long()  # [B]
+    return torch.where(lengths < response_length, lengths, lengths - 1)
+
+
+def ppo_token_rewards(scores, logps, ref_logps, mask, beta, score_index, kl=kl_k1):
+    """Tülu 3 PPO reward per token: r_t = -beta * KL_t (`kl` its estimator; Tülu 3: k1) on response tokens, plus the
+    verifier's score at score_positions(). scores/score_index: [B]; logps/ref_logps/mask: [B, N].
+    -> [B, N + 1]: a column for the state after the last token, where a score may land."""
+    rewards = torch.nn.functional.pad(-beta * kl(logps, ref_logps) * mask, (0, 1))  # [B, N + 1]
+    return rewards.scatter_add(1, score_index[:, None], scores[:, None].to(rewards.dtype))
 
 
 def gae(rewards, values, mask, gamma, lam):
-    """Generalized advantage estimation over response tokens (values after a response's end count as 0):
-    delta_t = r_t + gamma V_{t+1} - V_t;  A_t = delta_t + gamma lam A_{t+1};  returns R_t = A_t + V_t.  [B, N]"""
-    rewards, values = rewards * mask, values * mask  # [B, N]
+    """Generalized advantage estimation over a response's states (`mask`'s ones; values after them count as 0):
+    delta_t = r_t + gamma V_{t+1} - V_t;  A_t = delta_t + gamma lam A_{t+1};  returns R_t = A_t + V_t.  [B, T]"""
+    rewards, values = rewards * mask, values * mask  # [B, T]
     advantages = torch.zeros_like(rewards)
     next_advantage = torch.zeros_like(rewards[:, 0])  # [B]
     for t in reversed(range(rewards.shape[1])):
@@ -258,7 +266,7 @@ def gae(rewards, values, mask, gamma, lam):
         delta = rewards[:, t] + gamma * next_value - values[:, t]
         next_advantage = delta + gamma * lam * next_advantage
         advantages[:, t] = next_advantage
-    return advantages * mask, (advantages + values) * mask  # [B, N], [B, N]
+    return advantages * mask, (advantages + values) * mask  # [B, T], [B, T]
 
 
 def whiten(values, mask, eps=1e-8):
@@ -346,10 +354,11 @@ def response_logprobs(policy, query_responses, attention_mask, response_length, 
 
 
 def response_values(value_model, query_responses, attention_mask, response_length):
-    """PPO's critic V(prefix) before each response token, from ValueModel's scalar head. [B, N]"""
+    """PPO's critic V(prefix) before each response token and after the last one, from ValueModel's scalar head.
+    [B, N + 1]: column t is the state after t response tokens (a response's score may sit one past its end)."""
     position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
     values = value_model(input_ids=query_responses, attention_mask=attention_mask, position_ids=position_ids)
-    return values[:, -response_length - 1:-1].float()
+    return values[:, -response_length - 1:].float()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -540,7 +549,8 @@ def score_responses(responses: list[str], rows: list[dict], stopped, args):
 @torch.no_grad()
 def old_and_reference_outputs(policy, reference, value_model, rollout, args) -> dict:
     """Per-token outputs of the models as they are before this step's updates, one micro-batch at a time:
-    old_logps (the ratio's denominator), ref_logps (unless --beta 0), entropy and, for PPO, old_values. [B, N]."""
+    old_logps (the ratio's denominator), ref_logps (unless --beta 0), entropy ([B, N]) and, for PPO, old_values
+    ([B, N + 1])."""
     length, outputs = rollout.response_mask.shape[1], []
     for rows in torch.arange(len(rollout.stopped)).split(args.per_device_train_batch_size):
         sequences, mask = rollout.query_responses[rows], rollout.attention_mask[rows]
@@ -554,9 +564,10 @@ def old_and_reference_outputs(policy, reference, value_model, rollout, args) -> 
 
 
 def compute_advantages(old: dict, scores, rollout, args) -> None:
-    """GRPO: one advantage per response, normalized within its prompt's group. PPO: GAE on per-token
-    rewards (-beta k1 each token, the score on the last), whitened; plus the value targets. And the loss's
-    token mask (old["loss_mask"], [B, N]): the response tokens of the rows trained_rows() keeps."""
+    """GRPO: one advantage per response, normalized within its prompt's group. PPO: GAE on per-token rewards
+    (-beta KL each token, the score one past the end: score_positions()), whitened; plus the value targets
+    (old["returns"]) and the states the critic trains on (old["value_mask"], [B, N + 1]). And the loss's token mask
+    (old["loss_mask"], [B, N]): the response tokens of the rows trained_rows() keeps."""
     mask, group = rollout.response_mask, args.num_samples_per_prompt_rollout
     keep = trained_rows(scores, rollout.stopped, group, args.mask_truncated_completions, args.filter_zero_std_samples)
     old["loss_mask"] = mask * keep[:, None]
@@ -564,10 +575,14 @@ def compute_advantages(old: dict, scores, rollout, args) -> None:
         old["advantages"] = group_advantages(scores, group, args.advantage_normalization_type)  # [B]
         return
     ref_logps = old.get("ref_logps", old["old_logps"])  # --beta 0: no reference, and no KL term to weigh
-    rewards = ppo_token_rewards(scores, old["old_logps"], ref_logps, mask, args.beta,
-                                KL_ESTIMATORS[args.kl_estimator])  # [B, N]
-    advantages, old["returns"] = gae(rewards, old["old_values"], mask, args.gamma, args.lam)
-    old["advantages"] = whiten(advantages, mask)
+    score_index = score_positions(mask, args.response_length)  # [B]
+    rewards = ppo_token_rewards(scores, old["old_logps"], ref_logps, mask, args.beta, score_index,
+                                KL_ESTIMATORS[args.kl_estimator])  # [B, N + 1]
+    # the critic's states: each response's tokens and the one after (the score's), as Tülu 3's PPO trains it
+    value_mask = (torch.arange(mask.shape[1] + 1, device=mask.device) <= score_index[:, None]).long()  # [B, N + 1]
+    advantages, old["returns"] = gae(rewards, old["old_values"], value_mask, args.gamma, args.lam)
+    old["advantages"] = whiten(advantages[:, :-1], mask)  # [B, N]: the policy's tokens only
+    old["value_mask"] = value_mask * keep[:, None]
 
 
 def update(trained, optimizer, rollout, old: dict, args, step: int, rank: int, world_size: int) -> dict:
@@ -582,10 +597,12 @@ def update(trained, optimizer, rollout, old: dict, args, step: int, rank: int, w
     grad_norm_sums = dict.fromkeys(trained.keys(), 0.0)
     for _ in range(args.ppo_epochs):
         for mini_batch in torch.randperm(len(mask), generator=generator).chunk(args.num_mini_batches):
-            # One divisor for the whole mini-batch (every rank's rows), counted before any forward.
-            divisor = loss_divisor(mask[mini_batch], args.loss_denominator)
-            dist.all_reduce(divisor)
-            divisor = divisor.clamp(min=1e-8)  # nothing to train: loss 0, not 0 / 0
+            # One divisor for the whole mini-batch (every rank's rows), counted before any forward; PPO's value
+            # loss has its own (the critic's states: one more per response, where the score sits).
+            masks = [mask] + ([old["value_mask"]] if args.algo == "ppo" else [])
+            divisors = torch.stack([loss_divisor(m[mini_batch], args.loss_denominator) for m in masks])
+            dist.all_reduce(divisors)
+            divisor, value_divisor = divisors.clamp(min=1e-8)[[0, -1]]  # nothing to train: loss 0, not 0 / 0
             for rows in mini_batch.split(args.per_device_train_batch_size):
                 micro = {name: values[rows] for name, values in old.items()}
                 sequences, attention = rollout.query_responses[rows], rollout.attention_mask[rows]
@@ -600,7 +617,8 @@ def update(trained, optimizer, rollout, old: dict, args, step: int, rank: int, w
                                                                args.clip_lower, args.clip_higher)
                     values = response_values(trained["value"], sequences, attention, length)
                     value_loss = masked_sum(clipped_value_loss(values, micro["old_values"], micro["returns"],
-                                                               args.cliprange_value), micro["loss_mask"], divisor)
+                                                               args.cliprange_value),
+                                            micro["value_mask"], value_divisor)  # [B, N + 1] -> scalar
                     loss = masked_sum(policy_loss, micro["loss_mask"], divisor) + args.vf_coef * value_loss
                 # FSDP averages gradients over ranks; multiplying by world_size turns that average into a sum.
                 (loss * world_size).backward()
