@@ -277,6 +277,18 @@ def whiten(values, mask, eps=1e-8):
     return (values - mean) * torch.rsqrt(var + eps) * mask
 
 
+def disable_dropout(model):
+    """Every dropout off, as open-instruct's RL scripts do (disable_dropout_in_model): the update's forward runs in
+    train mode (for gradient checkpointing) yet must give the log-probs the rollout's eval-mode forward gave, so that
+    rho is 1 before the first update. Dropout modules, and attention's own (Hugging Face's attention_dropout)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+    return model
+
+
 def token_logprobs(logits, tokens, temperature):
     """log softmax(logits / T)[token]: the distribution the tokens were sampled from. [B, N, V] -> [B, N]."""
     logits = logits.float() / temperature
@@ -718,12 +730,12 @@ def train(args, rank: int, world_size: int, device) -> None:
                              infra.resolve_dtype(args.dtype, device), rank)
     reference = None if args.beta == 0 else infra.load_model(args.model_name_or_path, args, device, rank, HFModel
                                                              ).requires_grad_(False).eval()
-    trained = torch.nn.ModuleDict({"policy": policy})
+    trained = torch.nn.ModuleDict({"policy": disable_dropout(policy)})
     if args.algo == "ppo":
         value_path = args.value_model_name_or_path or args.model_name_or_path
         infra.check_model_path(value_path)
-        trained["value"] = infra.load_model(value_path, args, device, rank,
-                                            functools.partial(ValueModel, head=saved_value_head(value_path)))
+        trained["value"] = disable_dropout(infra.load_model(value_path, args, device, rank, functools.partial(
+            ValueModel, head=saved_value_head(value_path))))
     optimizer = torch.optim.AdamW([{"params": model.parameters()} for model in trained.values()],  # a group per model
                                   lr=args.learning_rate, weight_decay=args.weight_decay, fused=device.type == "cuda")
     scheduler = infra.make_scheduler(optimizer, args.lr_scheduler_type, math.ceil(args.warmup_ratio * total_steps),
@@ -759,7 +771,7 @@ def train(args, rank: int, world_size: int, device) -> None:
                                         rollout, args)
         compute_advantages(old, scores, rollout, args)
         referenced = time.perf_counter()
-        trained.train()
+        trained.train()  # (no dropout: disable_dropout())
         lr = optimizer.param_groups[0]["lr"]  # the rate this step's updates really use
         losses = update(trained, optimizer, rollout, old, args, step, rank, world_size)
         scheduler.step()

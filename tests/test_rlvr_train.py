@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 import infra
 import rlvr
-from conftest import free_port, read_metrics, run_in_process
+from conftest import build_tiny_model, free_port, read_metrics, run_in_process
 
 # An IFEval constraint a random tiny model meets about half the time, so rewards (and advantages) vary.
 AT_LEAST_TWO_E = json.dumps({"instruction_id_list": ["keywords:letter_frequency"],
@@ -224,3 +224,22 @@ def test_ppo_clips_the_policy_and_the_value_gradients_each_by_its_own_norm(tiny_
     assert len(clipped) == 2 and not clipped[0] & clipped[1]  # one optimizer step: two disjoint clips
     metrics = read_metrics(tmp_path / "out")
     assert metrics[0]["grad_norm"] > 0 and metrics[0]["value_grad_norm"] > 0
+
+
+def test_the_first_update_sees_the_rollouts_log_probs_even_for_a_model_configured_with_dropout(tiny_tokenizer,
+                                                                                               tmp_path, monkeypatch):
+    # rollouts and old log-probs run in eval mode, the update in train mode: with dropout left on, rho != 1 before
+    # any update. open-instruct turns every dropout off; so does rlvr.py.
+    model_dir = tmp_path / "dropout_model"
+    build_tiny_model(tiny_tokenizer, attention_dropout=0.5).save_pretrained(model_dir)
+    tiny_tokenizer.save_pretrained(model_dir)
+    data = write_rlvr_data(tmp_path / "rlvr.jsonl")
+    first_calls, real_grpo_loss = [], rlvr.grpo_loss
+
+    def grpo_loss(logps, old_logps, *args, **kwargs):
+        first_calls.append((logps.detach().clone(), old_logps.clone()))
+        return real_grpo_loss(logps, old_logps, *args, **kwargs)
+    monkeypatch.setattr(rlvr, "grpo_loss", grpo_loss)
+    run_rlvr(base_args(str(model_dir), data, tmp_path / "out", "--total_episodes", "8"))
+    logps, old_logps = first_calls[0]  # the first micro-batch, before any optimizer step
+    torch.testing.assert_close(logps, old_logps, rtol=0, atol=1e-5)
