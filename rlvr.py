@@ -1,7 +1,11 @@
 """RLVR: reinforcement learning with verifiable rewards, the third stage of the Tülu 3 recipe.
 
     python rlvr.py --model_name_or_path output/dpo --dataset_mixer_list data/demo/rlvr_train.jsonl 1.0 \
-        --output_dir output/rlvr --num_unique_prompts_rollout 8 --num_samples_per_prompt_rollout 4 --response_length 64
+        --output_dir output/rlvr --num_unique_prompts_rollout 8 --num_samples_per_prompt_rollout 4 \
+        --response_length 64 --max_seq_length 512 --total_episodes 160
+    python rlvr.py --algo ppo --model_name_or_path output/dpo --dataset_mixer_list data/demo/rlvr_train.jsonl 1.0 \
+        --output_dir output/rlvr-ppo --num_unique_prompts_rollout 8 --response_length 64 --max_seq_length 512 \
+        --total_episodes 40
     torchrun --nproc_per_node 8 rlvr.py --model_name_or_path allenai/Llama-3.1-Tulu-3-8B-DPO \
         --dataset_mixer_list allenai/RLVR-GSM-MATH-IF-Mixed-Constraints 1.0 --chat_template_name tulu \
         --algo grpo --output_dir output/rlvr-8b
