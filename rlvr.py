@@ -16,22 +16,36 @@ IFEval: times the fraction of constraints met); one no-grad forward for the log-
 temperature, the distribution sampled) of the policy before the update and of the frozen reference
 (and PPO's values); advantages; mini-batch updates.
 - --algo grpo (Tülu 3.1, default): G samples per prompt, advantages normalized within each group (unbiased
-  std), the clipped ratio loss averaged over every response token, k3 KL to the reference inside the loss; each
+  std), the clipped ratio loss averaged over every response token, k3 KL to the reference inside the loss
+  (--kl_estimator); each
   rollout in 2 mini-batches (so the second step's ratio differs from 1 and the clip can act); a response cut
   at --response_length scores 0 (--penalty_reward_value). These defaults are Tülu 3.1's flags (open-instruct's
   command for Llama-3.1-Tulu-3.1-8B); its run length and seed are not defaults: README.md's full-scale command.
 - --algo ppo (the Tülu 3 paper): a value model with its own gradient clipping, per-token k1 KL penalty in the
-  reward (--kl_estimator), GAE, whitened advantages, clipped policy and value losses, several epochs over each rollout batch, a
-  cut response scores -10.
+  reward (--kl_estimator), the score one token past EOS (the value of the state after it is trained too), GAE,
+  whitened advantages, clipped policy and value losses, several epochs over each rollout batch, a cut response
+  scores -10.
 - Later options, off by default (open-instruct's names): --clip_lower/--clip_higher, --advantage_normalization_type
   centered, --mask_truncated_completions, --filter_zero_std_samples, --loss_denominator D, --beta 0 (no
   reference model is loaded or run).
 
-Simplified relative to open-instruct: no vLLM (plain PyTorch sampling); the ratio's old log-probs come
-from a training forward before the first update (the sampler's feed only `sampling_logprob_diff`); the
-learning rate moves once per step; PPO whitens advantages per rank; the rollout's KV cache (a rank's
-rows x --max_seq_length) must fit beside the gathered policy; sampling seeds are per rank, so a run resumed
-on another number of ranks continues with other (equally valid) samples, not the uninterrupted curve.
+Relative to open-instruct's released scripts (Tülu 3: ppo_vllm_thread_ray_gtrl.py; 3.1: grpo_vllm_thread_ray_gtrl.py):
+1. No vLLM: the training processes sample with plain PyTorch, so the rollout's KV cache (a rank's rows x
+   --max_seq_length) must fit beside the gathered policy.
+2. Synchronous: a step samples with the policy it then updates. The original generated one step ahead (its
+   async_mode, on by default): it trained on responses of the policy before the last update, taking the ratio's
+   old log-probs from the current one.
+3. As in the original, the ratio's old log-probs come from a training forward before the first update (the
+   sampler's feed only `sampling_logprob_diff`) and every dropout is off (disable_dropout()).
+4. The loss is an exact token mean over each mini-batch however it is split into micro-batches and ranks; the
+   original took a token mean per micro-batch and averaged those.
+5. GRPO's KL term: the original clamps log pi - log pi_ref to [-40, 40] before the estimator; this does not.
+6. The learning rate moves once per rollout step, the original's once per optimizer step (the same for GRPO's
+   constant rate).
+7. PPO whitens advantages per rank, as the original does; its value model starts from the policy unless
+   --value_model_name_or_path (the original's: the reward model).
+8. Sampling seeds are per rank, so a run resumed on another number of ranks continues with other (equally valid)
+   samples, not the uninterrupted curve.
 """
 import argparse
 import contextlib
@@ -55,10 +69,10 @@ import data_mix
 import infra
 import verifiers
 
-# Flags that may change when a run is resumed; every other flag must match the run in --output_dir. The two
-# batch flags may change, on any number of ranks, as long as the sequences per optimizer step stay the same.
-RESUMABLE_FLAGS = {"resume", "checkpointing_steps", "preprocessing_num_workers", "per_device_train_batch_size",
-                   "gradient_accumulation_steps"}
+# Flags that may change when a run is resumed; every other flag must match the run in --output_dir.
+# --per_device_train_batch_size may change, on any number of ranks: it only splits the mini-batches (fixed by the
+# rollout flags) into micro-batches.
+RESUMABLE_FLAGS = {"resume", "checkpointing_steps", "preprocessing_num_workers", "per_device_train_batch_size"}
 # Defaults that differ between the two algorithms (Tülu 3.1 GRPO: 2 mini-batches per rollout, a response cut at
 # the length limit scores 0; Tülu 3 8B PPO: one, and -10).
 ALGO_DEFAULTS = {"grpo": dict(learning_rate=5e-7, lr_scheduler_type="constant", beta=0.01, kl_estimator="kl3",

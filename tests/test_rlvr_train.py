@@ -243,3 +243,8 @@ def test_the_first_update_sees_the_rollouts_log_probs_even_for_a_model_configure
     run_rlvr(base_args(str(model_dir), data, tmp_path / "out", "--total_episodes", "8"))
     logps, old_logps = first_calls[0]  # the first micro-batch, before any optimizer step
     torch.testing.assert_close(logps, old_logps, rtol=0, atol=1e-5)
+
+
+def test_every_resumable_flag_is_a_flag_of_rlvr():
+    args = rlvr.parse_args(["--model_name_or_path", "m", "--dataset_mixer_list", "d", "1", "--output_dir", "o"])
+    assert rlvr.RESUMABLE_FLAGS <= set(vars(args))
