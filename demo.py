@@ -344,8 +344,8 @@ CURVES = [
     ("sft", ["loss"], ["loss", "lr", "grad_norm"]),
     ("dpo", ["loss", "rewards/accuracy", "rewards/margin", "logps/chosen", "logps/rejected"],
      ["loss", "rewards/accuracy", "rewards/margin", "logps/chosen", "logps/rejected"]),
-    ("rlvr", ["reward_mean", "accuracy/gsm8k", "accuracy/ifeval", "kl", "response_length"],
-     ["reward_mean", "accuracy/gsm8k", "accuracy/ifeval", "kl", "response_length"]),
+    ("rlvr", ["reward_mean", "accuracy/gsm8k", "accuracy/ifeval", "kl3", "response_length"],
+     ["reward_mean", "accuracy/gsm8k", "accuracy/ifeval", "kl3", "response_length"]),
 ]
 HELDOUT_COLUMNS = [("accuracy", "verifiable accuracy"), ("accuracy/gsm8k", "arithmetic"),
                    ("accuracy/ifeval", "IFEval constraints"), ("sft_loss", "SFT loss"),

@@ -2,7 +2,7 @@
 
     python dpo.py --model_name_or_path output/sft \
         --dataset_mixer_list data/demo/pref_train.jsonl 1.0 --output_dir output/dpo \
-        --per_device_train_batch_size 4 --gradient_accumulation_steps 1 --max_seq_length 512
+        --per_device_train_batch_size 4 --gradient_accumulation_steps 1 --max_seq_length 512 --max_train_steps 10
     torchrun --nproc_per_node 8 dpo.py --model_name_or_path output/sft-8b \
         --dataset_mixer_list allenai/llama-3.1-tulu-3-8b-preference-mixture 1.0 --chat_template_name tulu \
         --per_device_train_batch_size 1 --gradient_accumulation_steps 16 --output_dir output/dpo-8b
@@ -97,7 +97,7 @@ def parse_args(argv=None):
                         help="write a resumable checkpoint every N steps")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --output_dir from its newest checkpoint (or start it, if none)")
-    parser.add_argument("--seed", type=int, default=123)
+    parser.add_argument("--seed", type=int, default=42, help="default 42, as Tülu 3 8B DPO (dpo_tune.py's default)")
     args = parser.parse_args(argv)
     if args.max_tokens_per_micro_batch is not None and not args.packing:
         parser.error("--max_tokens_per_micro_batch needs --packing")

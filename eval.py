@@ -1,6 +1,6 @@
 """Evaluation, the last stage of the Tülu 3 recipe: OLMES's tulu_3_dev suite, prompt for prompt, on any model dir.
 
-    python eval.py --model_name_or_path output/sft output/dpo --tasks tulu3 --output_dir output/eval
+    python eval.py --model_name_or_path output/sft output/dpo --tasks gsm8k,ifeval --limit 20 --output_dir output/eval
     torchrun --nproc_per_node 8 eval.py --model_name_or_path allenai/Llama-3.1-Tulu-3-8B \
         --tasks tulu3 --output_dir output/eval-8b
 

@@ -1,7 +1,11 @@
 """RLVR: reinforcement learning with verifiable rewards, the third stage of the Tülu 3 recipe.
 
     python rlvr.py --model_name_or_path output/dpo --dataset_mixer_list data/demo/rlvr_train.jsonl 1.0 \
-        --output_dir output/rlvr --num_unique_prompts_rollout 8 --num_samples_per_prompt_rollout 4 --response_length 64
+        --output_dir output/rlvr --num_unique_prompts_rollout 8 --num_samples_per_prompt_rollout 4 \
+        --response_length 64 --max_seq_length 512 --total_episodes 160
+    python rlvr.py --algo ppo --model_name_or_path output/dpo --dataset_mixer_list data/demo/rlvr_train.jsonl 1.0 \
+        --output_dir output/rlvr-ppo --num_unique_prompts_rollout 8 --response_length 64 --max_seq_length 512 \
+        --total_episodes 40
     torchrun --nproc_per_node 8 rlvr.py --model_name_or_path allenai/Llama-3.1-Tulu-3-8B-DPO \
         --dataset_mixer_list allenai/RLVR-GSM-MATH-IF-Mixed-Constraints 1.0 --chat_template_name tulu \
         --algo grpo --output_dir output/rlvr-8b
@@ -12,22 +16,36 @@ IFEval: times the fraction of constraints met); one no-grad forward for the log-
 temperature, the distribution sampled) of the policy before the update and of the frozen reference
 (and PPO's values); advantages; mini-batch updates.
 - --algo grpo (Tülu 3.1, default): G samples per prompt, advantages normalized within each group (unbiased
-  std), the clipped ratio loss averaged over every response token, k3 KL to the reference inside the loss; each
+  std), the clipped ratio loss averaged over every response token, k3 KL to the reference inside the loss
+  (--kl_estimator); each
   rollout in 2 mini-batches (so the second step's ratio differs from 1 and the clip can act); a response cut
   at --response_length scores 0 (--penalty_reward_value). These defaults are Tülu 3.1's flags (open-instruct's
   command for Llama-3.1-Tulu-3.1-8B); its run length and seed are not defaults: README.md's full-scale command.
 - --algo ppo (the Tülu 3 paper): a value model with its own gradient clipping, per-token k1 KL penalty in the
-  reward, GAE, whitened advantages, clipped policy and value losses, several epochs over each rollout batch, a
-  cut response scores -10.
+  reward (--kl_estimator), the score one token past EOS (the value of the state after it is trained too), GAE,
+  whitened advantages, clipped policy and value losses, several epochs over each rollout batch, a cut response
+  scores -10.
 - Later options, off by default (open-instruct's names): --clip_lower/--clip_higher, --advantage_normalization_type
   centered, --mask_truncated_completions, --filter_zero_std_samples, --loss_denominator D, --beta 0 (no
   reference model is loaded or run).
 
-Simplified relative to open-instruct: no vLLM (plain PyTorch sampling); the ratio's old log-probs come
-from a training forward before the first update (the sampler's feed only `sampling_logprob_diff`); the
-learning rate moves once per step; PPO whitens advantages per rank; the rollout's KV cache (a rank's
-rows x its longest sequence) must fit beside the gathered policy; sampling seeds are per rank, so a run resumed
-on another number of ranks continues with other (equally valid) samples, not the uninterrupted curve.
+Relative to open-instruct's released scripts (Tülu 3: ppo_vllm_thread_ray_gtrl.py; 3.1: grpo_vllm_thread_ray_gtrl.py):
+1. No vLLM: the training processes sample with plain PyTorch, so the rollout's KV cache (a rank's rows x
+   --max_seq_length) must fit beside the gathered policy.
+2. Synchronous: a step samples with the policy it then updates. The original generated one step ahead (its
+   async_mode, on by default): it trained on responses of the policy before the last update, taking the ratio's
+   old log-probs from the current one.
+3. As in the original, the ratio's old log-probs come from a training forward before the first update (the
+   sampler's feed only `sampling_logprob_diff`) and every dropout is off (disable_dropout()).
+4. The loss is an exact token mean over each mini-batch however it is split into micro-batches and ranks; the
+   original took a token mean per micro-batch and averaged those.
+5. GRPO's KL term: the original clamps log pi - log pi_ref to [-40, 40] before the estimator; this does not.
+6. The learning rate moves once per rollout step, the original's once per optimizer step (the same for GRPO's
+   constant rate).
+7. PPO whitens advantages per rank, as the original does; its value model starts from the policy unless
+   --value_model_name_or_path (the original's: the reward model).
+8. Sampling seeds are per rank, so a run resumed on another number of ranks continues with other (equally valid)
+   samples, not the uninterrupted curve.
 """
 import argparse
 import functools
@@ -48,16 +66,17 @@ import decoding
 import infra
 import verifiers
 
-# Flags that may change when a run is resumed; every other flag must match the run in --output_dir. The two
-# batch flags may change, on any number of ranks, as long as the sequences per optimizer step stay the same.
+# Flags that may change when a run is resumed; every other flag must match the run in --output_dir.
+# --per_device_train_batch_size may change, on any number of ranks: it only splits the mini-batches (fixed by the
+# rollout flags) into micro-batches.
 RESUMABLE_FLAGS = {"resume", "checkpointing_steps", "preprocessing_num_workers", "per_device_train_batch_size",
-                   "gradient_accumulation_steps", "report_to"}
+                   "report_to"}
 # Defaults that differ between the two algorithms (Tülu 3.1 GRPO: 2 mini-batches per rollout, a response cut at
 # the length limit scores 0; Tülu 3 8B PPO: one, and -10).
-ALGO_DEFAULTS = {"grpo": dict(learning_rate=5e-7, lr_scheduler_type="constant", beta=0.01,
+ALGO_DEFAULTS = {"grpo": dict(learning_rate=5e-7, lr_scheduler_type="constant", beta=0.01, kl_estimator="kl3",
                                num_samples_per_prompt_rollout=16, ppo_epochs=1, num_mini_batches=2,
                                penalty_reward_value=0.0),
-                 "ppo": dict(learning_rate=3e-7, lr_scheduler_type="linear", beta=0.05,
+                 "ppo": dict(learning_rate=3e-7, lr_scheduler_type="linear", beta=0.05, kl_estimator="kl1",
                               num_samples_per_prompt_rollout=1, ppo_epochs=4, num_mini_batches=1,
                               penalty_reward_value=-10.0)}
 
@@ -90,6 +109,8 @@ def parse_args(argv=None):
                         help="default 0 (grpo), -10 (ppo)")
     parser.add_argument("--beta", type=data_mix.NON_NEGATIVE, default=None,
                         help="KL coefficient; default 0.01 (grpo), 0.05 (ppo); 0: no reference model at all")
+    parser.add_argument("--kl_estimator", default=None, choices=["kl1", "kl3"],
+                        help="KL(pi || pi_ref) per token in GRPO's loss / PPO's reward; default kl3 (grpo), kl1 (ppo)")
     parser.add_argument("--cliprange", type=data_mix.POSITIVE, default=0.2)
     parser.add_argument("--clip_lower", type=data_mix.POSITIVE, default=None,
                         help="ratio clip 1 - eps below; default --cliprange")
@@ -118,7 +139,9 @@ def parse_args(argv=None):
     parser.add_argument("--lr_scheduler_type", default=None, choices=infra.LR_SCHEDULES,
                         help="default constant (grpo), linear (ppo)")
     parser.add_argument("--warmup_ratio", type=data_mix.FRACTION, default=0.0)
-    parser.add_argument("--weight_decay", type=data_mix.NON_NEGATIVE, default=0.0)
+    parser.add_argument("--weight_decay", type=data_mix.NON_NEGATIVE, default=0.01,
+                        help="AdamW's, on every parameter of the policy and the value model; default 0.01: torch's "
+                             "default, which Tülu 3's PPO and 3.1's GRPO ran with")
     parser.add_argument("--max_grad_norm", type=data_mix.bounded(float), default=1.0,
                         help="clip the gradient norm; <= 0 disables")
     parser.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward")
@@ -189,6 +212,9 @@ def kl_k3(logps, ref_logps):
     return torch.exp(log_ratio) - log_ratio - 1
 
 
+KL_ESTIMATORS = {"kl1": kl_k1, "kl3": kl_k3}  # --kl_estimator: open-instruct's names
+
+
 def clipped_policy_loss(logps, old_logps, advantages, clip_lower, clip_higher):
     """PPO's clipped surrogate per token: max(-A * rho, -A * clip(rho, 1 - eps_low, 1 + eps_high)), rho = pi / pi_old
     (eps_low = eps_high = --cliprange unless --clip_lower / --clip_higher: DAPO's clip-higher lets unlikely tokens
@@ -220,28 +246,36 @@ def masked_sum(per_token, mask, divisor):
     return (per_token * mask).sum() / divisor
 
 
-def grpo_loss(logps, old_logps, ref_logps, advantages, mask, clip_lower, clip_higher, beta, divisor):
-    """Tülu 3.1 GRPO: mean of max(-A rho, -A clip(rho, 1-eps_low, 1+eps_high)) + beta * KL_k3(pi, pi_ref), the KL in
-    the loss, not the reward (beta 0: no reference, ref_logps None). logps/old_logps/ref_logps/mask: [B, N];
-    advantages: [B]. -> (loss, clipped [B, N])"""
+def grpo_loss(logps, old_logps, ref_logps, advantages, mask, clip_lower, clip_higher, beta, divisor, kl=kl_k3):
+    """Tülu 3.1 GRPO: mean of max(-A rho, -A clip(rho, 1-eps_low, 1+eps_high)) + beta * KL(pi, pi_ref), the KL in the
+    loss, not the reward (beta 0: no reference, ref_logps None), `kl` its estimator (Tülu 3.1: k3).
+    logps/old_logps/ref_logps/mask: [B, N]; advantages: [B]. -> (loss, clipped [B, N])"""
     per_token, clipped = clipped_policy_loss(logps, old_logps, advantages[:, None], clip_lower, clip_higher)
     if beta:
-        per_token = per_token + beta * kl_k3(logps, ref_logps)  # [B, N]
+        per_token = per_token + beta * kl(logps, ref_logps)  # [B, N]
     return masked_sum(per_token, mask, divisor), clipped
 
 
-def ppo_token_rewards(scores, logps, ref_logps, mask, beta):
-    """Tülu 3 PPO reward per token: r_t = -beta * KL_k1_t, plus the verifier's score on the last response token.
-    scores: [B]; logps/ref_logps/mask: [B, N] with mask a prefix of ones (responses are right-padded)."""
-    rewards = -beta * kl_k1(logps, ref_logps) * mask  # [B, N]
-    last = (mask.sum(dim=1).long() - 1).clamp(min=0)  # [B] index of each response's last token
-    return rewards.scatter_add(1, last[:, None], scores[:, None].to(rewards.dtype))
+def score_positions(mask, response_length):
+    """[B] where PPO puts each response's score, as Tülu 3's PPO code does: one past its last token (the state after
+    EOS, whose value the critic learns to be the score) while that is within --response_length, else on its last
+    token (a response cut at the limit). mask: [B, N], N <= response_length, a prefix of ones (right padding)."""
+    lengths = mask.sum(dim=1).long()  # [B]
+    return torch.where(lengths < response_length, lengths, lengths - 1)
+
+
+def ppo_token_rewards(scores, logps, ref_logps, mask, beta, score_index, kl=kl_k1):
+    """Tülu 3 PPO reward per token: r_t = -beta * KL_t (`kl` its estimator; Tülu 3: k1) on response tokens, plus the
+    verifier's score at score_positions(). scores/score_index: [B]; logps/ref_logps/mask: [B, N].
+    -> [B, N + 1]: a column for the state after the last token, where a score may land."""
+    rewards = torch.nn.functional.pad(-beta * kl(logps, ref_logps) * mask, (0, 1))  # [B, N + 1]
+    return rewards.scatter_add(1, score_index[:, None], scores[:, None].to(rewards.dtype))
 
 
 def gae(rewards, values, mask, gamma, lam):
-    """Generalized advantage estimation over response tokens (values after a response's end count as 0):
-    delta_t = r_t + gamma V_{t+1} - V_t;  A_t = delta_t + gamma lam A_{t+1};  returns R_t = A_t + V_t.  [B, N]"""
-    rewards, values = rewards * mask, values * mask  # [B, N]
+    """Generalized advantage estimation over a response's states (`mask`'s ones; values after them count as 0):
+    delta_t = r_t + gamma V_{t+1} - V_t;  A_t = delta_t + gamma lam A_{t+1};  returns R_t = A_t + V_t.  [B, T]"""
+    rewards, values = rewards * mask, values * mask  # [B, T]
     advantages = torch.zeros_like(rewards)
     next_advantage = torch.zeros_like(rewards[:, 0])  # [B]
     for t in reversed(range(rewards.shape[1])):
@@ -249,7 +283,7 @@ def gae(rewards, values, mask, gamma, lam):
         delta = rewards[:, t] + gamma * next_value - values[:, t]
         next_advantage = delta + gamma * lam * next_advantage
         advantages[:, t] = next_advantage
-    return advantages * mask, (advantages + values) * mask  # [B, N], [B, N]
+    return advantages * mask, (advantages + values) * mask  # [B, T], [B, T]
 
 
 def whiten(values, mask, eps=1e-8):
@@ -258,6 +292,18 @@ def whiten(values, mask, eps=1e-8):
     mean = (values * mask).sum() / count
     var = (((values - mean) * mask) ** 2).sum() / count
     return (values - mean) * torch.rsqrt(var + eps) * mask
+
+
+def disable_dropout(model):
+    """Every dropout off, as open-instruct's RL scripts do (disable_dropout_in_model): the update's forward runs in
+    train mode (for gradient checkpointing) yet must give the log-probs the rollout's eval-mode forward gave, so that
+    rho is 1 before the first update. Dropout modules, and attention's own (Hugging Face's attention_dropout)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+    return model
 
 
 def entropy(logits, temperature):
@@ -331,10 +377,11 @@ def response_logprobs(policy, query_responses, attention_mask, response_length, 
 
 
 def response_values(value_model, query_responses, attention_mask, response_length):
-    """PPO's critic V(prefix) before each response token, from ValueModel's scalar head. [B, N]"""
+    """PPO's critic V(prefix) before each response token and after the last one, from ValueModel's scalar head.
+    [B, N + 1]: column t is the state after t response tokens (a response's score may sit one past its end)."""
     position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
     values = value_model(input_ids=query_responses, attention_mask=attention_mask, position_ids=position_ids)
-    return values[:, -response_length - 1:-1].float()
+    return values[:, -response_length - 1:].float()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -459,7 +506,8 @@ def score_responses(responses: list[str], rows: list[dict], stopped, args):
 @torch.no_grad()
 def old_and_reference_outputs(policy, reference, value_model, rollout, args) -> dict:
     """Per-token outputs of the models as they are before this step's updates, one micro-batch at a time:
-    old_logps (the ratio's denominator), ref_logps (unless --beta 0), entropy and, for PPO, old_values. [B, N]."""
+    old_logps (the ratio's denominator), ref_logps (unless --beta 0), entropy ([B, N]) and, for PPO, old_values
+    ([B, N + 1])."""
     length, outputs = rollout.response_mask.shape[1], []
     for rows in torch.arange(len(rollout.stopped)).split(args.per_device_train_batch_size):
         sequences, mask = rollout.query_responses[rows], rollout.attention_mask[rows]
@@ -473,9 +521,10 @@ def old_and_reference_outputs(policy, reference, value_model, rollout, args) -> 
 
 
 def compute_advantages(old: dict, scores, rollout, args) -> None:
-    """GRPO: one advantage per response, normalized within its prompt's group. PPO: GAE on per-token
-    rewards (-beta k1 each token, the score on the last), whitened; plus the value targets. And the loss's
-    token mask (old["loss_mask"], [B, N]): the response tokens of the rows trained_rows() keeps."""
+    """GRPO: one advantage per response, normalized within its prompt's group. PPO: GAE on per-token rewards
+    (-beta KL each token, the score one past the end: score_positions()), whitened; plus the value targets
+    (old["returns"]) and the states the critic trains on (old["value_mask"], [B, N + 1]). And the loss's token mask
+    (old["loss_mask"], [B, N]): the response tokens of the rows trained_rows() keeps."""
     mask, group = rollout.response_mask, args.num_samples_per_prompt_rollout
     keep = trained_rows(scores, rollout.stopped, group, args.mask_truncated_completions, args.filter_zero_std_samples)
     old["loss_mask"] = mask * keep[:, None]
@@ -483,9 +532,14 @@ def compute_advantages(old: dict, scores, rollout, args) -> None:
         old["advantages"] = group_advantages(scores, group, args.advantage_normalization_type)  # [B]
         return
     ref_logps = old.get("ref_logps", old["old_logps"])  # --beta 0: no reference, and no KL term to weigh
-    rewards = ppo_token_rewards(scores, old["old_logps"], ref_logps, mask, args.beta)  # [B, N]
-    advantages, old["returns"] = gae(rewards, old["old_values"], mask, args.gamma, args.lam)
-    old["advantages"] = whiten(advantages, mask)
+    score_index = score_positions(mask, args.response_length)  # [B]
+    rewards = ppo_token_rewards(scores, old["old_logps"], ref_logps, mask, args.beta, score_index,
+                                KL_ESTIMATORS[args.kl_estimator])  # [B, N + 1]
+    # the critic's states: each response's tokens and the one after (the score's), as Tülu 3's PPO trains it
+    value_mask = (torch.arange(mask.shape[1] + 1, device=mask.device) <= score_index[:, None]).long()  # [B, N + 1]
+    advantages, old["returns"] = gae(rewards, old["old_values"], value_mask, args.gamma, args.lam)
+    old["advantages"] = whiten(advantages[:, :-1], mask)  # [B, N]: the policy's tokens only
+    old["value_mask"] = value_mask * keep[:, None]
 
 
 def update(trained, optimizer, rollout, old: dict, args, step: int, rank: int, world_size: int) -> dict:
@@ -501,10 +555,12 @@ def update(trained, optimizer, rollout, old: dict, args, step: int, rank: int, w
     grad_norm_sums = dict.fromkeys(trained.keys(), 0.0)
     for _ in range(args.ppo_epochs):
         for mini_batch in torch.randperm(len(mask), generator=generator).chunk(args.num_mini_batches):
-            # One divisor for the whole mini-batch (every rank's rows), counted before any forward.
-            divisor = loss_divisor(mask[mini_batch], args.loss_denominator)
-            dist.all_reduce(divisor)
-            divisor = divisor.clamp(min=1e-8)  # nothing to train: loss 0, not 0 / 0
+            # One divisor for the whole mini-batch (every rank's rows), counted before any forward; PPO's value
+            # loss has its own (the critic's states: one more per response, where the score sits).
+            masks = [mask] + ([old["value_mask"]] if args.algo == "ppo" else [])
+            divisors = torch.stack([loss_divisor(m[mini_batch], args.loss_denominator) for m in masks])
+            dist.all_reduce(divisors)
+            divisor, value_divisor = divisors.clamp(min=1e-8)[[0, -1]]  # nothing to train: loss 0, not 0 / 0
             for rows in mini_batch.split(args.per_device_train_batch_size):
                 micro = {name: values[rows] for name, values in old.items()}
                 sequences, attention = rollout.query_responses[rows], rollout.attention_mask[rows]
@@ -512,13 +568,15 @@ def update(trained, optimizer, rollout, old: dict, args, step: int, rank: int, w
                 value_loss = torch.zeros((), device=mask.device)
                 if args.algo == "grpo":
                     loss, clipped = grpo_loss(logps, micro["old_logps"], micro.get("ref_logps"), micro["advantages"],
-                                              micro["loss_mask"], args.clip_lower, args.clip_higher, args.beta, divisor)
+                                              micro["loss_mask"], args.clip_lower, args.clip_higher, args.beta, divisor,
+                                              KL_ESTIMATORS[args.kl_estimator])
                 else:
                     policy_loss, clipped = clipped_policy_loss(logps, micro["old_logps"], micro["advantages"],
                                                                args.clip_lower, args.clip_higher)
                     values = response_values(trained["value"], sequences, attention, length)
                     value_loss = masked_sum(clipped_value_loss(values, micro["old_values"], micro["returns"],
-                                                               args.cliprange_value), micro["loss_mask"], divisor)
+                                                               args.cliprange_value),
+                                            micro["value_mask"], value_divisor)  # [B, N + 1] -> scalar
                     loss = masked_sum(policy_loss, micro["loss_mask"], divisor) + args.vf_coef * value_loss
                 # FSDP averages gradients over ranks; multiplying by world_size turns that average into a sum.
                 (loss * world_size).backward()
@@ -543,10 +601,13 @@ def update(trained, optimizer, rollout, old: dict, args, step: int, rank: int, w
 
 
 def rollout_metrics(rollout, old: dict, scores, verified, rows: list[dict]) -> dict:
-    """Step metrics over every rank's responses: reward, accuracy per dataset, KL, entropy, lengths."""
+    """Step metrics over every rank's responses: reward, accuracy per dataset, KL (kl1, kl3: per token, before the
+    update), entropy, lengths."""
     mask = rollout.response_mask
     sums = {"responses": len(rows), "reward": scores.sum(), "reward_squared": (scores ** 2).sum(),
-            "kl": (kl_k1(old["old_logps"], old.get("ref_logps", math.nan)) * mask).sum(),  # NaN: --beta 0
+            # both estimators of KL(pi || pi_ref) per token (NaN: --beta 0): k1 can go negative, k3 cannot
+            **{name: (kl(old["old_logps"], old.get("ref_logps", math.nan)) * mask).sum()
+               for name, kl in KL_ESTIMATORS.items()},
             "tokens": mask.sum(),
             "entropy": (old["entropy"] * mask).sum(), "cut": (~rollout.stopped).sum(),
             "logprob_diff": ((rollout.logprobs - old["old_logps"]).abs() * mask).sum(),
@@ -560,7 +621,8 @@ def rollout_metrics(rollout, old: dict, scores, verified, rows: list[dict]) -> d
     responses, tokens, reward_mean = total["responses"], total["tokens"], total["reward"] / total["responses"]
     metrics = {"reward_mean": reward_mean, "reward_std": math.sqrt(max(total["reward_squared"] / responses
                                                                       - reward_mean ** 2, 0.0)),
-               "kl": total["kl"] / tokens, "entropy": total["entropy"] / tokens, "response_length": tokens / responses,
+               **{name: total[name] / tokens for name in KL_ESTIMATORS}, "entropy": total["entropy"] / tokens,
+               "response_length": tokens / responses,
                "length_limit_fraction": total["cut"] / responses, "response_tokens": int(tokens),
                "sequence_tokens": int(total["sequence_tokens"]),
                # |sampler log-prob - training forward log-prob| per token: ~0 unless the two paths disagree
@@ -611,12 +673,12 @@ def train(args, rank: int, world_size: int, device) -> None:
                              infra.resolve_dtype(args.dtype, device), rank)
     reference = None if args.beta == 0 else infra.load_model(args.model_name_or_path, args, device, rank, HFModel
                                                              ).requires_grad_(False).eval()
-    trained = torch.nn.ModuleDict({"policy": policy})
+    trained = torch.nn.ModuleDict({"policy": disable_dropout(policy)})
     if args.algo == "ppo":
         value_path = args.value_model_name_or_path or args.model_name_or_path
         infra.check_model_path(value_path, "--value_model_name_or_path", tokenizer=False)
-        trained["value"] = infra.load_model(value_path, args, device, rank,
-                                            functools.partial(ValueModel, head=saved_value_head(value_path)))
+        trained["value"] = disable_dropout(infra.load_model(value_path, args, device, rank, functools.partial(
+            ValueModel, head=saved_value_head(value_path))))
     optimizer = torch.optim.AdamW([{"params": model.parameters()} for model in trained.values()],  # a group per model
                                   lr=args.learning_rate, weight_decay=args.weight_decay, fused=device.type == "cuda")
     scheduler = infra.make_scheduler(optimizer, args.lr_scheduler_type, int(args.warmup_ratio * total_steps),
@@ -653,7 +715,7 @@ def train(args, rank: int, world_size: int, device) -> None:
                                         rollout, args)
         compute_advantages(old, scores, rollout, args)
         referenced = time.perf_counter()
-        trained.train()
+        trained.train()  # (no dropout: disable_dropout())
         lr = optimizer.param_groups[0]["lr"]  # the rate this step's updates really use
         losses = update(trained, optimizer, rollout, old, args, step, rank, world_size)
         scheduler.step()
@@ -668,7 +730,8 @@ def train(args, rank: int, world_size: int, device) -> None:
         if rank == 0:
             infra.append_metrics(metrics_path, metrics)
             report(metrics)
-            progress.set_postfix(reward=f"{metrics['reward_mean']:.2f}", kl=f"{metrics['kl']:.4f}")
+            progress.set_postfix({"reward": f"{metrics['reward_mean']:.2f}",  # and the KL estimator the loss uses
+                                  args.kl_estimator: f"{metrics[args.kl_estimator]:.4f}"})
             progress.update()
         if (step + 1) % args.checkpointing_steps == 0 and step + 1 < total_steps:
             infra.save_checkpoint(trained, optimizer, scheduler, step + 1, args.output_dir, rank, run_facts)

@@ -2,7 +2,7 @@
 
     python sft.py --model_name_or_path .cache/models/SmolLM2-135M-Instruct \
         --dataset_mixer_list data/demo/sft_train.jsonl 1.0 --output_dir output/sft \
-        --per_device_train_batch_size 8 --gradient_accumulation_steps 1 --max_seq_length 512
+        --per_device_train_batch_size 8 --gradient_accumulation_steps 1 --max_seq_length 512 --max_train_steps 20
     torchrun --nproc_per_node 8 sft.py --model_name_or_path meta-llama/Llama-3.1-8B \
         --dataset_mixer_list allenai/tulu-3-sft-mixture 1.0 --chat_template_name tulu \
         --per_device_train_batch_size 1 --gradient_accumulation_steps 16 --output_dir output/sft-8b

@@ -1,5 +1,6 @@
 """rlvr.py's advantages, KL estimators and losses against values worked out by hand."""
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -104,6 +105,15 @@ def test_grpo_loss_by_hand():
     assert not clipped.any()
 
 
+def test_grpo_loss_adds_the_chosen_kl_estimator():
+    logps, ref_logps = torch.tensor([[-1.0, -2.0]]), torch.tensor([[-1.5, -1.0]])  # k1 = [0.5, -1]
+    k3 = [math.exp(-0.5) + 0.5 - 1, math.exp(1.0) - 1 - 1]
+    for kl, per_token in [(rlvr.KL_ESTIMATORS["kl1"], [0.5, -1.0]), (rlvr.KL_ESTIMATORS["kl3"], k3)]:
+        # rho = 1 and A = 0: the loss is the KL term alone, beta * the token mean
+        loss, _ = rlvr.grpo_loss(logps, logps, ref_logps, torch.zeros(1), torch.ones(1, 2), 0.2, 0.2, 0.1, 2, kl)
+        assert loss.item() == pytest.approx(0.1 * sum(per_token) / 2)
+
+
 def test_grpo_loss_ignores_padding_tokens():
     logps = torch.tensor([[-1.0, -2.0]])
     loss, _ = rlvr.grpo_loss(logps, logps, logps - torch.tensor([[1.0, 50.0]]), torch.tensor([2.0]),
@@ -137,11 +147,44 @@ def test_first_grpo_step_has_zero_loss_but_a_gradient():
     torch.testing.assert_close(logps.grad, torch.tensor([[-1.0, -1.0], [1.0, 1.0]]) / (4 * math.sqrt(2)))
 
 
-def test_ppo_token_rewards_put_the_score_on_the_last_response_token():
-    logps = torch.tensor([[-1.0, -1.0, -1.0]])
-    ref_logps = torch.tensor([[-1.5, -1.0, -0.5]])  # k1 = [0.5, 0, -0.5]
-    rewards = rlvr.ppo_token_rewards(torch.tensor([10.0]), logps, ref_logps, torch.tensor([[1, 1, 0]]), beta=0.1)
-    torch.testing.assert_close(rewards, torch.tensor([[-0.05, 10.0, 0.0]]))
+def test_score_positions_are_one_past_the_response_or_its_last_token_at_the_length_limit():
+    # Tülu 3's PPO: the index after EOS while it is < response_length, else the last token (a cut response)
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]])
+    assert rlvr.score_positions(mask, response_length=4).tolist() == [2, 3, 1]
+    # a rollout that stopped before the limit (N = 2 < 6): the score sits in the column after the last token
+    assert rlvr.score_positions(torch.tensor([[1, 1]]), response_length=6).tolist() == [2]
+
+
+def test_ppo_token_rewards_add_the_score_at_its_position_and_a_column_for_the_state_after_the_last_token():
+    logps = torch.tensor([[-1.0, -1.0, -1.0]] * 2)
+    ref_logps = torch.tensor([[-1.5, -1.0, -0.5]] * 2)  # k1 = [0.5, 0, -0.5]
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])  # ended with EOS at index 1; cut at the limit of 3
+    rewards = rlvr.ppo_token_rewards(torch.tensor([10.0, -10.0]), logps, ref_logps, mask, 0.1,
+                                     rlvr.score_positions(mask, 3))
+    torch.testing.assert_close(rewards, torch.tensor([[-0.05, 0.0, 10.0, 0.0], [-0.05, 0.0, -9.95, 0.0]]))
+
+
+def test_response_values_read_the_state_before_each_response_token_and_after_the_last():
+    # a stand-in critic whose value at each position is that position: P = 3 prompt tokens, N = 2 response tokens
+    def critic(input_ids, attention_mask, position_ids):
+        return torch.arange(input_ids.shape[1], dtype=torch.float).expand(input_ids.shape)
+    values = rlvr.response_values(critic, torch.zeros(1, 5, dtype=torch.long), torch.ones(1, 5), response_length=2)
+    assert values.tolist() == [[2.0, 3.0, 4.0]]  # after the prompt, after token 0, after token 1 (the score's state)
+
+
+def test_ppo_critic_is_trained_one_state_past_eos_whose_return_is_the_score():
+    rollout = SimpleNamespace(response_mask=torch.tensor([[1, 1, 0], [1, 1, 1]]), stopped=torch.tensor([True, False]))
+    args = SimpleNamespace(algo="ppo", num_samples_per_prompt_rollout=1, mask_truncated_completions=False,
+                           filter_zero_std_samples=False, response_length=3, beta=0.0, kl_estimator="kl1",
+                           gamma=1.0, lam=1.0)
+    old = {"old_logps": torch.zeros(2, 3), "old_values": torch.tensor([[1.0, 2.0, 3.0, 9.0], [1.0, 2.0, 3.0, 9.0]])}
+    rlvr.compute_advantages(old, torch.tensor([10.0, -10.0]), rollout, args)
+    # the EOS row's critic also learns the state after EOS (index 2); the cut row's ends at its last token
+    assert old["value_mask"].tolist() == [[1, 1, 1, 0], [1, 1, 1, 0]]
+    assert old["loss_mask"].tolist() == [[1, 1, 0], [1, 1, 1]]
+    # gamma = lambda = 1, no KL: every state's return is the score; the state after the last one counts as 0
+    torch.testing.assert_close(old["returns"], torch.tensor([[10.0, 10.0, 10.0, 0.0], [-10.0, -10.0, -10.0, 0.0]]))
+    assert old["advantages"].shape == (2, 3)
 
 
 def test_gae_with_gamma_1_lambda_095():

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 import infra
 import rlvr
-from conftest import free_port, read_metrics, run_in_process
+from conftest import build_tiny_model, free_port, read_metrics, run_in_process
 
 # An IFEval constraint a random tiny model meets about half the time, so rewards (and advantages) vary.
 AT_LEAST_TWO_E = json.dumps({"instruction_id_list": ["keywords:letter_frequency"],
@@ -45,7 +45,7 @@ def test_a_run_logs_every_metric_and_saves_a_trained_model(algo, tiny_model_dir,
     run_rlvr(base_args(tiny_model_dir, data, tmp_path / "out", "--algo", algo, "--ppo_epochs", "2"))
     metrics = read_metrics(tmp_path / "out")
     assert [m["step"] for m in metrics] == [1, 2] and metrics[-1]["episodes"] == 16
-    for name in ["reward_mean", "reward_std", "kl", "entropy", "response_length", "length_limit_fraction",
+    for name in ["reward_mean", "reward_std", "kl1", "kl3", "entropy", "response_length", "length_limit_fraction",
                  "clip_fraction", "loss", "grad_norm", "sampling_tokens_per_s", "training_tokens_per_s",
                  "time/sampling", "time/scoring", "time/training"]:
         assert all(name in m and m[name] == m[name] for m in metrics), name  # present and not NaN
@@ -53,7 +53,8 @@ def test_a_run_logs_every_metric_and_saves_a_trained_model(algo, tiny_model_dir,
     assert {k for m in metrics for k in m if k.startswith("accuracy/")} == {"accuracy/gsm8k", "accuracy/ifeval"}
     assert any(m["reward_std"] > 0 for m in metrics)  # the constraint splits the samples, so there is signal
     assert all(m["sampling_logprob_diff"] < 1e-4 for m in metrics)  # sampler and training forward agree
-    assert metrics[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # the policy starts as the reference
+    assert metrics[0]["kl1"] == pytest.approx(0.0, abs=1e-6)  # the policy starts as the reference
+    assert all(m["kl3"] >= 0 for m in metrics)  # k3, GRPO's loss term, is never negative (k1 can be)
     assert all(0 < m["response_length"] <= 6 for m in metrics)
     if algo == "ppo":
         assert all(m["value_loss"] > 0 for m in metrics)
@@ -86,7 +87,7 @@ def test_interrupted_then_resumed_run_repeats_the_same_steps(tiny_model_dir, tmp
     straight, resumed = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "resumed")
     assert [m["step"] for m in resumed] == [1, 2, 3]
     for a, b in zip(straight, resumed):
-        for name in ("reward_mean", "loss", "grad_norm", "kl", "response_length"):
+        for name in ("reward_mean", "loss", "grad_norm", "kl1", "kl3", "response_length"):
             assert a[name] == pytest.approx(b[name], rel=1e-5, abs=1e-7), (a["step"], name)
     a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("straight", "resumed"))
     for name in a:
@@ -160,6 +161,8 @@ def test_algorithm_defaults_follow_tulu():
                            "--algo", "ppo"])
     assert (grpo.beta, grpo.learning_rate, grpo.num_samples_per_prompt_rollout, grpo.lr_scheduler_type) == \
         (0.01, 5e-7, 16, "constant")
+    # open-instruct's estimators: k3 in Tülu 3.1's GRPO loss, k1 in Tülu 3's PPO reward
+    assert (grpo.kl_estimator, ppo.kl_estimator) == ("kl3", "kl1")
     # Tülu 3.1: 2 mini-batches per rollout, a response cut at the length limit scores 0
     assert (grpo.num_mini_batches, grpo.non_stop_penalty, grpo.penalty_reward_value) == (2, True, 0.0)
     assert (ppo.beta, ppo.learning_rate, ppo.ppo_epochs, ppo.lr_scheduler_type, ppo.gamma, ppo.lam, ppo.vf_coef) == \
@@ -191,7 +194,7 @@ def test_beta_0_loads_no_reference_model_and_trains(tiny_model_dir, tmp_path, mo
                        "--advantage_normalization_type", "centered", "--clip_higher", "0.28"))
     assert loads == [tiny_model_dir]  # the policy only
     metrics = read_metrics(tmp_path / "out")
-    assert all(math.isnan(m["kl"]) for m in metrics)  # no reference: no KL to report, not a false 0
+    assert all(math.isnan(m["kl1"]) and math.isnan(m["kl3"]) for m in metrics)  # no reference: no KL, not a false 0
     trained, initial = (load_file(os.path.join(d, "model.safetensors")) for d in (tmp_path / "out", tiny_model_dir))
     assert any(not torch.equal(trained[name], initial[name]) for name in initial)
 
@@ -221,3 +224,27 @@ def test_ppo_clips_the_policy_and_the_value_gradients_each_by_its_own_norm(tiny_
     assert len(clipped) == 2 and not clipped[0] & clipped[1]  # one optimizer step: two disjoint clips
     metrics = read_metrics(tmp_path / "out")
     assert metrics[0]["grad_norm"] > 0 and metrics[0]["value_grad_norm"] > 0
+
+
+def test_the_first_update_sees_the_rollouts_log_probs_even_for_a_model_configured_with_dropout(tiny_tokenizer,
+                                                                                               tmp_path, monkeypatch):
+    # rollouts and old log-probs run in eval mode, the update in train mode: with dropout left on, rho != 1 before
+    # any update. open-instruct turns every dropout off; so does rlvr.py.
+    model_dir = tmp_path / "dropout_model"
+    build_tiny_model(tiny_tokenizer, attention_dropout=0.5).save_pretrained(model_dir)
+    tiny_tokenizer.save_pretrained(model_dir)
+    data = write_rlvr_data(tmp_path / "rlvr.jsonl")
+    first_calls, real_grpo_loss = [], rlvr.grpo_loss
+
+    def grpo_loss(logps, old_logps, *args, **kwargs):
+        first_calls.append((logps.detach().clone(), old_logps.clone()))
+        return real_grpo_loss(logps, old_logps, *args, **kwargs)
+    monkeypatch.setattr(rlvr, "grpo_loss", grpo_loss)
+    run_rlvr(base_args(str(model_dir), data, tmp_path / "out", "--total_episodes", "8"))
+    logps, old_logps = first_calls[0]  # the first micro-batch, before any optimizer step
+    torch.testing.assert_close(logps, old_logps, rtol=0, atol=1e-5)
+
+
+def test_every_resumable_flag_is_a_flag_of_rlvr():
+    args = rlvr.parse_args(["--model_name_or_path", "m", "--dataset_mixer_list", "d", "1", "--output_dir", "o"])
+    assert rlvr.RESUMABLE_FLAGS <= set(vars(args))
