@@ -1,4 +1,4 @@
-"""Data shared by every stage: the flags' parser (StageParser: one for all stages, which reads open-instruct's
+"""Data shared by every stage: the flags' parser (flags.StageParser: one for all stages, which reads open-instruct's
 spellings too); load and mix datasets, validate records, render chats, tokenize, batch; the benchmarks eval.py
 scores, and the decontamination of training data against them. (Preference records are dpo.py's own, RLVR records
 rlvr.py's; the attention for packed rows is model code: modeling.py.)
@@ -15,15 +15,14 @@ nothing else (system and user turns, the assistant header, the newline after EOS
 Decontamination (--decontaminate_against gsm8k,math,...) drops a training row when more than half
 (--decontaminate_threshold) of its prompt's word 8-grams occur in the prompts eval.py scores.
 """
-import argparse
-import difflib
 import functools
 import json
-import math
 import os
 import re
 
 import torch
+
+import flags
 
 
 IGNORE_INDEX = -100  # label of a token that is not trained (torch's cross_entropy default)
@@ -52,159 +51,6 @@ class DataError(ValueError):
     the mixture, a mixture list that does not parse); the message names it."""
 
 
-# ---------------------------------------------------------------------------------------------
-# Flags: one parser for every stage
-
-# open-instruct's names for flags that mean the same here: accepted as they are
-OPEN_INSTRUCT_ALIASES = {
-    "--clip_grad_norm": "--max_grad_norm",  # finetune.py; its -1 (no clipping) is <= 0 here too
-    "--checkpoint_state_freq": "--checkpointing_steps",  # grpo_fast.py: the resumable state
-    "--num_epochs": "--ppo_epochs",  # grpo_fast.py, ppo: passes over each rollout
-    "--number_samples_per_prompt": "--num_samples_per_prompt_rollout",
-    "--non_stop_penalty_value": "--penalty_reward_value",
-    "--beta": "--dpo_beta",  # dpo_tune_cache.py's newer names (rlvr's own --beta is the KL coefficient)
-    "--loss_type": "--dpo_loss_type",
-    "--label_smoothing": "--dpo_label_smoothing",
-    "--gamma_beta_ratio": "--dpo_gamma_beta_ratio",
-}
-NO_LOGGING_SERVICE = "no logging service here: every step's metrics go to OUTPUT_DIR/metrics.jsonl; drop the flag"
-FROM_MODEL_DIR = ("the tokenizer is read from --model_name_or_path: put its tokenizer files (tokenizer.json, "
-                  "tokenizer_config.json) in the model directory")
-NO_HUB_UPLOAD = "no hub upload here: the model is saved in --output_dir; drop the flag"
-NO_LORA = "no LoRA here: every weight is trained; drop the flag"
-NO_DEEPSPEED = "no DeepSpeed here: FSDP2 shards weights, gradients and AdamW state over the ranks; drop the flag"
-NO_VLLM = "no vLLM here: the policy samples its rollouts in-process (--compile_sampling); drop the flag"
-NO_EVAL_DURING_TRAINING = "no evaluation during training: run eval.py on --output_dir afterwards"
-# open-instruct's flags that have no counterpart of the same meaning: what to do instead
-OPEN_INSTRUCT_HINTS = {
-    "--use_flash_attn": "pass --attn_implementation flash_attention_2 (needs the flash-attn package), or for sft "
-                        "and dpo --attn_implementation packed_varlen (torch's own varlen flash kernel)",
-    "--with_tracking": NO_LOGGING_SERVICE, "--report_to": NO_LOGGING_SERVICE,
-    "--wandb_project_name": NO_LOGGING_SERVICE, "--wandb_entity": NO_LOGGING_SERVICE,
-    "--logging_steps": "every step's metrics go to OUTPUT_DIR/metrics.jsonl; drop the flag",
-    "--tokenizer_name": FROM_MODEL_DIR, "--tokenizer_name_or_path": FROM_MODEL_DIR,
-    "--tokenizer_revision": FROM_MODEL_DIR, "--use_slow_tokenizer": "a fast tokenizer is needed (its offsets locate "
-                                                                      "the assistant turns); drop the flag",
-    "--num_epochs": "passes over the data: --num_train_epochs",  # (rlvr takes it: --ppo_epochs)
-    "--save_freq": "--checkpointing_steps N writes a resumable checkpoint every N steps; the model is saved at the end",
-    "--max_prompt_token_length": "prompts longer than --max_seq_length minus --response_length tokens are dropped: "
-                                 "pass --max_seq_length as max_prompt_token_length + response_length",
-    "--max_token_length": "pass --max_seq_length (prompt and response together)",
-    "--resume_from_checkpoint": "pass --resume: it continues from the newest checkpoint in --output_dir",
-    "--keep_last_n_checkpoints": "only the newest checkpoint is kept; drop the flag",
-    "--push_to_hub": NO_HUB_UPLOAD, "--hf_entity": NO_HUB_UPLOAD, "--hf_repo_id": NO_HUB_UPLOAD,
-    "--hf_repo_revision": NO_HUB_UPLOAD, "--save_to_hub": NO_HUB_UPLOAD,
-    "--exp_name": "a run is named by its --output_dir; drop the flag",
-    "--use_lora": NO_LORA, "--use_qlora": NO_LORA, "--lora_rank": NO_LORA, "--lora_alpha": NO_LORA,
-    "--lora_dropout": NO_LORA,
-    "--deepspeed_stage": NO_DEEPSPEED, "--zero_stage": NO_DEEPSPEED, "--offload_optimizer": NO_DEEPSPEED,
-    "--offload_param": NO_DEEPSPEED,
-    "--dataset_name": "pass --dataset_mixer_list NAME 1.0",
-    "--dataset_mixer": "pass --dataset_mixer_list NAME AMOUNT ...",
-    "--dataset_mixer_list_splits": "a hub dataset's train split is read: save another split as .jsonl or .parquet",
-    "--max_train_samples": "give a row count as the amount in --dataset_mixer_list (NAME 1000)",
-    "--dataset_mixer_eval_list": NO_EVAL_DURING_TRAINING, "--local_eval_every": NO_EVAL_DURING_TRAINING,
-    "--apply_verifiable_reward": "the reward is always the verifier's (--verification_reward); drop the flag",
-    "--async_steps": "rollouts are sampled by the current policy (no asynchronous steps); drop the flag",
-    "--trust_remote_code": "models run on transformers' own code only; drop the flag",
-    "--add_bos": "the chat template decides the first token (--chat_template_name tulu adds no BOS); drop the flag",
-    "--use_liger_kernel": "the loss never holds the full [tokens, vocab] logits already; drop the flag",
-    "--concatenated_forward": "chosen and rejected are always scored in one forward; drop the flag",
-    "--model_revision": "download that revision and pass its directory as --model_name_or_path",
-    "--low_cpu_mem_usage": "each rank reads only its own shard of the weights already; drop the flag",
-    "--use_8bit_optimizer": "AdamW keeps fp32 moments here; drop the flag",
-}
-
-
-def true_or_false(text: str) -> bool:
-    """A boolean flag's value as open-instruct's parser (transformers' HfArgumentParser) reads it."""
-    value = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}.get(text.lower())
-    if value is None:
-        raise argparse.ArgumentTypeError(f"{text!r} is not true or false")
-    return value
-
-
-class Switch(argparse.Action):
-    """A boolean flag: `--flag` sets it, `--flag true|false` too (open-instruct's `--packing False`), and a negatable
-    one (argparse.BooleanOptionalAction) is turned off by `--no-flag` or `--no_flag` as well."""
-
-    def __init__(self, option_strings, dest, negatable=False, default=False, **kwargs):
-        self.negations = [prefix + name[2:] for name in option_strings for prefix in ("--no-", "--no_")] * negatable
-        super().__init__(option_strings + self.negations, dest, nargs="?", default=default, metavar="true|false",
-                         **kwargs)
-
-    def __call__(self, parser, namespace, value, option_string=None):
-        try:
-            on = True if value is None else true_or_false(value)
-        except argparse.ArgumentTypeError as error:
-            raise argparse.ArgumentError(self, str(error)) from None
-        setattr(namespace, self.dest, on != (option_string in self.negations))
-
-
-class StageParser(argparse.ArgumentParser):
-    """The stages' flags: argparse, but
-    - no prefix matching: argparse would read `--num_unique_prompts 48` as `--num_unique_prompts_rollout 48`;
-    - open-instruct's spellings of our flags are accepted (OPEN_INSTRUCT_ALIASES), and its flags that have no
-      counterpart here are refused with what to do instead (OPEN_INSTRUCT_HINTS);
-    - boolean flags take open-instruct's `--flag True` / `--flag False` too (Switch);
-    - an error is one line, raised as SystemExit(message): infra.run prints it once however many ranks parse."""
-
-    def __init__(self, description: str):
-        super().__init__(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
-                         allow_abbrev=False)
-
-    def add_argument(self, *names, **kwargs):
-        if kwargs.get("action") in ("store_true", argparse.BooleanOptionalAction):
-            kwargs.update(negatable=kwargs["action"] is argparse.BooleanOptionalAction, action=Switch)
-        action = super().add_argument(*names, **kwargs)
-        for alias in [alias for alias, name in OPEN_INSTRUCT_ALIASES.items() if name in names]:
-            super().add_argument(alias, **{**kwargs, "dest": action.dest, "help": argparse.SUPPRESS})  # errors name it
-        return action
-
-    def parse_args(self, args=None, namespace=None):
-        parsed, unknown = self.parse_known_args(args, namespace)
-        if unknown:
-            self.error(self.unknown_flag(unknown))
-        return parsed
-
-    def unknown_flag(self, unknown: list[str]) -> str:
-        flags = [token.split("=")[0] for token in unknown if token.startswith("--")]
-        if not flags:
-            return f"unexpected value(s) {' '.join(unknown)}: a flag given one value too many?"
-        flag = flags[0]
-        hint = OPEN_INSTRUCT_HINTS.get(flag) or (NO_VLLM if flag.startswith("--vllm_") else None)
-        if hint:
-            return f"argument {flag} is open-instruct's: {hint}"
-        close = difflib.get_close_matches(flag, [name for name in self._option_string_actions if name[:2] == "--"], 1)
-        return f"unknown flag {flag}" + (f"; did you mean {close[0]}?" if close else " (--help lists the flags)")
-
-    def error(self, message: str):
-        raise SystemExit(f"{self.prog}: {message}")
-
-
-def bounded(kind, low=None, high=None, *, low_open=False, high_open=False):
-    """An argparse `type=` that parses `kind` (int or float) and checks low <= value <= high (< with *_open),
-    so a bad flag stops at parse time with argparse's "argument --flag: ..." instead of mid-run."""
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
-        too_low = low is not None and (value <= low if low_open else value < low)
-        too_high = high is not None and (value >= high if high_open else value > high)
-        if too_low or too_high or not math.isfinite(value):
-            bounds = [f"{'>' if low_open else '>='} {low}" if low is not None else "",
-                      f"{'<' if high_open else '<='} {high}" if high is not None else ""]
-            raise argparse.ArgumentTypeError(f"{text} must be {' and '.join(b for b in bounds if b) or 'finite'}")
-        return value
-    parse.__name__ = kind.__name__  # argparse names the type in its messages
-    return parse
-
-
-POSITIVE_INT = bounded(int, 1)
-NON_NEGATIVE = bounded(float, 0.0)
-POSITIVE = bounded(float, 0.0, low_open=True)
-FRACTION = bounded(float, 0.0, 1.0)
 
 
 def add_data_args(parser, max_seq_length: int) -> None:
@@ -212,16 +58,16 @@ def add_data_args(parser, max_seq_length: int) -> None:
     parser.add_argument("--dataset_mixer_list", nargs="+", required=True, metavar="NAME AMOUNT",
                         help="pairs of dataset (hub name or local .jsonl/.json/.parquet) and amount "
                              "(fraction, >1.0 upsamples, or integer row count)")
-    parser.add_argument("--max_seq_length", type=POSITIVE_INT, default=max_seq_length, help="right-truncate to this")
+    parser.add_argument("--max_seq_length", type=flags.POSITIVE_INT, default=max_seq_length, help="right-truncate to this")
     parser.add_argument("--chat_template_name", default=None, choices=["tulu"],
                         help="render with the Tülu template instead of the model's own")
     parser.add_argument("--skip_invalid_rows", action="store_true",
                         help="drop malformed records (counted and reported) instead of stopping")
-    parser.add_argument("--preprocessing_num_workers", type=POSITIVE_INT, default=1, help="processes for tokenization")
+    parser.add_argument("--preprocessing_num_workers", type=flags.POSITIVE_INT, default=1, help="processes for tokenization")
     parser.add_argument("--decontaminate_against", default=None, metavar="gsm8k,math,ifeval,humaneval,mmlu",
                         help="drop training rows whose prompts share n-grams with these benchmarks' prompts")
-    parser.add_argument("--decontaminate_ngram_size", type=POSITIVE_INT, default=8)
-    parser.add_argument("--decontaminate_threshold", type=bounded(float, 0.0, 1.0, high_open=True), default=0.5,
+    parser.add_argument("--decontaminate_ngram_size", type=flags.POSITIVE_INT, default=8)
+    parser.add_argument("--decontaminate_threshold", type=flags.bounded(float, 0.0, 1.0, high_open=True), default=0.5,
                         help="drop a row when more than this fraction of its prompt n-grams are benchmark n-grams")
 
 

@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 import data_mix
+import flags
 import infra
 import modeling
 
@@ -48,28 +49,28 @@ LOSS_TYPES = ("dpo", "dpo_norm", "simpo", "ipo")
 # Arguments
 
 def parse_args(argv=None):
-    parser = data_mix.StageParser(__doc__)
+    parser = flags.StageParser(__doc__)
     parser.add_argument("--model_name_or_path", required=True, help="Hugging Face model directory or hub name")
     data_mix.add_data_args(parser, max_seq_length=2048)
     parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--per_device_train_batch_size", type=data_mix.POSITIVE_INT, default=1,
+    parser.add_argument("--per_device_train_batch_size", type=flags.POSITIVE_INT, default=1,
                         help="preference pairs per micro-batch (one forward scores each pair's chosen and rejected)")
-    parser.add_argument("--gradient_accumulation_steps", type=data_mix.POSITIVE_INT, default=16)
-    parser.add_argument("--learning_rate", type=data_mix.NON_NEGATIVE, default=5e-7)
+    parser.add_argument("--gradient_accumulation_steps", type=flags.POSITIVE_INT, default=16)
+    parser.add_argument("--learning_rate", type=flags.NON_NEGATIVE, default=5e-7)
     parser.add_argument("--lr_scheduler_type", default="linear", choices=infra.LR_SCHEDULES,
                         help="as transformers' get_scheduler: warmup (--warmup_ratio) from 0, then decay to 0; "
                              "constant: no warmup")
-    parser.add_argument("--warmup_ratio", type=data_mix.FRACTION, default=0.1)
-    parser.add_argument("--weight_decay", type=data_mix.NON_NEGATIVE, default=0.0)
-    parser.add_argument("--max_grad_norm", type=data_mix.bounded(float), default=1.0,
+    parser.add_argument("--warmup_ratio", type=flags.FRACTION, default=0.1)
+    parser.add_argument("--weight_decay", type=flags.NON_NEGATIVE, default=0.0)
+    parser.add_argument("--max_grad_norm", type=flags.bounded(float), default=1.0,
                         help="clip the gradient norm; <= 0 disables")
-    parser.add_argument("--num_train_epochs", type=data_mix.POSITIVE_INT, default=1)
-    parser.add_argument("--max_train_steps", type=data_mix.POSITIVE_INT, default=None,
+    parser.add_argument("--num_train_epochs", type=flags.POSITIVE_INT, default=1)
+    parser.add_argument("--max_train_steps", type=flags.POSITIVE_INT, default=None,
                         help="overrides --num_train_epochs")
     parser.add_argument("--dpo_loss_type", default="dpo_norm", choices=LOSS_TYPES)
-    parser.add_argument("--dpo_beta", type=data_mix.POSITIVE, default=5.0)
-    parser.add_argument("--dpo_label_smoothing", type=data_mix.bounded(float, 0.0, 0.5, high_open=True), default=0.0)
-    parser.add_argument("--dpo_gamma_beta_ratio", type=data_mix.NON_NEGATIVE, default=0.3,
+    parser.add_argument("--dpo_beta", type=flags.POSITIVE, default=5.0)
+    parser.add_argument("--dpo_label_smoothing", type=flags.bounded(float, 0.0, 0.5, high_open=True), default=0.0)
+    parser.add_argument("--dpo_gamma_beta_ratio", type=flags.NON_NEGATIVE, default=0.3,
                         help="simpo's margin gamma / beta")
     parser.add_argument("--reference", default="cached", choices=["cached", "live"],
                         help="cached: the initial model's log-probs, scored once before training and kept on disk; "
@@ -86,14 +87,14 @@ def parse_args(argv=None):
                         help=f"e.g. sdpa, eager, or {modeling.PACKED_ATTENTION} (packed rows attend within each "
                              "example without a [T, T] mask); default: that one with --packing where it computes "
                              "exactly what the model's own does, else the model's own (sdpa where it supports it)")
-    parser.add_argument("--max_tokens_per_micro_batch", type=data_mix.POSITIVE_INT, default=None, metavar="N",
+    parser.add_argument("--max_tokens_per_micro_batch", type=flags.POSITIVE_INT, default=None, metavar="N",
                         help="pack each rank's share of the optimizer batch into rows of at most N tokens, first-fit "
                              "decreasing (a longer example: a row of its own); replaces --per_device_train_batch_size "
                              "as the micro-batch (it still sets the optimizer batch); same gradient")
     parser.add_argument("--report_to", default="none", choices=["none", "tensorboard", "wandb"],
                         help="each step's metrics also to TensorBoard (OUTPUT_DIR/runs) or Weights & Biases (their "
                              "packages are optional); metrics.jsonl gets them always")
-    parser.add_argument("--checkpointing_steps", type=data_mix.POSITIVE_INT, default=500,
+    parser.add_argument("--checkpointing_steps", type=flags.POSITIVE_INT, default=500,
                         help="write a resumable checkpoint every N steps")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --output_dir from its newest checkpoint (or start it, if none)")

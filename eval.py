@@ -45,6 +45,7 @@ import torch.distributed as dist
 from transformers import DynamicCache
 
 import data_mix
+import flags
 import decoding
 import eval_metrics as metrics
 import infra
@@ -55,11 +56,11 @@ import verifiers
 # Arguments
 
 def parse_args(argv=None):
-    parser = data_mix.StageParser(__doc__)
+    parser = flags.StageParser(__doc__)
     parser.add_argument("--model_name_or_path", nargs="+", required=True, help="one or more models to compare")
     parser.add_argument("--tasks", default="gsm8k,math500,ifeval,humaneval,mmlu",
                         help=f"comma list of {ALL_TASKS}, or a suite: {SUITES}")
-    parser.add_argument("--limit", type=data_mix.POSITIVE_INT, default=None,
+    parser.add_argument("--limit", type=flags.POSITIVE_INT, default=None,
                         help="only the first N examples of each task")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--benchmark_dir", default=None,
@@ -72,19 +73,19 @@ def parse_args(argv=None):
                              "with other settings")
     parser.add_argument("--chat_template_name", default=None, choices=["tulu"],
                         help="render with the Tülu template instead of the model's own")
-    parser.add_argument("--per_device_eval_batch_size", type=data_mix.POSITIVE_INT, default=16)
+    parser.add_argument("--per_device_eval_batch_size", type=flags.POSITIVE_INT, default=16)
     # the generation flags override every task's own (OLMES) setting; unset, each task keeps its own
-    parser.add_argument("--max_new_tokens", type=data_mix.POSITIVE_INT, default=None)
-    parser.add_argument("--temperature", type=data_mix.NON_NEGATIVE, default=None, help="0 = greedy")
-    parser.add_argument("--top_p", type=data_mix.bounded(float, 0.0, 1.0, low_open=True), default=None)
-    parser.add_argument("--humaneval_num_samples", type=data_mix.POSITIVE_INT, default=None,
+    parser.add_argument("--max_new_tokens", type=flags.POSITIVE_INT, default=None)
+    parser.add_argument("--temperature", type=flags.NON_NEGATIVE, default=None, help="0 = greedy")
+    parser.add_argument("--top_p", type=flags.bounded(float, 0.0, 1.0, low_open=True), default=None)
+    parser.add_argument("--humaneval_num_samples", type=flags.POSITIVE_INT, default=None,
                         help="n samples per problem (OLMES: 20)")
     parser.add_argument("--pass_at_k", default=None,
                         help="comma list of k, each <= the samples (OLMES: 10, with 1 beside it); the largest is "
                              "the headline")
-    parser.add_argument("--code_timeout_s", type=data_mix.POSITIVE, default=None,
+    parser.add_argument("--code_timeout_s", type=flags.POSITIVE, default=None,
                         help="wall-clock limit per HumanEval program (OLMES: 3 s, HumanEval+ 20 s)")
-    parser.add_argument("--code_memory_mb", type=data_mix.POSITIVE_INT, default=1024,
+    parser.add_argument("--code_memory_mb", type=flags.POSITIVE_INT, default=1024,
                         help="address-space limit per HumanEval program")
     parser.add_argument("--allow_unsandboxed_code", action="store_true",
                         help="run HumanEval's model-written code even where the sandbox's OS isolation is missing")
@@ -94,7 +95,7 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     args.tasks = list(dict.fromkeys(t for name in args.tasks.split(",") for t in SUITES.get(name, [name])))
     try:
-        args.pass_at_k = [data_mix.POSITIVE_INT(k) for k in args.pass_at_k.split(",")] if args.pass_at_k else None
+        args.pass_at_k = [flags.POSITIVE_INT(k) for k in args.pass_at_k.split(",")] if args.pass_at_k else None
     except argparse.ArgumentTypeError as error:
         parser.error(f"argument --pass_at_k: {error}")
     unknown = [t for t in args.tasks if t not in ALL_TASKS]

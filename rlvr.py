@@ -62,6 +62,7 @@ from tqdm import tqdm
 from transformers.utils import cached_file
 
 import data_mix
+import flags
 import decoding
 import infra
 import verifiers
@@ -85,36 +86,36 @@ ALGO_DEFAULTS = {"grpo": dict(learning_rate=5e-7, lr_scheduler_type="constant", 
 # Arguments
 
 def parse_args(argv=None):
-    parser = data_mix.StageParser(__doc__)
+    parser = flags.StageParser(__doc__)
     parser.add_argument("--model_name_or_path", required=True, help="Hugging Face model directory or hub name")
     data_mix.add_data_args(parser, max_seq_length=4096)
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--algo", default="grpo", choices=["grpo", "ppo"])
-    parser.add_argument("--total_episodes", type=data_mix.POSITIVE_INT, default=100000,
+    parser.add_argument("--total_episodes", type=flags.POSITIVE_INT, default=100000,
                         help="sampled responses over the whole run")
-    parser.add_argument("--num_unique_prompts_rollout", type=data_mix.POSITIVE_INT, default=48,
+    parser.add_argument("--num_unique_prompts_rollout", type=flags.POSITIVE_INT, default=48,
                         help="prompts per step (all ranks)")
-    parser.add_argument("--num_samples_per_prompt_rollout", type=data_mix.POSITIVE_INT, default=None,
+    parser.add_argument("--num_samples_per_prompt_rollout", type=flags.POSITIVE_INT, default=None,
                         help="G; default 16 (grpo), 1 (ppo)")
-    parser.add_argument("--response_length", type=data_mix.POSITIVE_INT, default=2048,
+    parser.add_argument("--response_length", type=flags.POSITIVE_INT, default=2048,
                         help="max new tokens; prompts longer than max_seq_length - response_length are dropped")
-    parser.add_argument("--temperature", type=data_mix.POSITIVE, default=1.0)
-    parser.add_argument("--top_p", type=data_mix.bounded(float, 0.0, 1.0, low_open=True), default=1.0)
+    parser.add_argument("--temperature", type=flags.POSITIVE, default=1.0)
+    parser.add_argument("--top_p", type=flags.bounded(float, 0.0, 1.0, low_open=True), default=1.0)
     parser.add_argument("--stop_strings", nargs="*", default=[], help="end a response at any of these strings")
-    parser.add_argument("--verification_reward", type=data_mix.bounded(float), default=10.0,
+    parser.add_argument("--verification_reward", type=flags.bounded(float), default=10.0,
                         help="reward of a correct answer")
     parser.add_argument("--non_stop_penalty", action=argparse.BooleanOptionalAction, default=True,
                         help="give --penalty_reward_value to responses cut at --response_length (Tülu 3 and 3.1)")
-    parser.add_argument("--penalty_reward_value", type=data_mix.bounded(float), default=None,
+    parser.add_argument("--penalty_reward_value", type=flags.bounded(float), default=None,
                         help="default 0 (grpo), -10 (ppo)")
-    parser.add_argument("--beta", type=data_mix.NON_NEGATIVE, default=None,
+    parser.add_argument("--beta", type=flags.NON_NEGATIVE, default=None,
                         help="KL coefficient; default 0.01 (grpo), 0.05 (ppo); 0: no reference model at all")
     parser.add_argument("--kl_estimator", default=None, choices=["kl1", "kl3"],
                         help="KL(pi || pi_ref) per token in GRPO's loss / PPO's reward; default kl3 (grpo), kl1 (ppo)")
-    parser.add_argument("--cliprange", type=data_mix.POSITIVE, default=0.2)
-    parser.add_argument("--clip_lower", type=data_mix.POSITIVE, default=None,
+    parser.add_argument("--cliprange", type=flags.POSITIVE, default=0.2)
+    parser.add_argument("--clip_lower", type=flags.POSITIVE, default=None,
                         help="ratio clip 1 - eps below; default --cliprange")
-    parser.add_argument("--clip_higher", type=data_mix.POSITIVE, default=None,
+    parser.add_argument("--clip_higher", type=flags.POSITIVE, default=None,
                         help="ratio clip 1 + eps above; default --cliprange")
     parser.add_argument("--advantage_normalization_type", default="standard", choices=["standard", "centered"],
                         help="grpo: (r - mean) / std in each group, or r - mean (Dr. GRPO)")
@@ -124,25 +125,25 @@ def parse_args(argv=None):
                         help="grpo: leave groups whose rewards are all equal out of the loss")
     parser.add_argument("--loss_denominator", type=lambda s: s if s == "token" else float(s), default="token",
                         help="token: a token mean (Tülu 3.1); a number D: per response, token sum / D (Dr. GRPO)")
-    parser.add_argument("--num_mini_batches", type=data_mix.POSITIVE_INT, default=None,
+    parser.add_argument("--num_mini_batches", type=flags.POSITIVE_INT, default=None,
                         help="optimizer steps per pass over a rollout; default 2 (grpo), 1 (ppo)")
-    parser.add_argument("--ppo_epochs", type=data_mix.POSITIVE_INT, default=None,
+    parser.add_argument("--ppo_epochs", type=flags.POSITIVE_INT, default=None,
                         help="passes over a rollout; default 1 (grpo), 4 (ppo)")
     parser.add_argument("--value_model_name_or_path", default=None, help="ppo: value model init (default: the policy)")
-    parser.add_argument("--vf_coef", type=data_mix.NON_NEGATIVE, default=0.1)
-    parser.add_argument("--cliprange_value", type=data_mix.POSITIVE, default=0.2)
-    parser.add_argument("--gamma", type=data_mix.FRACTION, default=1.0)
-    parser.add_argument("--lam", type=data_mix.FRACTION, default=0.95)
-    parser.add_argument("--per_device_train_batch_size", type=data_mix.POSITIVE_INT, default=1,
+    parser.add_argument("--vf_coef", type=flags.NON_NEGATIVE, default=0.1)
+    parser.add_argument("--cliprange_value", type=flags.POSITIVE, default=0.2)
+    parser.add_argument("--gamma", type=flags.FRACTION, default=1.0)
+    parser.add_argument("--lam", type=flags.FRACTION, default=0.95)
+    parser.add_argument("--per_device_train_batch_size", type=flags.POSITIVE_INT, default=1,
                         help="sequences per micro-batch")
-    parser.add_argument("--learning_rate", type=data_mix.NON_NEGATIVE, default=None, help="default 5e-7 (grpo), 3e-7 (ppo)")
+    parser.add_argument("--learning_rate", type=flags.NON_NEGATIVE, default=None, help="default 5e-7 (grpo), 3e-7 (ppo)")
     parser.add_argument("--lr_scheduler_type", default=None, choices=infra.LR_SCHEDULES,
                         help="default constant (grpo), linear (ppo)")
-    parser.add_argument("--warmup_ratio", type=data_mix.FRACTION, default=0.0)
-    parser.add_argument("--weight_decay", type=data_mix.NON_NEGATIVE, default=0.01,
+    parser.add_argument("--warmup_ratio", type=flags.FRACTION, default=0.0)
+    parser.add_argument("--weight_decay", type=flags.NON_NEGATIVE, default=0.01,
                         help="AdamW's, on every parameter of the policy and the value model; default 0.01: torch's "
                              "default, which Tülu 3's PPO and 3.1's GRPO ran with")
-    parser.add_argument("--max_grad_norm", type=data_mix.bounded(float), default=1.0,
+    parser.add_argument("--max_grad_norm", type=flags.bounded(float), default=1.0,
                         help="clip the gradient norm; <= 0 disables")
     parser.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward")
     parser.add_argument("--compile", action="store_true", help="torch.compile each decoder layer")
@@ -153,7 +154,7 @@ def parse_args(argv=None):
     parser.add_argument("--report_to", default="none", choices=["none", "tensorboard", "wandb"],
                         help="each step's metrics also to TensorBoard (OUTPUT_DIR/runs) or Weights & Biases (their "
                              "packages are optional); metrics.jsonl gets them always")
-    parser.add_argument("--checkpointing_steps", type=data_mix.POSITIVE_INT, default=500,
+    parser.add_argument("--checkpointing_steps", type=flags.POSITIVE_INT, default=500,
                         help="write a resumable checkpoint every N steps")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --output_dir from its newest checkpoint (or start it, if none)")

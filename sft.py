@@ -40,6 +40,7 @@ from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 import data_mix
+import flags
 import infra
 import modeling
 
@@ -53,30 +54,30 @@ RESUMABLE_FLAGS = {"resume", "checkpointing_steps", "preprocessing_num_workers",
 # Arguments
 
 def parse_args(argv=None):
-    parser = data_mix.StageParser(__doc__)
+    parser = flags.StageParser(__doc__)
     parser.add_argument("--model_name_or_path", required=True, help="Hugging Face model directory or hub name")
     data_mix.add_data_args(parser, max_seq_length=4096)
     parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--per_device_train_batch_size", type=data_mix.POSITIVE_INT, default=1,
+    parser.add_argument("--per_device_train_batch_size", type=flags.POSITIVE_INT, default=1,
                         help="sequences per micro-batch")
-    parser.add_argument("--gradient_accumulation_steps", type=data_mix.POSITIVE_INT, default=16)
-    parser.add_argument("--learning_rate", type=data_mix.NON_NEGATIVE, default=5e-6)
+    parser.add_argument("--gradient_accumulation_steps", type=flags.POSITIVE_INT, default=16)
+    parser.add_argument("--learning_rate", type=flags.NON_NEGATIVE, default=5e-6)
     parser.add_argument("--lr_scheduler_type", default="linear", choices=infra.LR_SCHEDULES,
                         help="as transformers' get_scheduler: warmup (--warmup_ratio) from 0, then decay to 0; "
                              "constant: no warmup")
-    parser.add_argument("--warmup_ratio", type=data_mix.FRACTION, default=0.03)
-    parser.add_argument("--weight_decay", type=data_mix.NON_NEGATIVE, default=0.0)
-    parser.add_argument("--max_grad_norm", type=data_mix.bounded(float), default=1.0,
+    parser.add_argument("--warmup_ratio", type=flags.FRACTION, default=0.03)
+    parser.add_argument("--weight_decay", type=flags.NON_NEGATIVE, default=0.0)
+    parser.add_argument("--max_grad_norm", type=flags.bounded(float), default=1.0,
                         help="clip the gradient norm; <= 0 disables")
-    parser.add_argument("--num_train_epochs", type=data_mix.POSITIVE_INT, default=2)
-    parser.add_argument("--max_train_steps", type=data_mix.POSITIVE_INT, default=None,
+    parser.add_argument("--num_train_epochs", type=flags.POSITIVE_INT, default=2)
+    parser.add_argument("--max_train_steps", type=flags.POSITIVE_INT, default=None,
                         help="overrides --num_train_epochs")
     parser.add_argument("--reduce_loss", default="sum", choices=["sum", "mean"],
                         help="divide the summed token NLL by the optimizer batch's sequences (sum, Tülu 3) or trained "
                              "tokens (mean); the logged loss is NLL per trained token either way")
     parser.add_argument("--load_balancing_loss", action="store_true",
                         help="MoE: add the router's load-balancing loss (a mean over micro-batches)")
-    parser.add_argument("--load_balancing_weight", type=data_mix.NON_NEGATIVE, default=None,
+    parser.add_argument("--load_balancing_weight", type=flags.NON_NEGATIVE, default=None,
                         help="its weight; default: the model's router_aux_loss_coef")
     parser.add_argument("--packing", action=argparse.BooleanOptionalAction, default=True,
                         help="padding-free micro-batches (one row, position_ids restart per example)")
@@ -88,14 +89,14 @@ def parse_args(argv=None):
                         help=f"e.g. sdpa, eager, or {modeling.PACKED_ATTENTION} (packed rows attend within each "
                              "example without a [T, T] mask); default: that one with --packing where it computes "
                              "exactly what the model's own does, else the model's own (sdpa where it supports it)")
-    parser.add_argument("--max_tokens_per_micro_batch", type=data_mix.POSITIVE_INT, default=None, metavar="N",
+    parser.add_argument("--max_tokens_per_micro_batch", type=flags.POSITIVE_INT, default=None, metavar="N",
                         help="pack each rank's share of the optimizer batch into rows of at most N tokens, first-fit "
                              "decreasing (a longer example: a row of its own); replaces --per_device_train_batch_size "
                              "as the micro-batch (it still sets the optimizer batch); same gradient")
     parser.add_argument("--report_to", default="none", choices=["none", "tensorboard", "wandb"],
                         help="each step's metrics also to TensorBoard (OUTPUT_DIR/runs) or Weights & Biases (their "
                              "packages are optional); metrics.jsonl gets them always")
-    parser.add_argument("--checkpointing_steps", type=data_mix.POSITIVE_INT, default=500,
+    parser.add_argument("--checkpointing_steps", type=flags.POSITIVE_INT, default=500,
                         help="write a resumable checkpoint every N steps")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --output_dir from its newest checkpoint (or start it, if none)")

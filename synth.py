@@ -61,11 +61,12 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import data_mix
+import flags
 import decoding
 import infra
 import rlvr
 import verifiers
-from data_mix import POSITIVE_INT, bounded
+from flags import POSITIVE_INT, bounded
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CONSTRAINTS_FILE = os.path.join(ROOT, "data", "ifeval_constraints.json")
@@ -111,13 +112,13 @@ def parse_args(argv=None):
         # Tülu 3: persona prompts at T 0.7, top-p 0.95; on-policy completions at T 1, top-p 1
         command.add_argument("--output", required=True, help="a .jsonl file; rerunning the command continues it")
         command.add_argument("--max_new_tokens", type=POSITIVE_INT, default=max_new_tokens)
-        command.add_argument("--temperature", type=data_mix.NON_NEGATIVE, default=temperature)
+        command.add_argument("--temperature", type=flags.NON_NEGATIVE, default=temperature)
         command.add_argument("--top_p", type=bounded(float, 0.0, 1.0, low_open=True), default=top_p)
         command.add_argument("--seed", type=int, default=123)
         command.add_argument("--batch_size", type=POSITIVE_INT, default=16,
                              help="prompts per chunk (the unit of work, of resuming and of a local model's batch)")
         command.add_argument("--max_concurrency", type=POSITIVE_INT, default=16, help="endpoint requests at once")
-        command.add_argument("--request_timeout", type=data_mix.POSITIVE, default=600.0, help="seconds per request")
+        command.add_argument("--request_timeout", type=flags.POSITIVE, default=600.0, help="seconds per request")
         command.add_argument("--max_retries", type=int, default=5, help="retries per request on 429, 5xx, timeouts")
     return parser.parse_args(argv)
 
