@@ -1,6 +1,6 @@
 """The whole Tülu 3 recipe in one command: SFT -> DPO -> RLVR on the bundled model, evaluated after each stage.
 
-    python demo.py                                  # make demo; 9m51s measured on 2 idle CPU cores
+    python demo.py                                  # make demo; its run time: docs/performance.md
     python demo.py --scale 0.5                      # fewer rows and steps everywhere
     python demo.py --model_name_or_path my/model    # any HF causal LM directory with a chat template
 
@@ -31,7 +31,7 @@ figures of each training run (read from each stage's metrics.jsonl), and PNG plo
 
 Demo scale is not a recipe: the hyperparameters below were chosen once to fit the time budget (a
 135M model, a few dozen optimizer steps per stage) and were not tuned on the results. The full-scale
-command sequence with Tülu 3 8B settings is in README.md ("Full scale: Tülu 3 8B").
+command sequence with Tülu 3 8B settings is in docs/stages.md#full-scale-tülu-3-8b.
 """
 import argparse
 import json

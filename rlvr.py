@@ -20,7 +20,7 @@ temperature, the distribution sampled) of the policy before the update and of th
   (--kl_estimator); each
   rollout in 2 mini-batches (so the second step's ratio differs from 1 and the clip can act); a response cut
   at --response_length scores 0 (--penalty_reward_value). These defaults are Tülu 3.1's flags (open-instruct's
-  command for Llama-3.1-Tulu-3.1-8B); its run length and seed are not defaults: README.md's full-scale command.
+  command for Llama-3.1-Tulu-3.1-8B); its run length and seed are not defaults: docs/stages.md#full-scale-tülu-3-8b.
 - --algo ppo (the Tülu 3 paper): a value model with its own gradient clipping, per-token k1 KL penalty in the
   reward (--kl_estimator), the score one token past EOS (the value of the state after it is trained too), GAE,
   whitened advantages, clipped policy and value losses, several epochs over each rollout batch, a cut response

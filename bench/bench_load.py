@@ -1,4 +1,4 @@
-"""Peak memory (RSS) per rank of infra.load_model: today's sharded load against the rank-0 load it replaced.
+"""Peak memory (RSS) per rank of infra.load_model: the sharded load against the rank-0 load (its fallback).
 
     python bench/bench_load.py                      # Llama-3.2-1B shape, 2 gloo ranks (needs ~2.5 GB of /tmp)
     python bench/bench_load.py --num_hidden_layers 2 --vocab_size 32000     # a quick look

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU figures for the README's performance section in one call on one H100 / H200 (about 12 minutes):
+# The GPU figures for docs/performance.md in one call on one H100 / H200 (about 12 minutes):
 # decoding.complete vs model.generate and one GRPO step (Llama-3.2-1B shape), then sft.py / dpo.py training
 # throughput and MFU against plain transformers (1B; 1B with torch.compile; 1B with flex attention;
 # 3B with activation checkpointing; 1B on Tülu 3-shaped lengths with and without --max_tokens_per_micro_batch),

@@ -26,7 +26,7 @@ CORPUS = [
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "full: a slow matrix (every family, every kill point, 2 ranks): "
-                                       "`make test-full` and CI run it, `make test` leaves it out")
+                                       "`make test-full` runs it (CI runs make test-full); `make test` leaves it out")
 
 
 def build_tiny_tokenizer():
