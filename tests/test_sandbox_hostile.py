@@ -119,12 +119,13 @@ def test_without_isolation_the_program_is_refused_unless_allowed(monkeypatch):
     assert sandbox.run_program("pass\n", allow_unisolated=True)["status"] == "passed"
 
 
-def test_eval_refuses_humaneval_without_isolation_before_loading_a_model(monkeypatch, tmp_path):
+def test_eval_refuses_humaneval_without_isolation_before_loading_a_model(monkeypatch, tiny_model_dir, tmp_path):
     import eval
 
     monkeypatch.setattr(sandbox, "missing_isolation", lambda: ["pid-namespace"])
+    monkeypatch.setattr(eval, "load_model_and_tokenizer", lambda *args, **kwargs: pytest.fail("the model was loaded"))
     with pytest.raises(SystemExit, match="missing: pid-namespace.*--allow_unsandboxed_code"):
-        eval.main(["--model_name_or_path", "no/such-model", "--tasks", "humaneval", "--output_dir", str(tmp_path)])
+        eval.main(["--model_name_or_path", tiny_model_dir, "--tasks", "humaneval", "--output_dir", str(tmp_path)])
 
 
 def test_forked_copies_trying_other_answers_do_not_pass():
