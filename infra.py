@@ -110,8 +110,10 @@ def user_errors_reported(add: int = 0) -> int:
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return add if os.environ.get("RANK", "0") == "0" else 0
     try:
+        # a short timeout: where the launcher's store is gone (another node died) the answer is "no one reported",
+        # and a surviving node must not wait for it
         store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                              timeout=datetime.timedelta(seconds=30))
+                              timeout=datetime.timedelta(seconds=5))
         return store.add(f"user_errors_reported/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", add)
     except (RuntimeError, OSError):  # the launcher is gone: rank 0 speaks for all
         return add if os.environ.get("RANK", "0") == "0" else 0
