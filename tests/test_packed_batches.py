@@ -119,8 +119,11 @@ def test_weights_after_one_step_are_the_same_with_and_without_a_token_budget(tin
             torch.testing.assert_close(gradients[name], reference_gradients[name], rtol=1e-4, atol=1e-6,
                                        msg=lambda m: f"gradient of {where}: {m}")
             assert not torch.equal(value, initial[name.removeprefix("model.")]), name  # the step moved it
-            # AdamW's first step moves a weight by up to lr (1e-3), even for a gradient at rounding level: 1% of it
-            torch.testing.assert_close(value, reference_weights[name], rtol=1e-4, atol=1e-5,
+            # AdamW's first step moves a weight by ~lr (1e-3) times g / (|g| + eps): where the gradient is at
+            # rounding level (|g| < 1e-6, within the gradient tolerance above) that step is rounding noise, so the
+            # weights are compared where the gradient is not; 1% of lr is the tolerance there
+            settled = reference_gradients[name].abs() > 1e-6
+            torch.testing.assert_close(value[settled], reference_weights[name][settled], rtol=1e-4, atol=1e-5,
                                        msg=lambda m: f"weight of {where}: {m}")
     if world_size == 2:  # the budget packed the ranks unevenly, so the stand-in micro-batch was exercised
         assert any(counts[("sft", b, 0)] != counts[("sft", b, 1)] for b in BUDGETS[1:]), counts
