@@ -25,8 +25,42 @@ CORPUS = [
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "full: a slow matrix (every family, every kill point, 2 ranks): "
-                                       "`make test-full` runs it (CI runs make test-full); `make test` leaves it out")
+    config.addinivalue_line("markers", "full: a slow matrix (every family, every kill point, 2 ranks) or a test over "
+                                       "~7 s on 2 cores: `make test-full` runs it (CI runs make test-full); "
+                                       "`make test` leaves it out")
+
+
+# The tests over ~7 s on 2 idle cores (pytest --durations, 2026-12-07), in `make test-full` only: runs of the
+# bundled model, several processes (torchrun, two nodes, ranks), or kills. `make test` keeps a fast test of each
+# behaviour where one exists (e.g. the kill test's SFT case, the per-stage bitwise resume).
+SLOW = {
+    "test_rlvr_bundled.py::test_a_short_grpo_run_raises_the_training_reward_on_arithmetic",
+    "test_sft.py::test_compiled_decoder_layers_give_the_eager_loss_and_gradients",
+    "test_checkpoints.py::test_two_node_launch_trains_like_one_launch_and_dies_with_either_node",
+    "test_dpo_bundled.py::test_short_run_raises_heldout_preference_accuracy_and_margin",
+    "test_demo.py::test_demo_runs_every_stage_and_writes_the_report",
+    "test_eval_run.py::test_bundled_model_on_20_gsm8k_and_20_ifeval",
+    "test_checkpoints.py::test_the_bundled_tied_model_checkpoints_and_resumes_bitwise",
+    "test_dpo_run.py::test_gradient_is_the_same_for_every_micro_batch_split_and_rank_count",
+    "test_sft.py::test_a_few_steps_lower_the_bundled_models_loss",
+    "test_rlvr_train.py::test_two_gloo_ranks_split_the_prompts_and_finish_grpo_and_ppo",
+    "test_packed_batches.py::test_weights_after_one_step_are_the_same_with_and_without_a_token_budget",
+    "test_checkpoints.py::test_a_run_resumed_on_another_number_of_ranks_loads_its_state_bitwise_and_continues_the_"
+    "same_curve",
+    "test_eval_run.py::test_ranks_split_the_examples_and_rank_0_gathers_them_all",
+    "test_checkpoints.py::test_two_ranks_each_read_their_own_shard_and_stop_together_where_their_files_differ",
+    "test_decoding.py::test_sampled_completions_equal_model_generate_on_the_bundled_model",
+    "test_invalid_input.py::test_a_user_error_under_torchrun_is_said_once",
+    "test_invalid_input.py::test_a_user_error_on_the_command_line_is_one_line_and_a_failed_exit",
+    "test_synth.py::test_a_kill_mid_file_then_a_rerun_writes_exactly_the_uninterrupted_output",
+    "test_checkpoints.py::test_killing_the_torchrun_launcher_also_ends_its_workers",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.nodeid.split("[")[0].removeprefix("tests/") in SLOW:
+            item.add_marker(pytest.mark.full)
 
 
 def build_tiny_tokenizer():
