@@ -411,7 +411,8 @@ def main(argv=None) -> None:
     args.output_dir = os.path.abspath(args.output_dir)  # the stages run in the repository root
     if os.path.exists(args.model_name_or_path):
         args.model_name_or_path = os.path.abspath(args.model_name_or_path)
-    if args.model_name_or_path == BUNDLED_MODEL and not os.path.exists(os.path.join(BUNDLED_MODEL, "model.safetensors")):
+    bundled_weights = os.path.join(BUNDLED_MODEL, "model.safetensors")
+    if args.model_name_or_path == BUNDLED_MODEL and not os.path.exists(bundled_weights):
         subprocess.run([sys.executable, os.path.join(ROOT, "data", "fetch_offline.py")], check=True)
     os.makedirs(args.output_dir, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -7,8 +7,8 @@
         --dataset_mixer_list allenai/llama-3.1-tulu-3-8b-preference-mixture 1.0 --chat_template_name tulu \
         --per_device_train_batch_size 1 --gradient_accumulation_steps 16 --output_dir output/dpo-8b
 
-sft.py's story, on modeling.py's log-probs and infra.py's machinery; `diff sft.py dpo.py` shows what DPO
-adds: preference pairs (one forward scores a micro-batch's chosen and rejected sequences); dpo_loss (dpo,
+sft.py's story, on modeling.py's log-probs and the machinery of infra.py and checkpoint.py; `diff sft.py dpo.py`
+shows what DPO adds: preference pairs (one forward scores a micro-batch's chosen and rejected sequences); dpo_loss (dpo,
 dpo_norm as in Tülu 3, simpo, ipo) averaged over the optimizer batch's pairs, whatever its split into
 micro-batches and ranks; reference log-probs scored once by the initial model before training, with the
 same sharding, and cached on disk under a hash of model files, tokenized data, precision and log-prob kind
@@ -20,6 +20,7 @@ Simplified relative to open-instruct: no LoRA, no DeepSpeed; the last partial
 optimizer batch of an epoch is dropped.
 """
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -35,6 +36,7 @@ from tqdm import tqdm
 
 import data_mix
 import flags
+import checkpoint
 import infra
 import modeling
 
@@ -374,7 +376,9 @@ def accumulate_gradients(model, reference, examples, batch_indices: list[int], a
 def main(argv=None):
     args = parse_args(argv)
     with infra.process_group() as (rank, world_size, device):
-        with infra.claimed_output_dir(args, rank, RESUMABLE_FLAGS):
+        run_config = {name: value for name, value in vars(args).items() if name not in RESUMABLE_FLAGS}
+        with checkpoint.claimed_output_dir(args.output_dir, model_path=args.model_name_or_path, run_config=run_config,
+                                           resume=args.resume, rank=rank):
             train(args, rank, world_size, device)
 
 
@@ -391,14 +395,17 @@ def train(args, rank: int, world_size: int, device) -> None:
         raise SystemExit(f"{len(examples)} pairs are fewer than one optimizer batch of {batch_size} "
                          "(per_device_train_batch_size x gradient_accumulation_steps x ranks)")
     total_steps = args.max_train_steps or steps_per_epoch * args.num_train_epochs
-    run_facts = {"optimizer_batch": batch_size, **infra.run_fingerprints(examples, args.model_name_or_path, rank)}
-    checkpoint = infra.resume_checkpoint(args.output_dir, run_facts, world_size)
+    run_facts = {"optimizer_batch": batch_size, **checkpoint.run_fingerprints(examples, args.model_name_or_path, rank)}
+    resumed = checkpoint.newest(args.output_dir, run_facts, world_size)
     if rank == 0:
         data_mix.save_json(os.path.join(args.output_dir, "mixture.json"), data_report)
 
     args.attn_implementation = modeling.choose_attention(args.model_name_or_path, args.attn_implementation,
                                                          args.packing, args.max_seq_length, rank)
-    model = infra.load_model(args.model_name_or_path, args, device, rank, modeling.CausalLMLogProbs)
+    load = functools.partial(infra.load_model, device=device, rank=rank, dtype=args.dtype,
+                             attn_implementation=args.attn_implementation, max_seq_length=args.max_seq_length,
+                             gradient_checkpointing=args.gradient_checkpointing, compile=args.compile)
+    model = load(args.model_name_or_path, modeling.CausalLMLogProbs)
     first = torch.randperm(len(examples), generator=torch.Generator().manual_seed(args.seed))[0].item()
     first_example = examples[first]
     first_ids = torch.tensor([first_example["chosen_input_ids"][:64]], device=device)
@@ -408,8 +415,7 @@ def train(args, rank: int, world_size: int, device) -> None:
     # The reference is the initial model: scored before any update (and before a resume loads trained weights).
     reference = None  # simpo has none
     if args.dpo_loss_type != "simpo" and args.reference == "live":
-        reference = infra.load_model(args.model_name_or_path, args, device, rank, modeling.CausalLMLogProbs
-                                     ).eval().requires_grad_(False)
+        reference = load(args.model_name_or_path, modeling.CausalLMLogProbs).eval().requires_grad_(False)
     elif args.dpo_loss_type != "simpo":
         reference = cached_reference_logps(model, examples, args, rank, world_size, device, tokenizer.pad_token_id,
                                            run_facts)
@@ -418,10 +424,10 @@ def train(args, rank: int, world_size: int, device) -> None:
     scheduler = infra.make_scheduler(optimizer, args.lr_scheduler_type, int(args.warmup_ratio * total_steps),
                                      total_steps)
     metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
-    start_step = infra.load_checkpoint(model, optimizer, scheduler, checkpoint) if checkpoint else 0
+    start_step = checkpoint.load(model, optimizer, scheduler, resumed) if resumed else 0
     if rank == 0:  # forget what the checkpoint does not cover: later steps' metrics, incomplete checkpoints
         infra.truncate_metrics(metrics_path, start_step)
-        infra.remove_checkpoints(args.output_dir, keep=checkpoint and checkpoint[0])
+        checkpoint.keep_only(args.output_dir, resumed and resumed[0])
     report = infra.MetricsReport(args.report_to if rank == 0 else "none", args.output_dir, start_step, vars(args))
 
     model.train()
@@ -462,7 +468,7 @@ def train(args, rank: int, world_size: int, device) -> None:
             progress.set_postfix(loss=f"{mean_loss:.4f}", margin=f"{chosen_reward - rejected_reward:.3f}")
             progress.update()
         if (step + 1) % args.checkpointing_steps == 0 and step + 1 < total_steps:
-            infra.save_checkpoint(model, optimizer, scheduler, step + 1, args.output_dir, rank, run_facts)
+            checkpoint.save(model, optimizer, scheduler, step + 1, args.output_dir, rank, run_facts)
     progress.close()
     report.close()
     infra.save_hf_model(model, tokenizer, args.model_name_or_path, args.output_dir, rank)

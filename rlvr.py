@@ -61,9 +61,10 @@ from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 from transformers.utils import cached_file
 
+import checkpoint
 import data_mix
-import flags
 import decoding
+import flags
 import infra
 import verifiers
 
@@ -136,7 +137,8 @@ def parse_args(argv=None):
     parser.add_argument("--lam", type=flags.FRACTION, default=0.95)
     parser.add_argument("--per_device_train_batch_size", type=flags.POSITIVE_INT, default=1,
                         help="sequences per micro-batch")
-    parser.add_argument("--learning_rate", type=flags.NON_NEGATIVE, default=None, help="default 5e-7 (grpo), 3e-7 (ppo)")
+    parser.add_argument("--learning_rate", type=flags.NON_NEGATIVE, default=None,
+                        help="default 5e-7 (grpo), 3e-7 (ppo)")
     parser.add_argument("--lr_scheduler_type", default=None, choices=infra.LR_SCHEDULES,
                         help="default constant (grpo), linear (ppo)")
     parser.add_argument("--warmup_ratio", type=flags.FRACTION, default=0.0)
@@ -639,7 +641,9 @@ def rollout_metrics(rollout, old: dict, scores, verified, rows: list[dict]) -> d
 def main(argv=None):
     args = parse_args(argv)
     with infra.process_group() as (rank, world_size, device):
-        with infra.claimed_output_dir(args, rank, RESUMABLE_FLAGS):
+        run_config = {name: value for name, value in vars(args).items() if name not in RESUMABLE_FLAGS}
+        with checkpoint.claimed_output_dir(args.output_dir, model_path=args.model_name_or_path, run_config=run_config,
+                                           resume=args.resume, rank=rank):
             train(args, rank, world_size, device)
 
 
@@ -659,36 +663,38 @@ def train(args, rank: int, world_size: int, device) -> None:
         raise SystemExit(f"{len(prompts)} prompts, --total_episodes {args.total_episodes}: not one step of "
                          f"{batch_prompts} prompts x {group} samples")
     run_facts = {"optimizer_batch": batch_prompts * group,  # fixed by flags a resume may not change
-                 **infra.run_fingerprints(prompts, args.model_name_or_path, rank)}
-    checkpoint = infra.resume_checkpoint(args.output_dir, run_facts, world_size)
+                 **checkpoint.run_fingerprints(prompts, args.model_name_or_path, rank)}
+    resumed = checkpoint.newest(args.output_dir, run_facts, world_size)
     prompts = prompts.to_list()  # rows are read one at a time below
     if rank == 0:
         data_mix.save_json(os.path.join(args.output_dir, "mixture.json"), data_report)
 
-    policy = infra.load_model(args.model_name_or_path, args, device, rank, HFModel)
+    load = functools.partial(infra.load_model, device=device, rank=rank, dtype=args.dtype,
+                             attn_implementation=args.attn_implementation, max_seq_length=args.max_seq_length,
+                             gradient_checkpointing=args.gradient_checkpointing, compile=args.compile)
+    policy = load(args.model_name_or_path, HFModel)
     first_prompt = prompts[torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed))[0].item()]
     first_ids = torch.tensor([first_prompt["input_ids"][:64]], device=device)
     infra.check_loaded_model(policy, args.model_name_or_path, first_ids,
                              lambda ids, positions: decoding.token_logprobs(
                                  policy(input_ids=ids, position_ids=positions).logits[:, :-1], ids[:, 1:], 1.0),
                              infra.resolve_dtype(args.dtype, device), rank)
-    reference = None if args.beta == 0 else infra.load_model(args.model_name_or_path, args, device, rank, HFModel
-                                                             ).requires_grad_(False).eval()
+    reference = None if args.beta == 0 else load(args.model_name_or_path, HFModel).requires_grad_(False).eval()
     trained = torch.nn.ModuleDict({"policy": disable_dropout(policy)})
     if args.algo == "ppo":
         value_path = args.value_model_name_or_path or args.model_name_or_path
         infra.check_model_path(value_path, "--value_model_name_or_path", tokenizer=False)
-        trained["value"] = disable_dropout(infra.load_model(value_path, args, device, rank, functools.partial(
-            ValueModel, head=saved_value_head(value_path))))
+        value_model = functools.partial(ValueModel, head=saved_value_head(value_path))
+        trained["value"] = disable_dropout(load(value_path, value_model))
     optimizer = torch.optim.AdamW([{"params": model.parameters()} for model in trained.values()],  # a group per model
                                   lr=args.learning_rate, weight_decay=args.weight_decay, fused=device.type == "cuda")
     scheduler = infra.make_scheduler(optimizer, args.lr_scheduler_type, int(args.warmup_ratio * total_steps),
                                      total_steps)
     metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
-    start_step = infra.load_checkpoint(trained, optimizer, scheduler, checkpoint) if checkpoint else 0
+    start_step = checkpoint.load(trained, optimizer, scheduler, resumed) if resumed else 0
     if rank == 0:  # forget what the checkpoint does not cover: later steps' metrics, incomplete checkpoints
         infra.truncate_metrics(metrics_path, start_step)
-        infra.remove_checkpoints(args.output_dir, keep=checkpoint and checkpoint[0])
+        checkpoint.keep_only(args.output_dir, resumed and resumed[0])
     report = infra.MetricsReport(args.report_to if rank == 0 else "none", args.output_dir, start_step, vars(args))
 
     progress = tqdm(total=total_steps, initial=start_step, desc=f"rlvr {args.algo}", disable=rank != 0)
@@ -735,7 +741,7 @@ def train(args, rank: int, world_size: int, device) -> None:
                                   args.kl_estimator: f"{metrics[args.kl_estimator]:.4f}"})
             progress.update()
         if (step + 1) % args.checkpointing_steps == 0 and step + 1 < total_steps:
-            infra.save_checkpoint(trained, optimizer, scheduler, step + 1, args.output_dir, rank, run_facts)
+            checkpoint.save(trained, optimizer, scheduler, step + 1, args.output_dir, rank, run_facts)
     progress.close()
     report.close()
     infra.save_hf_model(policy, tokenizer, args.model_name_or_path, args.output_dir, rank)

@@ -13,8 +13,8 @@ assistant turns); training (the loop). The model as the loss sees it lives in mo
 in full) and the attention for packed rows. What every stage needs to run a model lives in infra.py: distributed
 setup (torchrun or plain python), model loading (sharded with FSDP2 per decoder layer, each rank reading only
 its own shard of the safetensors files, and checked against plain from_pretrained before the first
-update), the Hugging Face save, and the output directory and checkpoints that make an interrupted run
-resume onto the same loss curve.
+update), the Hugging Face save, metrics and the schedule; and in checkpoint.py: the output directory and the
+checkpoints that make an interrupted run resume onto the same loss curve.
 
 Loss reduction (--reduce_loss). Every trained token weighs the same. `sum` divides the summed
 token losses by the number of sequences in the optimizer batch (Tülu 3); `mean` divides by the
@@ -30,6 +30,7 @@ Simplified relative to open-instruct: no LoRA, no DeepSpeed; the last partial
 optimizer batch of an epoch is dropped.
 """
 import argparse
+import functools
 import math
 import os
 import time
@@ -41,6 +42,7 @@ from tqdm import tqdm
 
 import data_mix
 import flags
+import checkpoint
 import infra
 import modeling
 
@@ -201,7 +203,9 @@ def accumulate_gradients(model, examples, batch_indices: list[int], args, rank: 
 def main(argv=None):
     args = parse_args(argv)
     with infra.process_group() as (rank, world_size, device):
-        with infra.claimed_output_dir(args, rank, RESUMABLE_FLAGS):
+        run_config = {name: value for name, value in vars(args).items() if name not in RESUMABLE_FLAGS}
+        with checkpoint.claimed_output_dir(args.output_dir, model_path=args.model_name_or_path, run_config=run_config,
+                                           resume=args.resume, rank=rank):
             train(args, rank, world_size, device)
 
 
@@ -218,14 +222,17 @@ def train(args, rank: int, world_size: int, device) -> None:
         raise SystemExit(f"{len(examples)} examples are fewer than one optimizer batch of {batch_size} "
                          "(per_device_train_batch_size x gradient_accumulation_steps x ranks)")
     total_steps = args.max_train_steps or steps_per_epoch * args.num_train_epochs
-    run_facts = {"optimizer_batch": batch_size, **infra.run_fingerprints(examples, args.model_name_or_path, rank)}
-    checkpoint = infra.resume_checkpoint(args.output_dir, run_facts, world_size)
+    run_facts = {"optimizer_batch": batch_size, **checkpoint.run_fingerprints(examples, args.model_name_or_path, rank)}
+    resumed = checkpoint.newest(args.output_dir, run_facts, world_size)
     if rank == 0:
         data_mix.save_json(os.path.join(args.output_dir, "mixture.json"), data_report)
 
     args.attn_implementation = modeling.choose_attention(args.model_name_or_path, args.attn_implementation,
                                                          args.packing, args.max_seq_length, rank)
-    model = infra.load_model(args.model_name_or_path, args, device, rank, modeling.CausalLMLogProbs)
+    load = functools.partial(infra.load_model, device=device, rank=rank, dtype=args.dtype,
+                             attn_implementation=args.attn_implementation, max_seq_length=args.max_seq_length,
+                             gradient_checkpointing=args.gradient_checkpointing, compile=args.compile)
+    model = load(args.model_name_or_path, modeling.CausalLMLogProbs)
     first = torch.randperm(len(examples), generator=torch.Generator().manual_seed(args.seed))[0].item()
     first_example = examples[first]
     first_ids = torch.tensor([first_example["input_ids"][:64]], device=device)
@@ -243,10 +250,10 @@ def train(args, rank: int, world_size: int, device) -> None:
     scheduler = infra.make_scheduler(optimizer, args.lr_scheduler_type, int(args.warmup_ratio * total_steps),
                                      total_steps)
     metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
-    start_step = infra.load_checkpoint(model, optimizer, scheduler, checkpoint) if checkpoint else 0
+    start_step = checkpoint.load(model, optimizer, scheduler, resumed) if resumed else 0
     if rank == 0:  # forget what the checkpoint does not cover: later steps' metrics, incomplete checkpoints
         infra.truncate_metrics(metrics_path, start_step)
-        infra.remove_checkpoints(args.output_dir, keep=checkpoint and checkpoint[0])
+        checkpoint.keep_only(args.output_dir, resumed and resumed[0])
     report = infra.MetricsReport(args.report_to if rank == 0 else "none", args.output_dir, start_step, vars(args))
 
     model.train()
@@ -286,7 +293,7 @@ def train(args, rank: int, world_size: int, device) -> None:
             progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
             progress.update()
         if (step + 1) % args.checkpointing_steps == 0 and step + 1 < total_steps:
-            infra.save_checkpoint(model, optimizer, scheduler, step + 1, args.output_dir, rank, run_facts)
+            checkpoint.save(model, optimizer, scheduler, step + 1, args.output_dir, rank, run_facts)
     progress.close()
     report.close()
     infra.save_hf_model(model, tokenizer, args.model_name_or_path, args.output_dir, rank)

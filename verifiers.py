@@ -685,8 +685,9 @@ _IFEVAL = {
     "punctuation:no_comma": lambda t: "," not in t,
     "startend:quotation": lambda t: len(t.strip()) >= 2 and t.strip()[0] == t.strip()[-1] == '"',
 }
-_INTEGER_ARGUMENTS = {"frequency", "let_frequency", "num_sentences", "num_paragraphs", "num_words", "nth_paragraph",
-                      "num_placeholders", "num_bullets", "num_highlights", "num_sections", "capital_frequency", "N", "i"}
+_INTEGER_ARGUMENTS = {"frequency", "let_frequency", "num_sentences", "num_paragraphs", "num_words",
+                      "nth_paragraph", "num_placeholders", "num_bullets", "num_highlights", "num_sections",
+                      "capital_frequency", "N", "i"}
 _LIST_ARGUMENTS = {"keywords", "forbidden_words", "keyword_list"}  # lists of strings; `options` may be either
 
 
@@ -718,7 +719,8 @@ def _validated_arguments(where: str, kwargs: dict | None, required: tuple) -> di
         elif name == "quantifier" or name.endswith("relation"):
             arguments[name] = value.strip()
     if arguments.get("quantifier", "at least") not in ("at least", "at most", "around"):
-        raise ValueError(f"{where}: argument quantifier={kwargs['quantifier']!r} must be 'at least', 'at most' or 'around'")
+        raise ValueError(f"{where}: argument quantifier={kwargs['quantifier']!r} must be 'at least', 'at most' "
+                         "or 'around'")
     for name in ("relation", "let_relation", "capital_relation"):
         if arguments.get(name, "at least") not in ("less than", "at least"):
             raise ValueError(f"{where}: argument {name}={kwargs[name]!r} must be 'less than' or 'at least'")
@@ -769,7 +771,8 @@ def _ifeval_checks(instruction_id_list, kwargs_list) -> list:
             for name, kwargs in zip(instruction_id_list, kwargs_list)]
 
 
-def ifeval_check(response: str, instruction_id_list: list[str], kwargs_list: list[dict], loose: bool = False) -> list[bool]:
+def ifeval_check(response: str, instruction_id_list: list[str], kwargs_list: list[dict],
+                 loose: bool = False) -> list[bool]:
     """Whether `response`, as given (no thinking section stripped), follows each instruction:
     IFEval strict, or loose if `loose`."""
     checks = _ifeval_checks(instruction_id_list, kwargs_list)
@@ -886,7 +889,8 @@ def _ifeval_ground_truth_checks(ground_truth) -> list:
             arguments = {key: value for key, value in record.items() if key != "func_name"}
             checks.append(_checker(_TULU, record["func_name"], arguments, "Tülu 3 IFEval func_name"))
         else:
-            raise ValueError(f"IFEval ground truth needs 'instruction_id_list' + 'kwargs' or 'func_name': {str(record)[:200]!r}")
+            raise ValueError("IFEval ground truth needs 'instruction_id_list' + 'kwargs' or 'func_name': "
+                             f"{str(record)[:200]!r}")
     if not checks:
         raise ValueError(f"IFEval ground truth holds no instruction: {str(ground_truth)[:200]!r}")
     return [lambda text, check=check: _followed(check, [text]) for check in checks]

@@ -6,8 +6,8 @@
 A Llama-3.2-1B-shaped model (hidden 2048, MLP 8192, 32 heads, 8 KV heads, vocab 128256, tied embeddings unless
 --untied; --num_hidden_layers of its 16) with random weights is built on the meta device and sharded per decoder
 layer as infra.load_model shards it, in sft.py's wrapper (modeling.CausalLMLogProbs). It trains --steps AdamW
-steps (fp32) on random tokens with sft.py's loss; then infra.save_checkpoint writes a checkpoint and
-infra.load_checkpoint reads it back into the same model and optimizer (which still holds its moments, so the read
+steps (fp32) on random tokens with sft.py's loss; then checkpoint.save writes a checkpoint and
+checkpoint.load reads it back into the same model and optimizer (which still holds its moments, so the read
 allocates a second set beside them; a resumed run's optimizer has none).
 
 Per rank: the training peak (VmHWM at the end of the steps: the process's peak so far), the peak while writing
@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import checkpoint  # noqa: E402
 import infra  # noqa: E402
 import modeling  # noqa: E402
 
@@ -93,13 +94,13 @@ def main():
     run_facts = {"optimizer_batch": world_size, "data": "bench", "model": "bench"}
     result["save_rss_before_gb"] = reset_peak()
     started = time.perf_counter()
-    infra.save_checkpoint(model, optimizer, scheduler, args.steps, args.output_dir, rank, run_facts)
+    checkpoint.save(model, optimizer, scheduler, args.steps, args.output_dir, rank, run_facts)
     result.update(save_s=time.perf_counter() - started, save_peak_gb=memory_gb("VmHWM"))
 
-    checkpoint = infra.resume_checkpoint(args.output_dir, run_facts, world_size)
+    resumed = checkpoint.newest(args.output_dir, run_facts, world_size)
     result["load_rss_before_gb"] = reset_peak()
     started = time.perf_counter()
-    infra.load_checkpoint(model, optimizer, scheduler, checkpoint)
+    checkpoint.load(model, optimizer, scheduler, resumed)
     result.update(load_s=time.perf_counter() - started, load_peak_gb=memory_gb("VmHWM"))
 
     results = [None] * world_size

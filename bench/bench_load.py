@@ -28,7 +28,6 @@ import torch.multiprocessing as mp
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import infra  # noqa: E402
 import modeling  # noqa: E402
-import sft  # noqa: E402
 
 LOADERS = ("rank0_broadcast", "sharded_dcp")
 
@@ -52,13 +51,12 @@ def worker(rank, ranks, port, loader, model_dir, results):
     rank, _, device = infra.init_distributed()
     if loader == "rank0_broadcast":
         infra.sharded_load_plan = lambda *args: (None, "the benchmark asks for the rank-0 load")
-    args = sft.parse_args(["--model_name_or_path", model_dir, "--dataset_mixer_list", "x", "1", "--output_dir", "x"])
     torch.distributed.barrier()
     before = memory_gb("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # the peak (VmHWM) starts again from the current RSS
     started = time.perf_counter()
-    model = infra.load_model(model_dir, args, device, rank, modeling.CausalLMLogProbs)
+    model = infra.load_model(model_dir, modeling.CausalLMLogProbs, device=device, rank=rank)
     torch.distributed.barrier()
     seconds = time.perf_counter() - started
     peak = memory_gb("VmHWM")

@@ -134,13 +134,11 @@ def hf_label_logprobs(family, messages):
 def test_every_tensor_holds_what_from_pretrained_gives(family, capsys):
     """Weights and buffers, tied ones under each name; each rank reads its shard of the safetensors files,
     but where transformers converts keys as it loads them (fused experts, a renamed multimodal tree)."""
-    args = sft.parse_args(["--model_name_or_path", family["model_dir"], "--dataset_mixer_list", "x", "1",
-                           "--output_dir", "x", "--max_seq_length", "128"])
     with plain_python_environment():
         infra.init_distributed()
         try:
-            loaded = infra.load_model(family["model_dir"], args, torch.device("cpu"), 0,
-                                      modeling.CausalLMLogProbs).model
+            loaded = infra.load_model(family["model_dir"], modeling.CausalLMLogProbs, device=torch.device("cpu"),
+                                      rank=0, max_seq_length=128).model
             tensors = {name: tensor.full_tensor() if isinstance(tensor, DTensor) else tensor for name, tensor in
                        [*loaded.named_parameters(remove_duplicate=False), *loaded.named_buffers()]}
         finally:

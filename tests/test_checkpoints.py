@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch.distributed.tensor import DTensor
 
 import dpo
+import checkpoint
 import infra
 import modeling
 import rlvr
@@ -225,7 +226,7 @@ def test_a_run_resumed_from_its_checkpoint_trains_bitwise_the_uninterrupted_runs
         assert {name for name in weights if name.startswith("value.")} == {"value.score.weight"} | {
             f"value.{name}" for name in saved_by_save_pretrained if name.startswith("model.")}
 
-    real_load, loaded = infra.load_checkpoint, {}
+    real_load, loaded = checkpoint.load, {}
 
     def load_and_look(model, optimizer, scheduler, checkpoint):
         step = real_load(model, optimizer, scheduler, checkpoint)
@@ -234,7 +235,7 @@ def test_a_run_resumed_from_its_checkpoint_trains_bitwise_the_uninterrupted_runs
         loaded.update(tied=lm.get_output_embeddings().weight is lm.get_input_embeddings().weight,
                       moments=len(optimizer.state), parameters=len(list(model.parameters())))
         return step
-    monkeypatch.setattr(infra, "load_checkpoint", load_and_look)
+    monkeypatch.setattr(checkpoint, "load", load_and_look)
     os.remove(out / "config.json")  # the final model is not there: the same command resumes at checkpoint-2
     run_in_process(main, argv)
     assert loaded == {"tied": tie == "tied", "moments": loaded["parameters"], "parameters": loaded["parameters"]}
@@ -244,7 +245,7 @@ def test_a_run_resumed_from_its_checkpoint_trains_bitwise_the_uninterrupted_runs
 
 def test_a_tied_weight_is_one_entry_under_the_name_save_pretrained_keeps(tiny_tokenizer):
     model = modeling.CausalLMLogProbs(build_tiny_model(tiny_tokenizer, tie_word_embeddings=True))
-    parameters = infra.checkpoint_parameters(model)
+    parameters = checkpoint.stored_parameters(model)
     assert "model.model.embed_tokens.weight" in parameters and "model.lm_head.weight" not in parameters
     assert list(parameters.values()) == list(model.parameters())  # every parameter once
 
@@ -255,23 +256,23 @@ def test_memory_shared_in_a_way_the_model_does_not_declare_stops_the_checkpoint(
     mlp.up_proj.weight = mlp.gate_proj.weight  # one parameter under two names that no _tied_weights_keys names
     shared = r"model.model.layers.0.mlp.(gate|up)_proj.weight, model.model.layers.0.mlp.(gate|up)_proj.weight share"
     with pytest.raises(RuntimeError, match=shared + " memory in a way that no _tied_weights_keys"):
-        infra.checkpoint_parameters(model)
+        checkpoint.stored_parameters(model)
     mlp.up_proj.weight = torch.nn.Parameter(mlp.gate_proj.weight.detach())  # two parameters over one memory
     with pytest.raises(RuntimeError, match=shared):
-        infra.checkpoint_parameters(model)
+        checkpoint.stored_parameters(model)
 
 
 def test_a_checkpoint_file_cut_short_is_refused_by_name(tmp_path):
     path = str(tmp_path / "rank-00000-of-00001.safetensors")
     weights = torch.arange(6.0).reshape(3, 2)
-    infra.write_safetensors(path, {"w": weights}, {"rows": json.dumps({"w": [0, 3]})})
-    stored = infra.read_checkpoint_index([path])
-    assert torch.equal(infra.read_bytes(path, stored["w"][0].offset, torch.empty(3, 2)), weights)
+    checkpoint.write_safetensors(path, {"w": weights}, {"rows": json.dumps({"w": [0, 3]})})
+    stored = checkpoint.read_index([path])
+    assert torch.equal(checkpoint.read_bytes(path, stored["w"][0].offset, torch.empty(3, 2)), weights)
     with safe_open(path, "pt") as f:  # a plain safetensors file
         assert torch.equal(f.get_tensor("w"), weights)
     os.truncate(path, os.path.getsize(path) - 4)
     with pytest.raises(SystemExit, match=f"{path}: shorter than its header says"):
-        infra.read_bytes(path, stored["w"][0].offset, torch.empty(3, 2))
+        checkpoint.read_bytes(path, stored["w"][0].offset, torch.empty(3, 2))
 
 
 def test_the_bundled_tied_model_checkpoints_and_resumes_bitwise(bundled_model_dir, tmp_path):
@@ -304,7 +305,7 @@ def test_truncated_metrics_drop_a_half_written_last_line_and_the_steps_after_the
 def test_a_checkpoint_of_the_old_format_is_refused_rather_than_restarted_from_step_0(tmp_path):
     (tmp_path / "checkpoint").mkdir()
     with pytest.raises(SystemExit, match="format before checkpoint-<step>/"):
-        infra.resume_checkpoint(str(tmp_path), {}, 1)
+        checkpoint.newest(str(tmp_path), {}, 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -405,13 +406,13 @@ def test_a_resume_with_other_data_or_another_base_model_is_refused(tie, tiny_tok
 def training_state(model, optimizer) -> dict:
     """{name: full tensor} of the weights and AdamW state that a checkpoint stores (every rank calls it)."""
     return {name: tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-            for name, tensor in infra.checkpoint_tensors(model, optimizer)}
+            for name, tensor in checkpoint.stored_tensors(model, optimizer)}
 
 
 def check_loads_bitwise(patch):
     """Each checkpoint's full state is kept beside its output directory as it is saved; a load must restore it
     bitwise."""
-    save, load = infra.save_checkpoint, infra.load_checkpoint
+    save, load = checkpoint.save, checkpoint.load
 
     def save_and_keep(model, optimizer, scheduler, step, directory, rank, run_facts):
         save(model, optimizer, scheduler, step, directory, rank, run_facts)
@@ -426,8 +427,8 @@ def check_loads_bitwise(patch):
         assert state.keys() == saved.keys()
         assert [name for name in saved if not torch.equal(state[name], saved[name])] == []
         return step
-    patch.setattr(infra, "save_checkpoint", save_and_keep)
-    patch.setattr(infra, "load_checkpoint", load_and_compare)
+    patch.setattr(checkpoint, "save", save_and_keep)
+    patch.setattr(checkpoint, "load", load_and_compare)
 
 
 def two_rank_worker(rank, ports, runs):
@@ -493,10 +494,6 @@ def test_a_run_resumed_on_another_number_of_ranks_loads_its_state_bitwise_and_co
 # ---------------------------------------------------------------------------------------------
 # Loading the base model: each rank reads its own shard of the safetensors files
 
-def load_args(model_dir):
-    return sft.parse_args(["--model_name_or_path", model_dir, "--dataset_mixer_list", "x", "1", "--output_dir", "x"])
-
-
 def sharded_load_worker(rank, port, model_dir, unlike_nodes, unlike_weights):
     """One of 2 ranks: load_model, with from_pretrained forbidden, gives each rank from_pretrained's slices.
     First, where rank 1's node holds a copy without safetensors, both ranks stop with its refusal (no hang);
@@ -506,14 +503,13 @@ def sharded_load_worker(rank, port, model_dir, unlike_nodes, unlike_weights):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
     infra.init_distributed()
     with pytest.raises(SystemExit, match="no model.safetensors .* the weights must be safetensors"):
-        infra.load_model(unlike_nodes[rank], load_args(unlike_nodes[rank]), torch.device("cpu"), rank,
-                         modeling.CausalLMLogProbs)
+        infra.load_model(unlike_nodes[rank], modeling.CausalLMLogProbs, device=torch.device("cpu"), rank=rank)
     examples = datasets.Dataset.from_dict({"input_ids": [[1, 2, 3]]})
     os.environ["LOCAL_RANK"] = "0"  # each rank the first of its own node, as on two nodes
     with pytest.raises(SystemExit, match="the model files differ between ranks: rank 0's and rank 1's copies"):
-        infra.run_fingerprints(examples, unlike_weights[rank], rank)
+        checkpoint.run_fingerprints(examples, unlike_weights[rank], rank)
     with mock.patch.object(transformers.AutoModelForCausalLM, "from_pretrained", side_effect=AssertionError):
-        model = infra.load_model(model_dir, load_args(model_dir), torch.device("cpu"), rank, modeling.CausalLMLogProbs)
+        model = infra.load_model(model_dir, modeling.CausalLMLogProbs, device=torch.device("cpu"), rank=rank)
     expected = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).state_dict()
     assert model.model.lm_head.weight is model.model.model.embed_tokens.weight  # still tied
     for name, param in model.named_parameters(remove_duplicate=False):
@@ -546,8 +542,7 @@ def load_on_one_rank(model_dir):
     with plain_python_environment():
         infra.init_distributed()
         try:
-            model = infra.load_model(model_dir, load_args(model_dir), torch.device("cpu"), 0,
-                                     modeling.CausalLMLogProbs).model
+            model = infra.load_model(model_dir, modeling.CausalLMLogProbs, device=torch.device("cpu"), rank=0).model
             return {name: tensor.full_tensor() if isinstance(tensor, DTensor) else tensor for name, tensor in
                     [*model.named_parameters(remove_duplicate=False), *model.named_buffers()]}
         finally:
@@ -560,8 +555,8 @@ def test_a_value_model_reads_its_base_model_shard_by_shard_and_takes_its_new_hea
                                                        side_effect=AssertionError):
         infra.init_distributed()
         try:
-            model = infra.load_model(tiny_model_dir, load_args(tiny_model_dir), torch.device("cpu"), 0,
-                                    functools.partial(rlvr.ValueModel, head=head))
+            model = infra.load_model(tiny_model_dir, functools.partial(rlvr.ValueModel, head=head),
+                                     device=torch.device("cpu"), rank=0)
             tensors = {name: tensor.full_tensor() for name, tensor in model.state_dict().items()}
         finally:
             torch.distributed.destroy_process_group()

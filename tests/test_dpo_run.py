@@ -10,6 +10,7 @@ import torch.multiprocessing as mp
 
 import data_mix
 import dpo
+import checkpoint
 import infra
 import modeling
 from conftest import build_tiny_model, free_port, read_metrics, run_in_process
@@ -132,7 +133,7 @@ def gradient_worker(rank, world_size, port, model_dir, data, cache_dir, out_path
     tokenizer = data_mix.load_tokenizer(model_dir)
     rows, _ = data_mix.mix_datasets([data, "1.0"], seed=0, validate=dpo.validate_preference_record)
     examples, _ = dpo.tokenize_preference_dataset(rows, tokenizer, 128)
-    fingerprints = infra.run_fingerprints(examples, model_dir, rank)
+    fingerprints = checkpoint.run_fingerprints(examples, model_dir, rank)
     results = {}
     for packing in (True, False):
         for loss_type in ("dpo_norm", "dpo"):
@@ -140,7 +141,7 @@ def gradient_worker(rank, world_size, port, model_dir, data, cache_dir, out_path
                                    "--output_dir", "x", "--reference_cache_dir", f"{cache_dir}/{world_size}",
                                    "--dpo_loss_type", loss_type, "--dpo_beta", "0.5",
                                    "--packing" if packing else "--no-packing"])
-            model = infra.load_model(model_dir, args, device, rank, modeling.CausalLMLogProbs)
+            model = infra.load_model(model_dir, modeling.CausalLMLogProbs, device=device, rank=rank)
             # scored with 3 pairs per micro-batch: on 2 ranks the last group leaves a rank a stand-in pair
             args.per_device_train_batch_size = 3
             reference = dpo.cached_reference_logps(model, examples, args, rank, world_size, device,

@@ -52,12 +52,10 @@ def test_the_fsdp_policy_decodes_as_the_plain_model_and_stops_at_its_generation_
     tokenizer.save_pretrained(tmp_path)
     expected = decoding.complete(AutoModelForCausalLM.from_pretrained(tmp_path), tokenizer, prompts, max_new_tokens=12)
     assert expected[0].finished  # (the premise: the generation config's second EOS ends row 0)
-    args = rlvr.parse_args(["--model_name_or_path", str(tmp_path), "--dataset_mixer_list", "x", "1", "--output_dir",
-                            str(tmp_path / "out")])
     with plain_python_environment():
         infra.init_distributed()
         try:
-            policy = infra.load_model(str(tmp_path), args, torch.device("cpu"), 0, rlvr.HFModel)
+            policy = infra.load_model(str(tmp_path), rlvr.HFModel, device=torch.device("cpu"), rank=0)
             got = decoding.complete(policy, tokenizer, prompts, max_new_tokens=12)
         finally:
             torch.distributed.destroy_process_group()

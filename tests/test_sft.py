@@ -10,6 +10,7 @@ import torch.multiprocessing as mp
 from torch._dynamo.utils import counters
 
 import data_mix
+import checkpoint
 import infra
 import modeling
 import sft
@@ -93,7 +94,7 @@ def gradient_worker(rank, world_size, port, model_dir, out_path):
     for packing in (True, False):
         args = sft.parse_args(["--model_name_or_path", model_dir, "--dataset_mixer_list", "x", "1", "--output_dir", "x",
                                "--packing" if packing else "--no-packing"])
-        model = infra.load_model(model_dir, args, device, rank, modeling.CausalLMLogProbs)
+        model = infra.load_model(model_dir, modeling.CausalLMLogProbs, device=device, rank=rank)
         for reduction in ("sum", "mean"):
             for per_device, accumulation in SPLITS[world_size]:
                 args.per_device_train_batch_size, args.reduce_loss = per_device, reduction
@@ -134,7 +135,7 @@ def compile_worker(rank, world_size, port, model_dir, out_path):
         args = sft.parse_args(["--model_name_or_path", model_dir, "--dataset_mixer_list", "x", "1", "--output_dir", "x",
                                "--packing", "--per_device_train_batch_size", "4"] + ["--compile"] * compiled)
         counters.clear()
-        model = infra.load_model(model_dir, args, device, rank, modeling.CausalLMLogProbs)
+        model = infra.load_model(model_dir, modeling.CausalLMLogProbs, device=device, rank=rank)
         nll = sft.accumulate_gradients(model, examples, list(range(8)), args, rank, world_size, device,
                                        tokenizer.pad_token_id)[0]
         graphs[compiled] = counters["stats"]["unique_graphs"]  # graphs dynamo compiled in this forward
@@ -297,17 +298,17 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tiny_model_dir, tmp_path, 
         calls["n"] += 1
         return real_loss(*args) * (float("nan") if calls["n"] > 4 else 1.0)  # step 3 goes NaN
     monkeypatch.setattr(sft, "sft_loss", loss)
-    checkpoint, saved = tmp_path / "out" / "checkpoint-2", {}
-    digest = lambda: {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in checkpoint.iterdir()}  # noqa: E731
-    real_save = infra.save_checkpoint
+    step_2, saved = tmp_path / "out" / "checkpoint-2", {}
+    digest = lambda: {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in step_2.iterdir()}  # noqa: E731
+    real_save = checkpoint.save
 
     def save_and_digest(*args):  # the checkpoint as step 2 first wrote it, before the NaN step runs
         real_save(*args)
         saved.update({} if saved else digest())
-    monkeypatch.setattr(infra, "save_checkpoint", save_and_digest)
+    monkeypatch.setattr(checkpoint, "save", save_and_digest)
     with pytest.raises(FloatingPointError, match="step 3.*checkpoint .* is intact"):
         run_sft(base_args(tiny_model_dir, data, tmp_path / "out", "--checkpointing_steps", "2"))
-    assert json.loads((checkpoint / "trainer_state.json").read_text())["step"] == 2
+    assert json.loads((step_2 / "trainer_state.json").read_text())["step"] == 2
     assert not (tmp_path / "out" / "model.safetensors").exists()
     assert saved and digest() == saved
 
