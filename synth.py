@@ -9,10 +9,11 @@ preference pairs, written in the formats the stages read.
     torchrun --nproc_per_node 8 synth.py responses ...     # each rank generates its share of the prompts
     python dpo.py --dataset_mixer_list out/preferences.jsonl 1.0 ...
 
-The story: arguments; models (a local directory or hub id decoded by decoding.complete, the project's one sampler,
-or an OpenAI-compatible endpoint written `URL#MODEL_NAME`, reached with the `openai` client, which times out and
-retries 429s and 5xx with backoff); IFEval constraints; the three subcommands; the judge and the binarization; the
-run. Every subcommand writes rows the stages read with --dataset_mixer_list.
+The story: arguments; IFEval constraints; the three subcommands; the judge and the binarization; the run. Every
+subcommand writes rows the stages read with --dataset_mixer_list. Each MODEL is a local directory or hub id decoded
+by decoding.complete, the project's one sampler, or an OpenAI-compatible endpoint written `URL#MODEL_NAME`, reached
+with the `openai` client, which times out and retries 429s and 5xx with backoff: chat_models.py holds both, and
+`generate`, which answers a list of (model, conversation) requests over them at once.
 
 - prompts: a persona (one per prompt, drawn from --personas) conditions the generator. ifeval: the generator writes
   a request and we append 1-3 constraints drawn from IFEval's 25 types (data/ifeval_constraints.json: the valid
@@ -52,20 +53,17 @@ import os
 import random
 import re
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from types import SimpleNamespace
 
-import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
 import data_mix
 import flags
-import decoding
 import infra
 import rlvr
 import verifiers
+from chat_models import Reply, Sampling, generate, open_models
 from flags import POSITIVE_INT, bounded
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -124,110 +122,7 @@ def parse_args(argv=None):
 
 
 # ---------------------------------------------------------------------------------------------
-# Models: a local model decoded by decoding.complete, or an OpenAI-compatible endpoint `URL#MODEL_NAME`
-
-@dataclass
-class Reply:
-    text: str | None  # None: the request failed
-    tokens: int  # generated tokens
-    finished: bool  # ended by the model (EOS / stop), not by --max_new_tokens
-
-
-@dataclass
-class Sampling:
-    max_new_tokens: int
-    temperature: float
-    top_p: float
-
-
-class LocalModel:
-    """A model directory or hub id, whole on this rank's device, decoded by the project's one sampler."""
-
-    def __init__(self, path: str, device, batch_size: int):
-        from transformers import AutoModelForCausalLM
-
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        self.name, self.batch_size = path, batch_size
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
-        self.tokenizer = data_mix.load_tokenizer(path)
-
-    def chat(self, conversations: list[list[dict]], sampling: Sampling, seed: int) -> list[Reply]:
-        prompts = [data_mix.tokenize_prompt(self.tokenizer, messages) for messages in conversations]
-        generator = torch.Generator(self.model.device).manual_seed(seed)
-        completions = decoding.complete(self.model, self.tokenizer, prompts, max_new_tokens=sampling.max_new_tokens,
-                                        temperature=sampling.temperature, top_p=sampling.top_p, generator=generator,
-                                        batch_size=self.batch_size)
-        return [Reply(c.text, len(c.token_ids), c.finished) for c in completions]
-
-
-class EndpointModel:
-    """An OpenAI-compatible server (vLLM, SGLang, a hosted API), the key from OPENAI_API_KEY. The openai client
-    times requests out and retries 429s, 5xx and timeouts with exponential backoff; requests run in `threads`
-    (shared by every endpoint, so --max_concurrency bounds them all). A request still failing is a failed Reply."""
-
-    def __init__(self, spec: str, threads: ThreadPoolExecutor, timeout: float, max_retries: int):
-        import openai  # an optional dependency: only endpoints need it
-
-        url, self.served_name = spec.split("#", 1)
-        self.name, self.threads, self.errors = spec, threads, openai.OpenAIError
-        self.client = openai.OpenAI(base_url=url, api_key=os.environ.get("OPENAI_API_KEY", "EMPTY"), timeout=timeout,
-                                    max_retries=max_retries)
-
-    def submit(self, messages: list[dict], sampling: Sampling, seed: int):
-        return self.threads.submit(self._request, messages, sampling, seed)
-
-    def _request(self, messages: list[dict], sampling: Sampling, seed: int) -> Reply:
-        try:
-            response = self.client.chat.completions.create(
-                model=self.served_name, messages=messages, max_tokens=sampling.max_new_tokens,
-                temperature=sampling.temperature, top_p=sampling.top_p, seed=seed)
-            choice = response.choices[0]
-        except (self.errors, IndexError):  # retries spent, or a reply without a choice
-            return Reply(None, 0, False)
-        tokens = response.usage.completion_tokens if response.usage else 0
-        return Reply(choice.message.content or "", tokens, choice.finish_reason == "stop")
-
-
-def is_endpoint(spec: str) -> bool:
-    return spec.startswith(("http://", "https://"))
-
-
-def open_models(specs: dict, args, device) -> dict:
-    """{spec: model} for the MODEL flags in `specs` ({flag: [spec, ...]}), each distinct spec loaded once."""
-    threads = ThreadPoolExecutor(max_workers=args.max_concurrency)
-    models = {}
-    for flag, values in specs.items():
-        for spec in values:
-            if spec in models:
-                continue
-            if is_endpoint(spec):
-                if "#" not in spec:
-                    raise SystemExit(f"--{flag} {spec}: write an endpoint as URL#MODEL_NAME (the name it serves)")
-                models[spec] = EndpointModel(spec, threads, args.request_timeout, args.max_retries)
-            elif not os.path.isdir(spec) and (os.path.isabs(spec) or spec.startswith(".") or spec.count("/") != 1):
-                raise SystemExit(f"--{flag} {spec}: no such model directory (nor an org/name hub id, "
-                                 "nor URL#MODEL_NAME)")
-            else:
-                models[spec] = LocalModel(spec, device, args.batch_size)
-    return models
-
-
-def generate(requests: list[tuple], sampling: Sampling, seed: int) -> list[Reply]:
-    """Replies to (model, conversation) requests, in order. Endpoint requests are all submitted first (they run in
-    threads while the local models decode); each local model decodes its share in one call drawing from `seed`,
-    and the i-th request to an endpoint asks for seed + i."""
-    replies = [None] * len(requests)
-    pending = {i: model.submit(messages, sampling, seed + i)
-               for i, (model, messages) in enumerate(requests) if isinstance(model, EndpointModel)}
-    local = {id(model): model for model, _ in requests if isinstance(model, LocalModel)}
-    for model in local.values():
-        indices = [i for i, (other, _) in enumerate(requests) if other is model]
-        for i, reply in zip(indices, model.chat([requests[i][1] for i in indices], sampling, seed)):
-            replies[i] = reply
-    for i, future in pending.items():
-        replies[i] = future.result()
-    return replies
-
+# Small helpers: a seed every process agrees on, a user turn
 
 def stable_seed(*parts) -> int:
     """A 31-bit seed from any values, the same in every process (Python's hash() of a str is salted)."""
@@ -599,7 +494,8 @@ def build_context(args, flags: dict, device) -> SimpleNamespace:
             ctx.benchmark_ngrams = data_mix.benchmark_ngrams(ctx.benchmarks, DECONTAMINATION_NGRAM, args.benchmark_dir)
         except (data_mix.BenchmarkUnavailable, ValueError) as error:
             raise SystemExit(f"--decontaminate_against {args.decontaminate_against}: {error}") from None
-    models = open_models(flags, args, device)
+    models = open_models(flags, device, batch_size=args.batch_size, max_concurrency=args.max_concurrency,
+                         request_timeout=args.request_timeout, max_retries=args.max_retries)
     ctx.generator = models.get(getattr(args, "generator", None))
     if args.command == "preferences":
         ctx.policy, ctx.pool = models[args.policy], [models[spec] for spec in args.pool]
