@@ -23,6 +23,7 @@ import re
 import torch
 
 import flags
+from flags import DataError, InvalidRecord
 
 
 IGNORE_INDEX = -100  # label of a token that is not trained (torch's cross_entropy default)
@@ -40,17 +41,6 @@ TULU_CHAT_TEMPLATE = (
     "{% if loop.last and add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
     "{% endfor %}"
 )
-
-
-class InvalidRecord(ValueError):
-    """A training record that does not have the expected shape; the message names where it is."""
-
-
-class DataError(ValueError):
-    """Data that cannot be used as given (a dataset missing, empty, too small or in another shape than the rest of
-    the mixture, a mixture list that does not parse); the message names it."""
-
-
 
 
 def add_data_args(parser, max_seq_length: int) -> None:

@@ -413,7 +413,7 @@ def load_task_data(args) -> tuple[dict, list[str]]:
             exemplars_too = " (its exemplars: 3 rows of the train split)" if "drop_train" in str(error) else ""
             missing.append(f"{task}{exemplars_too}: {error}")
             continue
-        except (data_mix.InvalidRecord, data_mix.DataError, FileNotFoundError) as error:  # a --benchmark_dir file
+        except (flags.InvalidRecord, flags.DataError, FileNotFoundError) as error:  # a --benchmark_dir file
             raise SystemExit(f"{task}: {error}") from None
         data[task] = (examples[: args.limit] if args.limit else examples, train)
     return data, missing

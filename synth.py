@@ -408,17 +408,17 @@ def load_prompt_rows(name: str, flag: str = "--prompts", needs_ground_truth: boo
     for index, (place, record) in enumerate(places):
         where = f"{flag} {name}, {place}"
         try:
-            if isinstance(record, data_mix.InvalidRecord):
+            if isinstance(record, flags.InvalidRecord):
                 raise record
             if not isinstance(record, dict):
-                raise data_mix.InvalidRecord(f"{where}: expected a JSON object, got {type(record).__name__}")
+                raise flags.InvalidRecord(f"{where}: expected a JSON object, got {type(record).__name__}")
             if record.get("ground_truth") is not None:
                 row = rlvr.validate_rlvr_record(record, where)
             elif needs_ground_truth:
-                raise data_mix.InvalidRecord(f"{where}: no ground_truth, which --judge verifier needs")
+                raise flags.InvalidRecord(f"{where}: no ground_truth, which --judge verifier needs")
             else:
                 row = {"messages": rlvr.rlvr_prompt_messages(record, where)}
-        except data_mix.InvalidRecord as error:
+        except flags.InvalidRecord as error:
             raise SystemExit(str(error)) from None
         row["id"] = str(record["id"]) if record.get("id") is not None else f"row-{index}"
         if row["id"] in ids:

@@ -5,6 +5,7 @@ import datasets
 import pytest
 
 import data_mix
+import flags
 
 
 def chat(user: str, source: str = "tulu") -> dict:
@@ -57,7 +58,7 @@ def test_preference_rows_use_the_chosen_conversation_and_datasets_stay_datasets(
 
 
 def test_row_without_a_prompt_is_a_clear_error():
-    with pytest.raises(data_mix.InvalidRecord, match="row 1 .*no 'messages', 'chosen' or 'prompt'"):
+    with pytest.raises(flags.InvalidRecord, match="row 1 .*no 'messages', 'chosen' or 'prompt'"):
         data_mix.decontaminate([chat(CLEAN), {"text": "hi"}], ["gsm8k"])
 
 
@@ -72,7 +73,7 @@ def test_load_benchmark_reads_the_offline_cache_with_its_fields(benchmarks_dir):
 def test_load_benchmark_names_the_bad_line(tmp_path):
     path = tmp_path / "gsm8k.jsonl"
     path.write_text('{"question": "q", "answer": "a #### 1", "short_answer": "1"}\n{"question": "q"}\n')
-    with pytest.raises(data_mix.InvalidRecord, match=r"gsm8k.jsonl, line 2: missing field\(s\) \['answer'"):
+    with pytest.raises(flags.InvalidRecord, match=r"gsm8k.jsonl, line 2: missing field\(s\) \['answer'"):
         data_mix.load_benchmark("gsm8k", str(tmp_path))
     with pytest.raises(ValueError, match="unknown benchmark 'gsm9k'"):
         data_mix.load_benchmark("gsm9k")
