@@ -21,7 +21,7 @@ run. Every subcommand writes rows the stages read with --dataset_mixer_list.
   generator writes a problem, then solves it --num_samples times; the problem is kept, as an RLVR row with the
   majority answer as its ground truth, only if at least --min_agreement of the samples give that answer
   (self-consistency). code: a request for one Python function (an SFT row once `responses` answers it). Every
-  prompt is checked against the benchmarks (data_mix's n-gram decontamination) before it is written.
+  prompt is checked against the benchmarks (benchmarks.py's n-gram decontamination) before it is written.
 - responses: --samples responses per prompt; a prompt with a ground truth keeps the first response its verifier
   passes (rejection sampling; the pass rate is in the summary), any other prompt the first response that ended.
 - preferences: a completion from --policy and one from each of --models_per_prompt models drawn from --pool; the
@@ -60,6 +60,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import benchmarks
 import data_mix
 import flags
 import decoding
@@ -380,8 +381,8 @@ def make_prompts(chunk: list[dict], seed: int, ctx) -> list[tuple]:
     results = []
     for w in work:
         if w["outcome"] is None:  # decontamination: a prompt that copies benchmark text is not written
-            culprit, _ = data_mix.benchmark_overlap(w["prompt"], ctx.benchmark_ngrams, ctx.benchmarks,
-                                                    DECONTAMINATION_NGRAM, DECONTAMINATION_THRESHOLD)
+            culprit, _ = benchmarks.benchmark_overlap(w["prompt"], ctx.benchmark_ngrams, ctx.benchmarks,
+                                                      DECONTAMINATION_NGRAM, DECONTAMINATION_THRESHOLD)
             if culprit:
                 w["outcome"], w["counts"][f"contaminated/{culprit}"] = "contaminated", 1
         if w["outcome"] is not None:
@@ -596,8 +597,9 @@ def build_context(args, flags: dict, device) -> SimpleNamespace:
         ctx.personas, ctx.table = load_personas(args.personas), load_constraint_table()
         ctx.benchmarks = tuple(name.strip() for name in args.decontaminate_against.split(",") if name.strip())
         try:
-            ctx.benchmark_ngrams = data_mix.benchmark_ngrams(ctx.benchmarks, DECONTAMINATION_NGRAM, args.benchmark_dir)
-        except (data_mix.BenchmarkUnavailable, ValueError) as error:
+            ctx.benchmark_ngrams = benchmarks.benchmark_ngrams(ctx.benchmarks, DECONTAMINATION_NGRAM,
+                                                               args.benchmark_dir)
+        except (benchmarks.BenchmarkUnavailable, ValueError) as error:
             raise SystemExit(f"--decontaminate_against {args.decontaminate_against}: {error}") from None
     models = open_models(flags, args, device)
     ctx.generator = models.get(getattr(args, "generator", None))
