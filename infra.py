@@ -3,7 +3,7 @@ use all of it, rlvr.py all of it, eval.py the distributed setup and the entry po
 resumable output. What changes what the model computes is elsewhere: the log-prob wrapper and packed attention in
 modeling.py, generation (the top-p draw, the KV cache, EOS and stop strings) in decoding.py. A stage is copied
 with the project modules its import lines name (sft.py and dpo.py: infra, modeling, data_mix, flags; rlvr.py:
-infra, decoding, data_mix, flags, verifiers).
+infra, decoding, data_mix, flags, verifiers) and benchmarks, which data_mix imports.
 
 The file's sections, top to bottom: distributed setup (torchrun or plain python, NCCL on GPU, gloo on CPU) and the
 stages' entry point, which prints a user's mistake as one line, once across ranks;
