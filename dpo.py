@@ -175,40 +175,40 @@ def preference_side(row: dict, side: str, where: str) -> list[dict]:
     """One side of a preference record as a whole conversation ending in the assistant response."""
     value = row.get(side)
     if value is None:
-        raise data_mix.InvalidRecord(f"{where}, field {side}: missing (a preference record needs chosen and rejected)")
+        raise flags.InvalidRecord(f"{where}, field {side}: missing (a preference record needs chosen and rejected)")
     if isinstance(value, str):
         response = [{"role": "assistant", "content": value}]
     elif isinstance(value, list):
         response = value
     else:
-        raise data_mix.InvalidRecord(f"{where}, field {side}: expected a response string or a list of messages, "
-                                     f"got {type(value).__name__}")
+        raise flags.InvalidRecord(f"{where}, field {side}: expected a response string or a list of messages, "
+                                  f"got {type(value).__name__}")
     starts_with_response = not response or (isinstance(response[0], dict) and response[0].get("role") == "assistant")
     if starts_with_response:
         prompt = row.get("prompt")
         if isinstance(prompt, str) and prompt.strip():
             prompt = [{"role": "user", "content": prompt}]
         if not isinstance(prompt, list) or not prompt:
-            raise data_mix.InvalidRecord(f"{where}, field prompt: {side} is a response only, so a non-empty prompt "
-                                         f"(string or list of messages) is needed, got {prompt!r}")
+            raise flags.InvalidRecord(f"{where}, field prompt: {side} is a response only, so a non-empty prompt "
+                                      f"(string or list of messages) is needed, got {prompt!r}")
         response = prompt + response
     response = data_mix.validate_messages(response, f"{where}, field {side}")
     if response[-1]["role"] != "assistant":
-        raise data_mix.InvalidRecord(f"{where}, field {side}: the last turn must be the assistant response, "
-                                     f"got {response[-1]['role']!r}")
+        raise flags.InvalidRecord(f"{where}, field {side}: the last turn must be the assistant response, "
+                                  f"got {response[-1]['role']!r}")
     return response
 
 
 def preference_messages(row: dict, where: str) -> tuple[list[dict], list[dict]]:
-    """(chosen_messages, rejected_messages) of a record; data_mix.InvalidRecord names dataset, row and field."""
+    """(chosen_messages, rejected_messages) of a record; flags.InvalidRecord names dataset, row and field."""
     chosen = preference_side(row, "chosen", where)
     rejected = preference_side(row, "rejected", where)
     if chosen[:-1] != rejected[:-1]:  # DPO compares two answers to one prompt
         turn = next((i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b),
                     min(len(chosen), len(rejected)) - 1)
-        raise data_mix.InvalidRecord(f"{where}, field rejected: its prompt turns differ from chosen's at turn {turn}")
+        raise flags.InvalidRecord(f"{where}, field rejected: its prompt turns differ from chosen's at turn {turn}")
     if chosen == rejected:  # no preference to learn: the DPO margin is 0 whatever the model does
-        raise data_mix.InvalidRecord(f"{where}, field rejected: identical to chosen")
+        raise flags.InvalidRecord(f"{where}, field rejected: identical to chosen")
     return chosen, rejected
 
 

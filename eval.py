@@ -44,6 +44,7 @@ import torch
 import torch.distributed as dist
 from transformers import DynamicCache
 
+import benchmarks
 import data_mix
 import flags
 import decoding
@@ -407,13 +408,13 @@ def load_task_data(args) -> tuple[dict, list[str]]:
     data, missing = {}, []
     for task in args.tasks:
         try:
-            examples = data_mix.load_benchmark(TASKS[task]["benchmark"], args.benchmark_dir)
-            train = data_mix.load_benchmark("drop_train", args.benchmark_dir) if task == "drop" else None
-        except data_mix.BenchmarkUnavailable as error:
+            examples = benchmarks.load_benchmark(TASKS[task]["benchmark"], args.benchmark_dir)
+            train = benchmarks.load_benchmark("drop_train", args.benchmark_dir) if task == "drop" else None
+        except benchmarks.BenchmarkUnavailable as error:
             exemplars_too = " (its exemplars: 3 rows of the train split)" if "drop_train" in str(error) else ""
             missing.append(f"{task}{exemplars_too}: {error}")
             continue
-        except (data_mix.InvalidRecord, data_mix.DataError, FileNotFoundError) as error:  # a --benchmark_dir file
+        except (flags.InvalidRecord, flags.DataError, FileNotFoundError) as error:  # a --benchmark_dir file
             raise SystemExit(f"{task}: {error}") from None
         data[task] = (examples[: args.limit] if args.limit else examples, train)
     return data, missing

@@ -1,7 +1,8 @@
 """The stages' flags: one argparse parser for sft.py, dpo.py, rlvr.py, eval.py and synth.py. No prefix matching
 (a mistyped or shortened flag is refused with a "did you mean"), `--flag True/False` for every switch, and
 open-instruct's spellings: accepted where the meaning is the same here, answered with what to do where it is
-not. Also the bounded number types the flags use, whose errors name the flag and its range.
+not. Also the bounded number types the flags use, whose errors name the flag and its range, and the two errors a
+user's data raises (InvalidRecord, DataError), which name the dataset, its line or row and the field.
 """
 import argparse
 import difflib
@@ -67,6 +68,15 @@ OPEN_INSTRUCT_HINTS = {
     "--low_cpu_mem_usage": "each rank reads only its own shard of the weights already; drop the flag",
     "--use_8bit_optimizer": "AdamW keeps fp32 moments here; drop the flag",
 }
+
+
+class InvalidRecord(ValueError):
+    """A training record that does not have the expected shape; the message names where it is."""
+
+
+class DataError(ValueError):
+    """Data that cannot be used as given (a dataset missing, empty, too small or in another shape than the rest of
+    the mixture, a mixture list that does not parse); the message names it."""
 
 
 def true_or_false(text: str) -> bool:

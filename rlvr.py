@@ -434,8 +434,8 @@ def rlvr_prompt_messages(row: dict, where: str) -> list[dict]:
             and messages[-1].get("role") == "assistant":
         messages = messages[:-1]
     if not isinstance(messages, list) or not messages:
-        raise data_mix.InvalidRecord(f"{where}, field messages: expected a non-empty list of prompt turns, "
-                                     f"got {messages!r}")
+        raise flags.InvalidRecord(f"{where}, field messages: expected a non-empty list of prompt turns, "
+                                  f"got {messages!r}")
     return data_mix.validate_messages(messages, where, needs_assistant=False)  # the response is about to be sampled
 
 
@@ -444,16 +444,16 @@ def validate_rlvr_record(row: dict, where: str) -> dict:
     messages = rlvr_prompt_messages(row, where)
     dataset = row.get("dataset")
     if not isinstance(dataset, str) or dataset.lower() not in RLVR_DATASETS:
-        raise data_mix.InvalidRecord(f"{where}, field dataset: {dataset!r} has no verifier (expected one of "
-                                     f"{RLVR_DATASETS}, any case)")
+        raise flags.InvalidRecord(f"{where}, field dataset: {dataset!r} has no verifier (expected one of "
+                                  f"{RLVR_DATASETS}, any case)")
     ground_truth = row.get("ground_truth")
     if not isinstance(ground_truth, str) or not ground_truth.strip():
-        raise data_mix.InvalidRecord(f"{where}, field ground_truth: expected a non-empty string, "
-                                     f"got {ground_truth!r:.100}")
+        raise flags.InvalidRecord(f"{where}, field ground_truth: expected a non-empty string, "
+                                  f"got {ground_truth!r:.100}")
     try:
         verifiers.check_ground_truth(ground_truth, dataset)
     except ValueError as error:
-        raise data_mix.InvalidRecord(f"{where}, field ground_truth: {error}") from None
+        raise flags.InvalidRecord(f"{where}, field ground_truth: {error}") from None
     return {"messages": messages, "ground_truth": ground_truth, "dataset": dataset}
 
 

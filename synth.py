@@ -22,7 +22,7 @@ with the `openai` client, which times out and retries 429s and 5xx with backoff:
   generator writes a problem, then solves it --num_samples times; the problem is kept, as an RLVR row with the
   majority answer as its ground truth, only if at least --min_agreement of the samples give that answer
   (self-consistency). code: a request for one Python function (an SFT row once `responses` answers it). Every
-  prompt is checked against the benchmarks (data_mix's n-gram decontamination) before it is written.
+  prompt is checked against the benchmarks (benchmarks.py's n-gram decontamination) before it is written.
 - responses: --samples responses per prompt; a prompt with a ground truth keeps the first response its verifier
   passes (rejection sampling; the pass rate is in the summary), any other prompt the first response that ended.
 - preferences: a completion from --policy and one from each of --models_per_prompt models drawn from --pool; the
@@ -58,6 +58,7 @@ from types import SimpleNamespace
 import torch.distributed as dist
 from tqdm import tqdm
 
+import benchmarks
 import data_mix
 import flags
 import infra
@@ -275,8 +276,8 @@ def make_prompts(chunk: list[dict], seed: int, ctx) -> list[tuple]:
     results = []
     for w in work:
         if w["outcome"] is None:  # decontamination: a prompt that copies benchmark text is not written
-            culprit, _ = data_mix.benchmark_overlap(w["prompt"], ctx.benchmark_ngrams, ctx.benchmarks,
-                                                    DECONTAMINATION_NGRAM, DECONTAMINATION_THRESHOLD)
+            culprit, _ = benchmarks.benchmark_overlap(w["prompt"], ctx.benchmark_ngrams, ctx.benchmarks,
+                                                      DECONTAMINATION_NGRAM, DECONTAMINATION_THRESHOLD)
             if culprit:
                 w["outcome"], w["counts"][f"contaminated/{culprit}"] = "contaminated", 1
         if w["outcome"] is not None:
@@ -303,17 +304,17 @@ def load_prompt_rows(name: str, flag: str = "--prompts", needs_ground_truth: boo
     for index, (place, record) in enumerate(places):
         where = f"{flag} {name}, {place}"
         try:
-            if isinstance(record, data_mix.InvalidRecord):
+            if isinstance(record, flags.InvalidRecord):
                 raise record
             if not isinstance(record, dict):
-                raise data_mix.InvalidRecord(f"{where}: expected a JSON object, got {type(record).__name__}")
+                raise flags.InvalidRecord(f"{where}: expected a JSON object, got {type(record).__name__}")
             if record.get("ground_truth") is not None:
                 row = rlvr.validate_rlvr_record(record, where)
             elif needs_ground_truth:
-                raise data_mix.InvalidRecord(f"{where}: no ground_truth, which --judge verifier needs")
+                raise flags.InvalidRecord(f"{where}: no ground_truth, which --judge verifier needs")
             else:
                 row = {"messages": rlvr.rlvr_prompt_messages(record, where)}
-        except data_mix.InvalidRecord as error:
+        except flags.InvalidRecord as error:
             raise SystemExit(str(error)) from None
         row["id"] = str(record["id"]) if record.get("id") is not None else f"row-{index}"
         if row["id"] in ids:
@@ -491,8 +492,9 @@ def build_context(args, flags: dict, device) -> SimpleNamespace:
         ctx.personas, ctx.table = load_personas(args.personas), load_constraint_table()
         ctx.benchmarks = tuple(name.strip() for name in args.decontaminate_against.split(",") if name.strip())
         try:
-            ctx.benchmark_ngrams = data_mix.benchmark_ngrams(ctx.benchmarks, DECONTAMINATION_NGRAM, args.benchmark_dir)
-        except (data_mix.BenchmarkUnavailable, ValueError) as error:
+            ctx.benchmark_ngrams = benchmarks.benchmark_ngrams(ctx.benchmarks, DECONTAMINATION_NGRAM,
+                                                               args.benchmark_dir)
+        except (benchmarks.BenchmarkUnavailable, ValueError) as error:
             raise SystemExit(f"--decontaminate_against {args.decontaminate_against}: {error}") from None
     models = open_models(flags, device, batch_size=args.batch_size, max_concurrency=args.max_concurrency,
                          request_timeout=args.request_timeout, max_retries=args.max_retries)

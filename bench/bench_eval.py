@@ -8,7 +8,7 @@ Eval: eval.py on the first --limit examples of each task, one process, greedy, b
 make a small model ramble for minutes on CPU). examples/s includes prompt encoding, generation,
 scoring and, for HumanEval, running each program in the sandbox.
 
-Decontamination: data_mix.decontaminate against gsm8k, math, ifeval, humaneval and mmlu (their
+Decontamination: benchmarks.decontaminate against gsm8k, math, ifeval, humaneval and mmlu (their
 n-gram index is built first, untimed) on synthetic rows shaped like the 939k-row Tülu 3 SFT mixture:
 1 to 3 user turns of lognormal length (median ~90 words, mean ~150, capped at 4000) drawn from a
 30k-word vocabulary, 5 sources; once as a Python list and once as a datasets.Dataset.
@@ -22,7 +22,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import data_mix  # noqa: E402
+import benchmarks  # noqa: E402
 import eval as evaluation  # noqa: E402
 
 BENCHMARKS = ["gsm8k", "math", "ifeval", "humaneval", "mmlu"]
@@ -60,12 +60,12 @@ def bench_decontamination(args) -> None:
 
     rows = synthetic_tulu_rows(args.decontamination_rows)
     start, cpu_start = time.perf_counter(), time.process_time()
-    data_mix.decontaminate(rows[:1], BENCHMARKS)  # the benchmark n-gram index alone
+    benchmarks.decontaminate(rows[:1], BENCHMARKS)  # the benchmark n-gram index alone
     index_seconds, index_cpu = time.perf_counter() - start, time.process_time() - cpu_start
     print(f"\nbenchmark n-gram index ({', '.join(BENCHMARKS)}): {index_seconds:.1f}s")
     for kind, dataset in (("list", rows), ("datasets.Dataset", datasets.Dataset.from_list(rows))):
         start, cpu_start = time.perf_counter(), time.process_time()
-        kept, report = data_mix.decontaminate(dataset, BENCHMARKS)
+        kept, report = benchmarks.decontaminate(dataset, BENCHMARKS)
         seconds = time.perf_counter() - start - index_seconds
         cpu_seconds = time.process_time() - cpu_start - index_cpu  # what one free core would take
         print(f"decontaminate {kind:<17} {len(rows)} rows, {report['dropped']} dropped: {len(rows) / seconds:,.0f} "

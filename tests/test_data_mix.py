@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import data_mix
+import flags
 from conftest import build_tiny_model
 
 IGNORE = data_mix.IGNORE_INDEX
@@ -118,7 +119,7 @@ def test_asking_for_more_rows_than_a_dataset_has_is_an_error(tmp_path):
 ])
 def test_bad_record_error_names_dataset_row_and_field(tmp_path, record, field):
     path = write_jsonl(tmp_path / "bad.jsonl", sft_rows(2) + [record])
-    with pytest.raises(data_mix.InvalidRecord, match=rf"dataset {path}, line 3.*{field}"):
+    with pytest.raises(flags.InvalidRecord, match=rf"dataset {path}, line 3.*{field}"):
         data_mix.mix_datasets([path, "1.0"], seed=0, validate=data_mix.validate_sft_record)
 
 

@@ -4,8 +4,9 @@ import json
 
 import pytest
 
-from data_mix import IGNORE_INDEX, InvalidRecord, mix_datasets
+from data_mix import IGNORE_INDEX, mix_datasets
 from dpo import preference_messages, tokenize_preference, tokenize_preference_dataset, validate_preference_record
+from flags import InvalidRecord
 
 USER = {"role": "user", "content": "What is 12 plus 30?"}
 GOOD = {"role": "assistant", "content": "The answer is 42."}

@@ -9,6 +9,7 @@ import pytest
 
 import data_mix
 import dpo
+import flags
 import rlvr
 import verifiers
 
@@ -35,7 +36,7 @@ def mix(path, validate=data_mix.validate_sft_record, skip=False):
                                                (b"[1, 2]", r"line 2: expected a JSON object, got list")])
 def test_a_bad_jsonl_line_is_named_and_can_be_skipped_and_counted(tmp_path, bad_line, message):
     path = write_lines(tmp_path / "d.jsonl", [SFT, bad_line, SFT])
-    with pytest.raises(data_mix.InvalidRecord, match=f"dataset {path}, {message}"):
+    with pytest.raises(flags.InvalidRecord, match=f"dataset {path}, {message}"):
         mix(path)
     rows, report = mix(path, skip=True)
     assert len(rows) == 2 and report[path]["skipped_invalid"] == 1
@@ -44,14 +45,14 @@ def test_a_bad_jsonl_line_is_named_and_can_be_skipped_and_counted(tmp_path, bad_
 def test_a_broken_json_array_names_line_and_column(tmp_path):
     path = tmp_path / "d.json"
     path.write_text('[\n  {"messages": []},\n  {"messages": [}\n]')
-    with pytest.raises(data_mix.InvalidRecord, match=f"dataset {path}, line 3, column 17: not JSON"):
+    with pytest.raises(flags.InvalidRecord, match=f"dataset {path}, line 3, column 17: not JSON"):
         mix(str(path))
 
 
 def test_a_json_array_names_its_rows_and_json_lines_in_a_json_file_are_read(tmp_path):
     array = tmp_path / "a.json"
     array.write_text(json.dumps([SFT, {"messages": [USER]}]))
-    with pytest.raises(data_mix.InvalidRecord, match=f"dataset {array}, row 1, field messages.*no assistant turn"):
+    with pytest.raises(flags.InvalidRecord, match=f"dataset {array}, row 1, field messages.*no assistant turn"):
         mix(str(array))
     lines = write_lines(tmp_path / "l.json", [SFT, SFT])
     assert len(mix(lines)[0]) == 2
@@ -85,27 +86,27 @@ def test_strings_stay_strings_in_a_column_that_mixes_strings_and_lists(tmp_path)
 def test_chosen_and_rejected_with_different_prompt_turns_are_named(tmp_path):
     other = {"role": "user", "content": "What is 3 plus 3?"}
     path = write_lines(tmp_path / "p.jsonl", [{"chosen": [USER, ANSWER], "rejected": [other, ANSWER]}])
-    with pytest.raises(data_mix.InvalidRecord, match=f"{path}, line 1, field rejected: its prompt turns differ "
-                                                     "from chosen's at turn 0"):
+    with pytest.raises(flags.InvalidRecord, match=f"{path}, line 1, field rejected: its prompt turns differ "
+                                                  "from chosen's at turn 0"):
         mix(path, dpo.validate_preference_record)
 
 
 @pytest.mark.parametrize("content", ["", "  \n"])
 def test_an_empty_assistant_turn_is_named(tmp_path, content):
     path = write_lines(tmp_path / "s.jsonl", [SFT, {"messages": [USER, {"role": "assistant", "content": content}]}])
-    with pytest.raises(data_mix.InvalidRecord, match=r"line 2, field messages, field messages\[1\].content: empty"):
+    with pytest.raises(flags.InvalidRecord, match=r"line 2, field messages, field messages\[1\].content: empty"):
         mix(path)
 
 
 @pytest.mark.parametrize("ground_truth", [5, ["5"], {"answer": "5"}])
 def test_a_ground_truth_that_is_not_a_string_is_named(tmp_path, ground_truth):
     path = write_lines(tmp_path / "r.jsonl", [RLVR, {**RLVR, "ground_truth": ground_truth}])
-    with pytest.raises(data_mix.InvalidRecord, match="line 2, field ground_truth: expected a non-empty string"):
+    with pytest.raises(flags.InvalidRecord, match="line 2, field ground_truth: expected a non-empty string"):
         mix(path, rlvr.validate_rlvr_record)
 
 
 def test_a_gsm8k_ground_truth_without_a_number_is_named():
-    with pytest.raises(data_mix.InvalidRecord, match="row 4, field ground_truth: no number"):
+    with pytest.raises(flags.InvalidRecord, match="row 4, field ground_truth: no number"):
         rlvr.validate_rlvr_record({**RLVR, "ground_truth": "five"}, "dataset d, row 4")
 
 
@@ -126,7 +127,7 @@ def ifeval(ids, kwargs):
 ])
 def test_an_ifeval_ground_truth_the_verifier_cannot_check_is_named_at_load(tmp_path, ground_truth, message):
     path = write_lines(tmp_path / "r.jsonl", [RLVR, {**RLVR, "dataset": "ifeval", "ground_truth": ground_truth}])
-    with pytest.raises(data_mix.InvalidRecord, match=f"{path}, line 2, field ground_truth: .*{message}"):
+    with pytest.raises(flags.InvalidRecord, match=f"{path}, line 2, field ground_truth: .*{message}"):
         mix(path, rlvr.validate_rlvr_record)
     assert mix(path, rlvr.validate_rlvr_record, skip=True)[1][path]["skipped_invalid"] == 1
 
@@ -237,8 +238,8 @@ def test_datasets_whose_columns_differ_in_shape_are_named(tmp_path):
     parquet = str(tmp_path / "other.parquet")
     pq.write_table(pa.table({"messages": pa.array(["not a list of turns"])}), parquet)
     jsonl = write_lines(tmp_path / "d.jsonl", [SFT])
-    with pytest.raises(data_mix.DataError, match=f"datasets {re.escape(jsonl)} and {re.escape(parquet)} hold column "
-                                                 "messages in different shapes"):
+    with pytest.raises(flags.DataError, match=f"datasets {re.escape(jsonl)} and {re.escape(parquet)} hold column "
+                                              "messages in different shapes"):
         data_mix.mix_datasets([jsonl, "1.0", parquet, "1.0"], seed=0)
 
 

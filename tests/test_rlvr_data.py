@@ -5,6 +5,7 @@ import datasets
 import pytest
 
 import data_mix
+import flags
 import rlvr
 
 GOOD = {"messages": [{"role": "user", "content": "What is 2 plus 3?"}], "ground_truth": "5", "dataset": "gsm8k"}
@@ -27,7 +28,7 @@ def test_a_good_record_passes_and_the_dataset_name_is_matched_in_any_case():
     ({"messages": [{"role": "robot", "content": "hi"}]}, "field messages[0].role"),
 ])
 def test_a_bad_record_names_dataset_row_and_field(change, field):
-    with pytest.raises(data_mix.InvalidRecord, match=rf"dataset d.jsonl, row 7.*{field.replace('[', '.').replace(']', '.')}"):
+    with pytest.raises(flags.InvalidRecord, match=rf"dataset d.jsonl, row 7.*{field.replace('[', '.').replace(']', '.')}"):
         rlvr.validate_rlvr_record({**GOOD, **change}, "dataset d.jsonl, row 7")
 
 
@@ -54,5 +55,5 @@ def test_invalid_rows_are_counted_when_skipping(tmp_path):
     mixed, report = data_mix.mix_datasets([str(path), "1.0"], seed=0, validate=rlvr.validate_rlvr_record,
                                           skip_invalid=True)
     assert len(mixed) == 2 and report[str(path)]["skipped_invalid"] == 1
-    with pytest.raises(data_mix.InvalidRecord, match="line 2, field dataset"):
+    with pytest.raises(flags.InvalidRecord, match="line 2, field dataset"):
         data_mix.mix_datasets([str(path), "1.0"], seed=0, validate=rlvr.validate_rlvr_record)

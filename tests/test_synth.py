@@ -15,6 +15,7 @@ import pytest
 
 from conftest import ROOT, free_port, run_in_process
 
+import benchmarks
 import data_mix
 import rlvr
 import synth
@@ -204,7 +205,7 @@ def test_math_problems_are_kept_only_when_the_samples_agree_and_carry_the_agreed
 
 
 def test_generated_prompts_that_copy_a_benchmark_are_dropped_and_counted(tmp_path, stub, benchmarks_dir):
-    question = data_mix.load_benchmark("gsm8k", benchmarks_dir)[0]["question"]
+    question = benchmarks.load_benchmark("gsm8k", benchmarks_dir)[0]["question"]
     server = stub(lambda model, messages, seed: question if seed % 2 else "Write a function that reverses a list.")
     out = str(tmp_path / "code.jsonl")
     summary = run(["prompts", "--skill", "code", "--num_prompts", "10", "--generator", server.model("gen"),
