@@ -12,7 +12,7 @@ Each stage runs as a subprocess with its real command line (printed before it ru
 previous stage's output directory and writing its own, exactly as a user would chain them:
 
     base -> sft.py -> output/demo/sft -> dpo.py -> output/demo/dpo -> rlvr.py --algo grpo -> output/demo/rlvr
-                           \-> synth.py preferences -> dpo.py -> output/demo/onpolicy/dpo   (on-policy data)
+                           └-> synth.py preferences -> dpo.py -> output/demo/onpolicy/dpo   (on-policy data)
 
 The on-policy branch makes DPO data the Tülu 3 way, small: the SFT model's and the base model's completions (T 1)
 on held-out RLVR prompts that no measurement uses, rated by the verifier (`--judge verifier`), binarized into
