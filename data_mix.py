@@ -231,18 +231,21 @@ def load_mixture(args, validate):
     (SystemExit) that names the dataset, its line or row and the field.
     """
     try:
-        rows, report = mix_datasets(args.dataset_mixer_list, args.seed, validate, args.skip_invalid_rows)
-        report = {"datasets": report}
-        if args.decontaminate_against:
-            names = [name.strip() for name in args.decontaminate_against.split(",") if name.strip()]
-            rows, report["decontamination"] = benchmarks.decontaminate(rows, names, args.decontaminate_ngram_size,
-                                                                       args.decontaminate_threshold)
-            if len(rows) == 0:
-                raise DataError(f"decontamination against {names} dropped every training row")
+        rows, datasets_report = mix_datasets(args.dataset_mixer_list, args.seed, validate, args.skip_invalid_rows)
     except InvalidRecord as error:
         raise SystemExit(f"{error} (--skip_invalid_rows drops such rows and counts them)") from None
-    except (DataError, FileNotFoundError) as error:  # (FileNotFoundError: a dataset file, or a benchmark's)
+    except (DataError, FileNotFoundError) as error:  # (FileNotFoundError: a dataset file)
         raise SystemExit(str(error)) from None
+    report = {"datasets": datasets_report}
+    if args.decontaminate_against:
+        names = [name.strip() for name in args.decontaminate_against.split(",") if name.strip()]
+        try:  # a benchmark's bad row is the benchmark file's to fix: --skip_invalid_rows does not apply to it
+            rows, report["decontamination"] = benchmarks.decontaminate(rows, names, args.decontaminate_ngram_size,
+                                                                       args.decontaminate_threshold)
+        except (InvalidRecord, DataError, FileNotFoundError) as error:
+            raise SystemExit(f"--decontaminate_against: {error}") from None
+        if len(rows) == 0:
+            raise SystemExit(f"--decontaminate_against: decontamination against {names} dropped every training row")
     return rows, report
 
 

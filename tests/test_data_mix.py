@@ -182,3 +182,22 @@ def test_load_mixture_decontaminates_when_asked(tmp_path, benchmarks_dir):
     assert len(rows) == 5 and question not in [m[0]["content"] for m in rows["messages"]]
     assert report["decontamination"]["dropped_per_benchmark"] == {"gsm8k": 1}
     assert report["datasets"][path]["rows"] == 6
+
+
+def test_a_bad_benchmark_row_during_decontamination_names_the_file_and_not_skip_invalid_rows(tmp_path, monkeypatch):
+    import argparse
+
+    import benchmarks
+
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "gsm8k.jsonl").write_text('{"question": "q"}\n')  # no answer: the benchmark file's fault
+    monkeypatch.setattr(benchmarks, "BENCHMARK_DIR", str(tmp_path / "bench"))
+    benchmarks.benchmark_ngrams.cache_clear()  # (another test's index of the real gsm8k would serve it)
+    parser = argparse.ArgumentParser()
+    data_mix.add_data_args(parser, max_seq_length=128)
+    args = parser.parse_args(["--dataset_mixer_list", write_jsonl(tmp_path / "mix.jsonl", sft_rows(3)), "1.0",
+                              "--decontaminate_against", "gsm8k"])
+    args.seed = 0
+    with pytest.raises(SystemExit, match=r"^--decontaminate_against: .*gsm8k.jsonl, line 1: missing field") as stop:
+        data_mix.load_mixture(args, data_mix.validate_sft_record)
+    assert "--skip_invalid_rows" not in str(stop.value)
