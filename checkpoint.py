@@ -30,6 +30,12 @@ import infra
 LOCK_FILE, CHECKPOINT_DONE = "run.lock", "trainer_state.json"
 
 
+class Resumed(NamedTuple):
+    """The checkpoint a run continues from: its directory and its trainer state (step, scheduler, fingerprints)."""
+    path: str
+    state: dict
+
+
 @contextlib.contextmanager
 def claimed_output_dir(output_dir: str, *, model_path: str, run_config: dict, resume: bool, rank: int):
     """Hold output_dir for this run's life: one run per directory, and only this run's flags in it. run_config is
@@ -99,7 +105,7 @@ def run_fingerprints(examples, model_path: str, rank: int) -> dict:
     threads), and a node whose copy differs from rank 0's stops every rank: each rank reads its shard of the
     weights from its own node's files, so it would train a mix of two models.
     """
-    import pyarrow as pa  # (here, not above: eval.py imports this file and reads no arrow data)
+    import pyarrow as pa  # (here, not above: only this function reads arrow data)
     import pyarrow.compute as pc
 
     fingerprints, model = [None], None
@@ -136,8 +142,8 @@ def run_fingerprints(examples, model_path: str, rank: int) -> dict:
     return fingerprints[0]
 
 
-def newest(output_dir: str, run_facts: dict, world_size: int):
-    """The newest complete checkpoint, (path, trainer state) or None, if it continues this launch: same
+def newest(output_dir: str, run_facts: dict, world_size: int) -> Resumed | None:
+    """The newest complete checkpoint (None if there is none), if it continues this launch: same
     data and base model fingerprints, same sequences per optimizer step (however split)."""
     names = os.listdir(output_dir)
     if {"checkpoint", "checkpoint.old", "checkpoint.tmp"} & set(names):
@@ -166,7 +172,7 @@ def newest(output_dir: str, run_facts: dict, world_size: int):
                          f"{run_facts['optimizer_batch']}; on {world_size} ranks keep {batch} with "
                          "--per_device_train_batch_size x --gradient_accumulation_steps = "
                          + (" or ".join(splits) if splits else f"(none: {batch} is not a multiple of {world_size})"))
-    return path, saved
+    return Resumed(path, saved)
 
 
 def save(model, optimizer, scheduler, step: int, output_dir: str, rank: int, run_facts: dict) -> None:
@@ -188,15 +194,15 @@ def save(model, optimizer, scheduler, step: int, output_dir: str, rank: int, run
     if rank == 0:
         infra.write_durably(os.path.join(path, CHECKPOINT_DONE), json.dumps(
             {"step": step, "world_size": world_size, "scheduler": scheduler.state_dict(), **run_facts}))
-        keep_only(output_dir, keep=path)
+        remove_others(output_dir, keep=path)
     dist.barrier()
 
 
-def load(model, optimizer, scheduler, checkpoint) -> int:
+def load(model, optimizer, scheduler, resumed: Resumed) -> int:
     """Restore weights, AdamW state and scheduler, resharded onto this launch's ranks; return the step. Each rank
     reads just its own rows of each tensor from whichever files hold them: into the weights in place (a tied
     weight into the one tensor its names share, so it stays tied) and into moments made for it."""
-    path, saved = checkpoint
+    path, saved = resumed
     stored = read_index([os.path.join(path, rank_file(r, saved["world_size"]))
                                     for r in range(saved["world_size"])])
     parameters = stored_parameters(model)
@@ -367,7 +373,7 @@ def read_bytes(file: str, offset: int, into):
     return into
 
 
-def keep_only(output_dir: str, keep: str | None) -> None:
+def remove_others(output_dir: str, keep: str | None) -> None:
     """Delete every checkpoint directory but `keep`, its mark of completeness first, so that a kill
     mid-delete never leaves a directory that looks complete without its shards."""
     for name in os.listdir(output_dir):

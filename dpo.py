@@ -34,9 +34,9 @@ from torch.distributed.tensor import DTensor
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+import checkpoint
 import data_mix
 import flags
-import checkpoint
 import infra
 import modeling
 
@@ -402,10 +402,10 @@ def train(args, rank: int, world_size: int, device) -> None:
 
     args.attn_implementation = modeling.choose_attention(args.model_name_or_path, args.attn_implementation,
                                                          args.packing, args.max_seq_length, rank)
-    load = functools.partial(infra.load_model, device=device, rank=rank, dtype=args.dtype,
-                             attn_implementation=args.attn_implementation, max_seq_length=args.max_seq_length,
-                             gradient_checkpointing=args.gradient_checkpointing, compile=args.compile)
-    model = load(args.model_name_or_path, modeling.CausalLMLogProbs)
+    load_model = functools.partial(infra.load_model, device=device, rank=rank, dtype=args.dtype,
+                                   attn_implementation=args.attn_implementation, max_seq_length=args.max_seq_length,
+                                   gradient_checkpointing=args.gradient_checkpointing, compile=args.compile)
+    model = load_model(args.model_name_or_path, modeling.CausalLMLogProbs)
     first = torch.randperm(len(examples), generator=torch.Generator().manual_seed(args.seed))[0].item()
     first_example = examples[first]
     first_ids = torch.tensor([first_example["chosen_input_ids"][:64]], device=device)
@@ -415,7 +415,7 @@ def train(args, rank: int, world_size: int, device) -> None:
     # The reference is the initial model: scored before any update (and before a resume loads trained weights).
     reference = None  # simpo has none
     if args.dpo_loss_type != "simpo" and args.reference == "live":
-        reference = load(args.model_name_or_path, modeling.CausalLMLogProbs).eval().requires_grad_(False)
+        reference = load_model(args.model_name_or_path, modeling.CausalLMLogProbs).eval().requires_grad_(False)
     elif args.dpo_loss_type != "simpo":
         reference = cached_reference_logps(model, examples, args, rank, world_size, device, tokenizer.pad_token_id,
                                            run_facts)
@@ -427,7 +427,7 @@ def train(args, rank: int, world_size: int, device) -> None:
     start_step = checkpoint.load(model, optimizer, scheduler, resumed) if resumed else 0
     if rank == 0:  # forget what the checkpoint does not cover: later steps' metrics, incomplete checkpoints
         infra.truncate_metrics(metrics_path, start_step)
-        checkpoint.keep_only(args.output_dir, resumed and resumed[0])
+        checkpoint.remove_others(args.output_dir, keep=resumed.path if resumed else None)
     report = infra.MetricsReport(args.report_to if rank == 0 else "none", args.output_dir, start_step, vars(args))
 
     model.train()

@@ -1,9 +1,9 @@
 """The machinery the scripts share to run a model; a reader learning the recipe can skip it. sft.py, dpo.py and
-rlvr.py use all of it, eval.py the distributed setup and the entry point, synth.py those and the resumable output.
-What changes what the model computes is elsewhere: the log-prob wrapper and packed attention in modeling.py,
-generation (the top-p draw, the KV cache, EOS and stop strings) in decoding.py; what makes a training run survive
-a kill (its output directory, fingerprints and checkpoints) is in checkpoint.py. A stage is copied with the
-project modules its import lines name.
+rlvr.py use all of it, eval.py the distributed setup and the entry point, synth.py the distributed setup, durable
+files and the resumable output. What changes what the model computes is elsewhere: the log-prob wrapper and packed
+attention in modeling.py, generation (the top-p draw, the KV cache, EOS and stop strings) in decoding.py; what
+makes a training run survive a kill (its output directory, fingerprints and checkpoints) is in checkpoint.py. The
+modules each stage needs, to copy it into another project: README.md, "Layout".
 
 The file's sections, top to bottom: distributed setup (torchrun or plain python, NCCL on GPU, gloo on CPU) and the
 stages' entry point, which prints a user's mistake as one line, once across ranks; model loading (built on the
@@ -144,12 +144,13 @@ def check_model_path(path: str, flag: str = "--model_name_or_path", tokenizer: b
                          "tokenizer of the model these weights come from")
 
 
-def load_model(path: str, wrapper, *, device, rank: int, dtype: str = "auto", attn_implementation: str | None = None,
-               max_seq_length: int | None = None, gradient_checkpointing: bool = False, compile: bool = False):
+def load_model(path: str, wrapper, *, device, rank: int, max_seq_length: int, dtype: str = "auto",
+               attn_implementation: str | None = None, gradient_checkpointing: bool = False, compile: bool = False):
     """wrapper(the model), sharded with FSDP2: each decoder layer is its own unit (gathered just before use,
     freed after), the root unit holds the embeddings, final norm and head. The wrapper is the stage's module
     around the Hugging Face model (sft and dpo: modeling.CausalLMLogProbs; rlvr: HFModel, or ValueModel with its
-    head). The keywords are the stage's flags of those names; compile: torch.compile each decoder layer.
+    head). The keywords are the stage's flags of those names (max_seq_length: the longest sequence a forward will
+    see); compile: torch.compile each decoder layer.
 
     Built empty on the meta device; then each rank reads just the slices of its own shards from the model's
     safetensors files (DCP), cast to fp32, so no rank holds a full copy. Where the files do not hold exactly
@@ -172,7 +173,7 @@ def load_model(path: str, wrapper, *, device, rank: int, dtype: str = "auto", at
     text = config.get_text_config()
     rope = getattr(text, "rope_parameters", None) or {}
     original_length = rope.get("original_max_position_embeddings") or text.max_position_embeddings
-    if rope.get("rope_type") in ("longrope", "dynamic") and (max_seq_length or 0) > original_length:
+    if rope.get("rope_type") in ("longrope", "dynamic") and max_seq_length > original_length:
         raise SystemExit(f"--max_seq_length {max_seq_length}: {rope['rope_type']} RoPE picks its frequencies "
                          f"from the longest sequence in a forward once it passes {original_length} tokens, so a "
                          f"sequence would be scored differently packed or batched than alone; use at most "

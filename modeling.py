@@ -1,8 +1,8 @@
-"""What changes what the model computes in sft.py and dpo.py (read it to learn the recipe; infra.py and checkpoint.py only
-run the model). Its sections: the log-prob wrapper, the model as the training stages see it (token ids in, each label's
-log-prob out, the [tokens, vocab] logits never whole); the packed attention (each example of a packed row attends
-only to itself, without a [T, T] mask), the stages' default for packed rows wherever it computes exactly what the
-model's own attention does.
+"""What changes what the model computes in sft.py and dpo.py (read it to learn the recipe; infra.py runs the
+model and checkpoint.py saves it). Its sections: the log-prob wrapper, the model as the training stages see it
+(token ids in, each label's log-prob out, the [tokens, vocab] logits never whole); the packed attention (each
+example of a packed row attends only to itself, without a [T, T] mask), the stages' default for packed rows
+wherever it computes exactly what the model's own attention does.
 """
 import functools
 import inspect

@@ -669,23 +669,23 @@ def train(args, rank: int, world_size: int, device) -> None:
     if rank == 0:
         data_mix.save_json(os.path.join(args.output_dir, "mixture.json"), data_report)
 
-    load = functools.partial(infra.load_model, device=device, rank=rank, dtype=args.dtype,
-                             attn_implementation=args.attn_implementation, max_seq_length=args.max_seq_length,
-                             gradient_checkpointing=args.gradient_checkpointing, compile=args.compile)
-    policy = load(args.model_name_or_path, HFModel)
+    load_model = functools.partial(infra.load_model, device=device, rank=rank, dtype=args.dtype,
+                                   attn_implementation=args.attn_implementation, max_seq_length=args.max_seq_length,
+                                   gradient_checkpointing=args.gradient_checkpointing, compile=args.compile)
+    policy = load_model(args.model_name_or_path, HFModel)
     first_prompt = prompts[torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed))[0].item()]
     first_ids = torch.tensor([first_prompt["input_ids"][:64]], device=device)
     infra.check_loaded_model(policy, args.model_name_or_path, first_ids,
                              lambda ids, positions: decoding.token_logprobs(
                                  policy(input_ids=ids, position_ids=positions).logits[:, :-1], ids[:, 1:], 1.0),
                              infra.resolve_dtype(args.dtype, device), rank)
-    reference = None if args.beta == 0 else load(args.model_name_or_path, HFModel).requires_grad_(False).eval()
+    reference = None if args.beta == 0 else load_model(args.model_name_or_path, HFModel).requires_grad_(False).eval()
     trained = torch.nn.ModuleDict({"policy": disable_dropout(policy)})
     if args.algo == "ppo":
         value_path = args.value_model_name_or_path or args.model_name_or_path
         infra.check_model_path(value_path, "--value_model_name_or_path", tokenizer=False)
         value_model = functools.partial(ValueModel, head=saved_value_head(value_path))
-        trained["value"] = disable_dropout(load(value_path, value_model))
+        trained["value"] = disable_dropout(load_model(value_path, value_model))
     optimizer = torch.optim.AdamW([{"params": model.parameters()} for model in trained.values()],  # a group per model
                                   lr=args.learning_rate, weight_decay=args.weight_decay, fused=device.type == "cuda")
     scheduler = infra.make_scheduler(optimizer, args.lr_scheduler_type, int(args.warmup_ratio * total_steps),
@@ -694,7 +694,7 @@ def train(args, rank: int, world_size: int, device) -> None:
     start_step = checkpoint.load(trained, optimizer, scheduler, resumed) if resumed else 0
     if rank == 0:  # forget what the checkpoint does not cover: later steps' metrics, incomplete checkpoints
         infra.truncate_metrics(metrics_path, start_step)
-        checkpoint.keep_only(args.output_dir, resumed and resumed[0])
+        checkpoint.remove_others(args.output_dir, keep=resumed.path if resumed else None)
     report = infra.MetricsReport(args.report_to if rank == 0 else "none", args.output_dir, start_step, vars(args))
 
     progress = tqdm(total=total_steps, initial=start_step, desc=f"rlvr {args.algo}", disable=rank != 0)

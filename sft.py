@@ -40,9 +40,9 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
+import checkpoint
 import data_mix
 import flags
-import checkpoint
 import infra
 import modeling
 
@@ -229,10 +229,10 @@ def train(args, rank: int, world_size: int, device) -> None:
 
     args.attn_implementation = modeling.choose_attention(args.model_name_or_path, args.attn_implementation,
                                                          args.packing, args.max_seq_length, rank)
-    load = functools.partial(infra.load_model, device=device, rank=rank, dtype=args.dtype,
-                             attn_implementation=args.attn_implementation, max_seq_length=args.max_seq_length,
-                             gradient_checkpointing=args.gradient_checkpointing, compile=args.compile)
-    model = load(args.model_name_or_path, modeling.CausalLMLogProbs)
+    load_model = functools.partial(infra.load_model, device=device, rank=rank, dtype=args.dtype,
+                                   attn_implementation=args.attn_implementation, max_seq_length=args.max_seq_length,
+                                   gradient_checkpointing=args.gradient_checkpointing, compile=args.compile)
+    model = load_model(args.model_name_or_path, modeling.CausalLMLogProbs)
     first = torch.randperm(len(examples), generator=torch.Generator().manual_seed(args.seed))[0].item()
     first_example = examples[first]
     first_ids = torch.tensor([first_example["input_ids"][:64]], device=device)
@@ -253,7 +253,7 @@ def train(args, rank: int, world_size: int, device) -> None:
     start_step = checkpoint.load(model, optimizer, scheduler, resumed) if resumed else 0
     if rank == 0:  # forget what the checkpoint does not cover: later steps' metrics, incomplete checkpoints
         infra.truncate_metrics(metrics_path, start_step)
-        checkpoint.keep_only(args.output_dir, resumed and resumed[0])
+        checkpoint.remove_others(args.output_dir, keep=resumed.path if resumed else None)
     report = infra.MetricsReport(args.report_to if rank == 0 else "none", args.output_dir, start_step, vars(args))
 
     model.train()

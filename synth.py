@@ -59,12 +59,12 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import benchmarks
+import chat_models
 import data_mix
 import flags
 import infra
 import rlvr
 import verifiers
-from chat_models import Reply, Sampling, generate, open_models
 from flags import POSITIVE_INT, bounded
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -234,7 +234,7 @@ def load_personas(name: str) -> list[str]:
     return personas
 
 
-def written_text(reply: Reply) -> tuple[str | None, str | None]:
+def written_text(reply: chat_models.Reply) -> tuple[str | None, str | None]:
     """(the generated text, stripped, or None; why not)."""
     if reply.text is None:
         return None, "generation_failed"
@@ -252,7 +252,7 @@ def make_prompts(chunk: list[dict], seed: int, ctx) -> list[tuple]:
         work.append({"item": item, "rng": rng, "persona": ctx.personas[rng.randrange(len(ctx.personas))],
                      "counts": {"tokens": 0}, "outcome": None})
     writers = [(ctx.generator, user(PROMPT_WRITERS[args.skill].format(persona=w["persona"]))) for w in work]
-    for w, reply in zip(work, generate(writers, ctx.sampling, seed)):
+    for w, reply in zip(work, chat_models.generate(writers, ctx.sampling, seed)):
         w["counts"]["tokens"] += reply.tokens
         w["prompt"], w["outcome"] = written_text(reply)
     if args.skill == "ifeval":
@@ -263,7 +263,7 @@ def make_prompts(chunk: list[dict], seed: int, ctx) -> list[tuple]:
         alive = [w for w in work if w["outcome"] is None]
         solvers = [(ctx.generator, user(SOLVE.format(problem=w["prompt"]))) for w in alive
                    for _ in range(args.num_samples)]
-        replies = generate(solvers, ctx.sampling, stable_seed(seed, "solve"))
+        replies = chat_models.generate(solvers, ctx.sampling, stable_seed(seed, "solve"))
         for j, w in enumerate(alive):
             samples = replies[j * args.num_samples:(j + 1) * args.num_samples]
             w["counts"]["tokens"] += sum(reply.tokens for reply in samples)
@@ -329,7 +329,7 @@ def make_responses(chunk: list[dict], seed: int, ctx) -> list[tuple]:
     prompt has a ground truth, else the first that ended."""
     samples = ctx.args.samples
     requests = [(ctx.generator, item["messages"]) for item in chunk for _ in range(samples)]
-    replies = generate(requests, ctx.sampling, seed)
+    replies = chat_models.generate(requests, ctx.sampling, seed)
     results = []
     for j, item in enumerate(chunk):
         mine = replies[j * samples:(j + 1) * samples]
@@ -412,8 +412,8 @@ def make_preferences(chunk: list[dict], seed: int, ctx) -> list[tuple]:
     args = ctx.args
     rngs = [random.Random(stable_seed(args.seed, item["id"])) for item in chunk]
     lineups = [[ctx.policy] + rng.sample(ctx.pool, min(args.models_per_prompt, len(ctx.pool))) for rng in rngs]
-    replies = iter(generate([(model, item["messages"]) for item, models in zip(chunk, lineups) for model in models],
-                            ctx.sampling, seed))
+    completion_requests = [(model, item["messages"]) for item, models in zip(chunk, lineups) for model in models]
+    replies = iter(chat_models.generate(completion_requests, ctx.sampling, seed))
     work = []
     for item, models in zip(chunk, lineups):
         counts = {"tokens": 0, "completions": len(models), "generation_failed": 0, "judge_requests": 0}
@@ -432,8 +432,8 @@ def make_preferences(chunk: list[dict], seed: int, ctx) -> list[tuple]:
         requests = [(ctx.judge, user(JUDGE_PROMPT.format(conversation=conversation_text(item["messages"]),
                                                          response=c["text"])))
                     for item, _, completions in work for c in completions]
-        judged = iter(generate(requests, Sampling(JUDGE_MAX_NEW_TOKENS, JUDGE_TEMPERATURE, 1.0),
-                               stable_seed(seed, "judge")))
+        judging = chat_models.Sampling(JUDGE_MAX_NEW_TOKENS, JUDGE_TEMPERATURE, 1.0)
+        judged = iter(chat_models.generate(requests, judging, stable_seed(seed, "judge")))
         ratings = []
         for _, counts, completions in work:
             counts["judge_requests"] = len(completions)
@@ -455,7 +455,7 @@ def make_preferences(chunk: list[dict], seed: int, ctx) -> list[tuple]:
     return results
 
 
-def judge_rating(reply: Reply, counts: dict) -> float | None:
+def judge_rating(reply: chat_models.Reply, counts: dict) -> float | None:
     """A completion's mean rating, or None, counting why: the request failed, the reply did not parse, all N/A."""
     ratings = parse_judge_reply(reply.text) if reply.text is not None else None
     rating = mean_rating(ratings) if ratings is not None else None
@@ -484,10 +484,10 @@ def plan(args) -> tuple[list[dict], dict]:
     return load_prompt_rows(args.prompts), {"policy": [args.policy], "pool": args.pool, "judge": [args.judge]}
 
 
-def build_context(args, flags: dict, device) -> SimpleNamespace:
+def build_context(args, model_flags: dict, device) -> SimpleNamespace:
     if args.command == "prompts" and args.skill == "math" and args.temperature == 0:
         raise SystemExit("--temperature 0 makes every math sample the same: self-consistency needs sampling")
-    ctx = SimpleNamespace(args=args, sampling=Sampling(args.max_new_tokens, args.temperature, args.top_p))
+    ctx = SimpleNamespace(args=args, sampling=chat_models.Sampling(args.max_new_tokens, args.temperature, args.top_p))
     if args.command == "prompts":
         ctx.personas, ctx.table = load_personas(args.personas), load_constraint_table()
         ctx.benchmarks = tuple(name.strip() for name in args.decontaminate_against.split(",") if name.strip())
@@ -496,8 +496,9 @@ def build_context(args, flags: dict, device) -> SimpleNamespace:
                                                                args.benchmark_dir)
         except (benchmarks.BenchmarkUnavailable, ValueError) as error:
             raise SystemExit(f"--decontaminate_against {args.decontaminate_against}: {error}") from None
-    models = open_models(flags, device, batch_size=args.batch_size, max_concurrency=args.max_concurrency,
-                         request_timeout=args.request_timeout, max_retries=args.max_retries)
+    models = chat_models.open_models(model_flags, device, batch_size=args.batch_size,
+                                     max_concurrency=args.max_concurrency, request_timeout=args.request_timeout,
+                                     max_retries=args.max_retries)
     ctx.generator = models.get(getattr(args, "generator", None))
     if args.command == "preferences":
         ctx.policy, ctx.pool = models[args.policy], [models[spec] for spec in args.pool]
@@ -536,7 +537,7 @@ def main(argv=None) -> dict | None:
     rank, world_size, device = infra.init_distributed()
     output = None
     try:
-        items, flags = plan(args)
+        items, model_flags = plan(args)
         verdict = [""]
         if rank == 0:  # claim --output before any model loads; every rank stops on rank 0's verdict
             try:
@@ -549,7 +550,7 @@ def main(argv=None) -> dict | None:
         if isinstance(verdict[0], str):
             raise SystemExit(verdict[0])
         finished = set(verdict[0])
-        ctx = build_context(args, flags, device)
+        ctx = build_context(args, model_flags, device)
         chunks = [items[i:i + args.batch_size] for i in range(0, len(items), args.batch_size)]
         todo = [k for k, chunk in enumerate(chunks) if any(item["id"] not in finished for item in chunk)]
         process = {"prompts": make_prompts, "responses": make_responses, "preferences": make_preferences}[args.command]

@@ -56,7 +56,7 @@ def worker(rank, ranks, port, loader, model_dir, results):
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # the peak (VmHWM) starts again from the current RSS
     started = time.perf_counter()
-    model = infra.load_model(model_dir, modeling.CausalLMLogProbs, device=device, rank=rank)
+    model = infra.load_model(model_dir, modeling.CausalLMLogProbs, device=device, rank=rank, max_seq_length=2048)
     torch.distributed.barrier()
     seconds = time.perf_counter() - started
     peak = memory_gb("VmHWM")

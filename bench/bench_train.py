@@ -220,7 +220,7 @@ def baseline_runner(path, run_args, examples, rank, world_size, device):
     return step, lambda batch: [(micro_batches(batch, r), None) for r in range(world_size)], model  # equal counts
 
 
-def load_model(path, run_args, device, rank):
+def load_stage_model(path, run_args, device, rank):
     """infra.load_model with the stage's flags, as sft.py and dpo.py call it."""
     return infra.load_model(path, modeling.CausalLMLogProbs, device=device, rank=rank, dtype=run_args.dtype,
                             attn_implementation=run_args.attn_implementation, max_seq_length=run_args.max_seq_length,
@@ -228,7 +228,7 @@ def load_model(path, run_args, device, rank):
 
 
 def sft_runner(path, run_args, examples, rank, world_size, device):
-    model = load_model(path, run_args, device, rank).train()
+    model = load_stage_model(path, run_args, device, rank).train()
     update = make_update(model, run_args, device)
 
     def plan(batch):
@@ -248,7 +248,7 @@ def dpo_runner(path, run_args, examples, rank, world_size, device):
               "rejected_input_ids": r["input_ids"], "rejected_labels": r["labels"]}
              for c, r in zip(examples[0::2], examples[1::2])]
     reference = tuple(torch.full((len(pairs),), -1.0, device=device) for _ in range(2))
-    model = load_model(path, run_args, device, rank).train()
+    model = load_stage_model(path, run_args, device, rank).train()
     update = make_update(model, run_args, device)
 
     def pair_batch(batch):  # rank r's examples are batch[r::world_size] in order; examples 2j, 2j+1 are pair j

@@ -44,9 +44,9 @@ part train_3b 120 python3 bench/bench_train.py --models llama3b --gradient_check
 part train_1b_budget 150 python3 bench/bench_train.py --models llama1b --lengths tulu3 --gradient_checkpointing \
     --attn_implementation packed_varlen --variants sft_packed sft_budget dpo_packed dpo_budget
 part packed_attention 60 python3 - <<'PY'
-import torch, infra
+import torch, modeling
 from transformers import LlamaConfig, LlamaForCausalLM
-infra.register_packed_attention()
+modeling.register_packed_attention()
 torch.manual_seed(0)
 config = LlamaConfig(vocab_size=1000, hidden_size=512, intermediate_size=1024, num_hidden_layers=2,
                      num_attention_heads=8, num_key_value_heads=2)
@@ -55,7 +55,7 @@ lengths = [700, 35, 1200, 64, 9, 2000]
 input_ids = torch.randint(0, 1000, (1, sum(lengths)), device="cuda")
 position_ids = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0).cuda()
 results = {}
-for attention in ("sdpa", infra.PACKED_ATTENTION):
+for attention in ("sdpa", modeling.PACKED_ATTENTION):
     model.set_attn_implementation(attention)
     model.zero_grad(set_to_none=True)
     logits = model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits.float()

@@ -228,8 +228,8 @@ def test_a_run_resumed_from_its_checkpoint_trains_bitwise_the_uninterrupted_runs
 
     real_load, loaded = checkpoint.load, {}
 
-    def load_and_look(model, optimizer, scheduler, checkpoint):
-        step = real_load(model, optimizer, scheduler, checkpoint)
+    def load_and_look(model, optimizer, scheduler, resumed):
+        step = real_load(model, optimizer, scheduler, resumed)
         lm = next(module for module in model.modules()
                   if isinstance(module, transformers.PreTrainedModel) and module.get_output_embeddings())
         loaded.update(tied=lm.get_output_embeddings().weight is lm.get_input_embeddings().weight,
@@ -420,10 +420,10 @@ def check_loads_bitwise(patch):
         if rank == 0:
             save_file(state, f"{directory}.state-{step}.safetensors")
 
-    def load_and_compare(model, optimizer, scheduler, checkpoint):
-        step = load(model, optimizer, scheduler, checkpoint)
+    def load_and_compare(model, optimizer, scheduler, resumed):
+        step = load(model, optimizer, scheduler, resumed)
         state = training_state(model, optimizer)
-        saved = load_file(f"{os.path.dirname(checkpoint[0])}.state-{step}.safetensors")
+        saved = load_file(f"{os.path.dirname(resumed.path)}.state-{step}.safetensors")
         assert state.keys() == saved.keys()
         assert [name for name in saved if not torch.equal(state[name], saved[name])] == []
         return step
@@ -503,13 +503,15 @@ def sharded_load_worker(rank, port, model_dir, unlike_nodes, unlike_weights):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
     infra.init_distributed()
     with pytest.raises(SystemExit, match="no model.safetensors .* the weights must be safetensors"):
-        infra.load_model(unlike_nodes[rank], modeling.CausalLMLogProbs, device=torch.device("cpu"), rank=rank)
+        infra.load_model(unlike_nodes[rank], modeling.CausalLMLogProbs, device=torch.device("cpu"), rank=rank,
+                         max_seq_length=128)
     examples = datasets.Dataset.from_dict({"input_ids": [[1, 2, 3]]})
     os.environ["LOCAL_RANK"] = "0"  # each rank the first of its own node, as on two nodes
     with pytest.raises(SystemExit, match="the model files differ between ranks: rank 0's and rank 1's copies"):
         checkpoint.run_fingerprints(examples, unlike_weights[rank], rank)
     with mock.patch.object(transformers.AutoModelForCausalLM, "from_pretrained", side_effect=AssertionError):
-        model = infra.load_model(model_dir, modeling.CausalLMLogProbs, device=torch.device("cpu"), rank=rank)
+        model = infra.load_model(model_dir, modeling.CausalLMLogProbs, device=torch.device("cpu"), rank=rank,
+                                 max_seq_length=128)
     expected = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).state_dict()
     assert model.model.lm_head.weight is model.model.model.embed_tokens.weight  # still tied
     for name, param in model.named_parameters(remove_duplicate=False):
@@ -542,7 +544,8 @@ def load_on_one_rank(model_dir):
     with plain_python_environment():
         infra.init_distributed()
         try:
-            model = infra.load_model(model_dir, modeling.CausalLMLogProbs, device=torch.device("cpu"), rank=0).model
+            model = infra.load_model(model_dir, modeling.CausalLMLogProbs, device=torch.device("cpu"), rank=0,
+                                     max_seq_length=128).model
             return {name: tensor.full_tensor() if isinstance(tensor, DTensor) else tensor for name, tensor in
                     [*model.named_parameters(remove_duplicate=False), *model.named_buffers()]}
         finally:
@@ -556,7 +559,7 @@ def test_a_value_model_reads_its_base_model_shard_by_shard_and_takes_its_new_hea
         infra.init_distributed()
         try:
             model = infra.load_model(tiny_model_dir, functools.partial(rlvr.ValueModel, head=head),
-                                     device=torch.device("cpu"), rank=0)
+                                     device=torch.device("cpu"), rank=0, max_seq_length=128)
             tensors = {name: tensor.full_tensor() for name, tensor in model.state_dict().items()}
         finally:
             torch.distributed.destroy_process_group()

@@ -141,7 +141,8 @@ def gradient_worker(rank, world_size, port, model_dir, data, cache_dir, out_path
                                    "--output_dir", "x", "--reference_cache_dir", f"{cache_dir}/{world_size}",
                                    "--dpo_loss_type", loss_type, "--dpo_beta", "0.5",
                                    "--packing" if packing else "--no-packing"])
-            model = infra.load_model(model_dir, modeling.CausalLMLogProbs, device=device, rank=rank)
+            model = infra.load_model(model_dir, modeling.CausalLMLogProbs, device=device, rank=rank,
+                                     max_seq_length=args.max_seq_length)
             # scored with 3 pairs per micro-batch: on 2 ranks the last group leaves a rank a stand-in pair
             args.per_device_train_batch_size = 3
             reference = dpo.cached_reference_logps(model, examples, args, rank, world_size, device,

@@ -43,3 +43,29 @@ def test_eval_example_scores_a_few_examples_of_tasks_with_offline_data():
     (argv,) = python_examples(evaluation)
     args = evaluation.parse_args(argv)
     assert args.limit is not None and args.limit <= 20
+
+
+PROJECT_MODULES = ("infra", "checkpoint", "modeling", "decoding", "data_mix", "benchmarks", "flags", "verifiers",
+                   "sandbox", "eval_metrics", "chat_models", "sft", "dpo", "rlvr", "synth")
+
+
+def test_every_project_name_the_docs_and_gpu_script_use_exists():
+    """`module.name` in README.md, docs/ and bench/'s shell scripts (which no test runs) names something that
+    module has: code moved between modules leaves no stale pointer. A name followed by "at <commit>" is history."""
+    import glob
+    import importlib
+    import os
+    import re
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    reference = re.compile(r"(?<![\w/.-])(%s)\.([A-Za-z_]\w*)\b(?!`? at [0-9a-f]{7})" % "|".join(PROJECT_MODULES))
+    files = [os.path.join(root, "README.md"), *glob.glob(os.path.join(root, "docs", "*.md")),
+             *glob.glob(os.path.join(root, "bench", "*.sh"))]
+    missing = []
+    for path in files:
+        with open(path) as f:
+            for number, line in enumerate(f, start=1):
+                for module, name in reference.findall(line):
+                    if name not in ("py", "md", "json", "jsonl") and not hasattr(importlib.import_module(module), name):
+                        missing.append(f"{os.path.relpath(path, root)}:{number}: {module}.{name}")
+    assert not missing

@@ -83,7 +83,7 @@ def step_worker(rank, world_size, port, model_dir, data, out_path):
                                  + ["--max_tokens_per_micro_batch", str(budget)] * (budget is not None)
                                  + ["--reduce_loss", reduction] * (stage == "sft"))
         model = infra.load_model(model_dir, modeling.CausalLMLogProbs, device=device, rank=rank,
-                                 attn_implementation=attention)
+                                 max_seq_length=args.max_seq_length, attn_implementation=attention)
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
         batch = list(range(8 if stage == "sft" else 4 * world_size))
         if stage == "sft":

@@ -1,4 +1,4 @@
-"""data_mix's RLVR records: {messages, ground_truth, dataset} validated with named errors, prompts tokenized."""
+"""rlvr.py's RLVR records: {messages, ground_truth, dataset} validated with named errors, prompts tokenized."""
 import json
 
 import datasets

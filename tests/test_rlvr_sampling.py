@@ -55,7 +55,8 @@ def test_the_fsdp_policy_decodes_as_the_plain_model_and_stops_at_its_generation_
     with plain_python_environment():
         infra.init_distributed()
         try:
-            policy = infra.load_model(str(tmp_path), rlvr.HFModel, device=torch.device("cpu"), rank=0)
+            policy = infra.load_model(str(tmp_path), rlvr.HFModel, device=torch.device("cpu"), rank=0,
+                                      max_seq_length=128)
             got = decoding.complete(policy, tokenizer, prompts, max_new_tokens=12)
         finally:
             torch.distributed.destroy_process_group()

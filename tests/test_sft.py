@@ -94,7 +94,8 @@ def gradient_worker(rank, world_size, port, model_dir, out_path):
     for packing in (True, False):
         args = sft.parse_args(["--model_name_or_path", model_dir, "--dataset_mixer_list", "x", "1", "--output_dir", "x",
                                "--packing" if packing else "--no-packing"])
-        model = infra.load_model(model_dir, modeling.CausalLMLogProbs, device=device, rank=rank)
+        model = infra.load_model(model_dir, modeling.CausalLMLogProbs, device=device, rank=rank,
+                                 max_seq_length=128)
         for reduction in ("sum", "mean"):
             for per_device, accumulation in SPLITS[world_size]:
                 args.per_device_train_batch_size, args.reduce_loss = per_device, reduction
@@ -135,7 +136,8 @@ def compile_worker(rank, world_size, port, model_dir, out_path):
         args = sft.parse_args(["--model_name_or_path", model_dir, "--dataset_mixer_list", "x", "1", "--output_dir", "x",
                                "--packing", "--per_device_train_batch_size", "4"] + ["--compile"] * compiled)
         counters.clear()
-        model = infra.load_model(model_dir, modeling.CausalLMLogProbs, device=device, rank=rank)
+        model = infra.load_model(model_dir, modeling.CausalLMLogProbs, device=device, rank=rank, max_seq_length=128,
+                                 compile=args.compile)
         nll = sft.accumulate_gradients(model, examples, list(range(8)), args, rank, world_size, device,
                                        tokenizer.pad_token_id)[0]
         graphs[compiled] = counters["stats"]["unique_graphs"]  # graphs dynamo compiled in this forward
