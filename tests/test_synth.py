@@ -380,18 +380,26 @@ synth.main(sys.argv[1:])
 """
 
 
-def test_a_kill_mid_file_then_a_rerun_writes_exactly_the_uninterrupted_output(tmp_path, stub):
+def sampled_responses(tmp_path, stub, prompt_count: int, batch_size: int):
+    """argv(output) of `synth.py responses` on `prompt_count` prompts, sampled (T 1) from a stub whose reply
+    depends on the draw's seed; and the environment of a child process that starts its own process group."""
     server = stub(lambda model, messages, seed: f"reply {seed % 97} to {user_text(messages)}")
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"messages": [{"role": "user", "content": f"q{i}"}]}
-                                                       for i in range(10)])
+                                                       for i in range(prompt_count)])
 
     def argv(out):
-        return ["responses", "--prompts", prompts, "--generator", server.model("g"), "--batch_size", "3",
+        return ["responses", "--prompts", prompts, "--generator", server.model("g"), "--batch_size", str(batch_size),
                 "--temperature", "1.0", "--output", str(out)]
-    run(argv(tmp_path / "whole.jsonl"))
-    env = dict(os.environ, PYTHONPATH=ROOT, MASTER_PORT=free_port())
-    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
+    return server, argv, env
+
+
+def test_a_kill_mid_file_then_a_rerun_writes_exactly_the_uninterrupted_output(tmp_path, stub):
+    server, argv, env = sampled_responses(tmp_path, stub, prompt_count=10, batch_size=3)
+    run(argv(tmp_path / "whole.jsonl"))
+    env["MASTER_PORT"] = free_port()
     killed = subprocess.run([sys.executable, "-c", KILL_AFTER_WRITES.format(root=ROOT, kill_at=5)]
                             + argv(tmp_path / "resumed.jsonl"), env=env, cwd=ROOT, capture_output=True, text=True)
     assert killed.returncode == -9, killed.stderr[-2000:]
@@ -424,17 +432,8 @@ def test_a_changed_command_on_the_same_output_is_refused_but_a_changed_concurren
 
 @pytest.mark.full
 def test_two_ranks_under_torchrun_split_the_chunks_and_write_what_one_rank_writes(tmp_path, stub):
-    server = stub(lambda model, messages, seed: f"reply {seed % 89} to {user_text(messages)}")
-    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"messages": [{"role": "user", "content": f"q{i}"}]}
-                                                       for i in range(11)])
-
-    def argv(out):
-        return ["responses", "--prompts", prompts, "--generator", server.model("g"), "--batch_size", "2",
-                "--temperature", "1.0", "--output", str(out)]
+    _, argv, env = sampled_responses(tmp_path, stub, prompt_count=11, batch_size=2)
     run(argv(tmp_path / "one.jsonl"))
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
     launched = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                                "--master_port", free_port(), "synth.py"] + argv(tmp_path / "two.jsonl"),
                               env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
