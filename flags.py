@@ -112,9 +112,9 @@ class StageParser(argparse.ArgumentParser):
     - boolean flags take open-instruct's `--flag True` / `--flag False` too (Switch);
     - an error is one line, raised as SystemExit(message): infra.run prints it once however many ranks parse."""
 
-    def __init__(self, description: str):
+    def __init__(self, description: str | None = None, **kwargs):  # (kwargs: argparse's, for a subcommand's parser)
         super().__init__(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
-                         allow_abbrev=False)
+                         allow_abbrev=False, **kwargs)
 
     def add_argument(self, *names, **kwargs):
         if kwargs.get("action") in ("store_true", argparse.BooleanOptionalAction):

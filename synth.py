@@ -45,7 +45,6 @@ judge rates the four aspects in one request per completion; the IF data's "rejec
 constraint relaxed are not made; among equally top-rated completions the chosen one is drawn at random (the
 original took the first, and drew the rejected from any other completion, ties included).
 """
-import argparse
 import collections
 import hashlib
 import json
@@ -80,8 +79,8 @@ RESUMABLE_FLAGS = {"max_concurrency", "request_timeout", "max_retries"}  # a rer
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = flags.StageParser(__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)  # each subcommand's parser a StageParser too
     prompts = commands.add_parser("prompts", help="persona-driven prompts for one skill")
     prompts.add_argument("--skill", choices=["ifeval", "math", "code"], required=True)
     prompts.add_argument("--personas", default=os.path.join(ROOT, "data", "personas.jsonl"),
@@ -534,7 +533,12 @@ def summarize(args, output, items: list[dict], run_seconds: float, run_items: in
 
 def main(argv=None) -> dict | None:
     args = parse_args(argv)
-    rank, world_size, device = infra.init_distributed()
+    with infra.process_group() as (rank, world_size, device):
+        return make(args, rank, world_size, device)
+
+
+def make(args, rank: int, world_size: int, device) -> dict | None:
+    """The run: claim --output, then every chunk not yet finished, each rank a chunk at a time."""
     output = None
     try:
         items, model_flags = plan(args)
@@ -574,8 +578,7 @@ def main(argv=None) -> dict | None:
     finally:
         if output is not None:
             output.close()  # (and its lock)
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main()
+    infra.run(main)

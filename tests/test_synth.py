@@ -417,6 +417,15 @@ def test_a_kill_mid_file_then_a_rerun_writes_exactly_the_uninterrupted_output(tm
     assert len(server.requests) - requests_before == 7
 
 
+def test_a_shortened_or_unknown_flag_is_one_line_not_a_prefix_match():
+    """synth.py parses with the stages' parser: argparse would take --sample 2 as --samples 2."""
+    given = ["responses", "--prompts", "p.jsonl", "--generator", "g", "--output", "o.jsonl"]
+    with pytest.raises(SystemExit, match=r"unknown flag --sample \(--help lists the flags\)$"):
+        synth.parse_args(given + ["--sample", "2"])
+    with pytest.raises(SystemExit, match=r"argument --samples: 0 must be >= 1$"):
+        synth.parse_args(given + ["--samples", "0"])
+
+
 def test_a_changed_command_on_the_same_output_is_refused_but_a_changed_concurrency_is_not(tmp_path, stub):
     server = stub(lambda model, messages, seed: "ok")
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"messages": [{"role": "user", "content": "q"}]}])
