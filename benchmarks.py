@@ -3,7 +3,6 @@ else from the hub; and the n-gram decontamination of training prompts against th
 training data is guarded against is exactly what is evaluated. eval.py loads the rows; sft.py, dpo.py and rlvr.py
 decontaminate through data_mix.load_mixture (--decontaminate_against), synth.py each prompt it writes.
 """
-import functools
 import json
 import os
 import re
@@ -204,7 +203,6 @@ def decontaminate(dataset, benchmarks: list[str], ngram_size: int = 8, threshold
     return kept, report
 
 
-@functools.lru_cache(maxsize=4)  # synth.py checks prompts one at a time: the index is built once per process
 def benchmark_ngrams(benchmarks: tuple, ngram_size: int, benchmark_dir: str | None = None) -> dict:
     """{n-gram hash: index in `benchmarks` of the first benchmark whose prompts contain it}."""
     owner = {}

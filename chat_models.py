@@ -12,6 +12,7 @@ import torch
 
 import data_mix
 import decoding
+import infra
 
 
 @dataclass
@@ -97,6 +98,8 @@ def open_models(specs: dict, device, *, batch_size: int, max_concurrency: int, r
                 raise SystemExit(f"--{flag} {spec}: no such model directory (nor an org/name hub id, "
                                  "nor URL#MODEL_NAME)")
             else:
+                if os.path.isdir(spec):  # config.json and the tokenizer files, named before anything loads
+                    infra.check_model_path(spec, f"--{flag}")
                 models[spec] = LocalModel(spec, device, batch_size)
     return models
 

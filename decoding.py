@@ -45,7 +45,7 @@ def complete(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
     """Each prompt's completion (prompts are token-id lists), in the prompts' order. Greedy at temperature 0.
 
     Batches hold prompts of similar length, longest first (an out-of-memory error shows up at once); within a
-    batch the rows keep the prompts' order, so a single batch draws exactly what model.generate draws."""
+    batch the rows keep the prompts' order, so a single batch, given the same draws, draws what model.generate draws."""
     eos_ids = eos_token_ids(model, tokenizer)
     by_length = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     completions = [None] * len(prompts)

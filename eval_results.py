@@ -7,7 +7,7 @@ import fcntl
 import json
 import os
 
-import data_mix
+import infra
 
 
 def read_results(output_dir: str) -> dict:
@@ -64,7 +64,7 @@ def plan_run(output_dir: str, paths: list[str], settings: dict, overwrite: bool)
                 prediction = os.path.join(output_dir, "predictions", name, f"{task}.jsonl")
                 if os.path.exists(prediction):
                     os.remove(prediction)
-        data_mix.save_json(os.path.join(output_dir, "results.json"), results)
+        infra.write_durably(os.path.join(output_dir, "results.json"), json.dumps(results, indent=2))
         print(f"--overwrite: discarded {len(clashes)} results computed with other settings", flush=True)
     done = {(name, task) for name in names for task in settings if task in results.get(name, {})}
     if done and not overwrite:
@@ -79,11 +79,7 @@ def save_result(output_dir: str, name: str, task: str, entry: dict, records: lis
     to the same directory adds its columns instead of overwriting them."""
     predictions = os.path.join(output_dir, "predictions", name, f"{task}.jsonl")
     os.makedirs(os.path.dirname(predictions), exist_ok=True)
-    with open(predictions + ".tmp", "w") as f:
-        f.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(predictions + ".tmp", predictions)
+    infra.write_durably(predictions, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
     with open(os.path.join(output_dir, ".results.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         results = read_results(output_dir)
@@ -91,7 +87,7 @@ def save_result(output_dir: str, name: str, task: str, entry: dict, records: lis
         if clashes:  # another run wrote this task under other settings meanwhile
             raise SystemExit(f"{output_dir}/results.json: not saving {task} of {name}: " + "; ".join(clashes))
         results.setdefault(name, {})[task] = entry
-        data_mix.save_json(os.path.join(output_dir, "results.json"), results)
+        infra.write_durably(os.path.join(output_dir, "results.json"), json.dumps(results, indent=2))
 
 
 def print_table(results: dict, names: list[str]) -> None:

@@ -1,9 +1,10 @@
 """The machinery the scripts share to run a model; a reader learning the recipe can skip it. sft.py, dpo.py and
-rlvr.py use all of it, eval.py the distributed setup and the entry point, synth.py the distributed setup, durable
-files and the resumable output. What changes what the model computes is elsewhere: the log-prob wrapper and packed
-attention in modeling.py, generation (the top-p draw, the KV cache, EOS and stop strings) in decoding.py; what
-makes a training run survive a kill (its output directory, fingerprints and checkpoints) is in checkpoint.py. The
-modules each stage needs, to copy it into another project: README.md, "Layout".
+rlvr.py use all of it but the resumable JSON Lines output; eval.py the distributed setup, the entry point and
+durable files; synth.py those and the resumable output. What changes what the model computes is elsewhere: the
+log-prob wrapper and packed attention in modeling.py, generation (the top-p draw, the KV cache, EOS and stop
+strings) in decoding.py; what makes a training run survive a kill (its output directory, fingerprints and
+checkpoints) is in checkpoint.py. The modules each stage needs, to copy it into another project: README.md,
+"Layout".
 
 The file's sections, top to bottom: distributed setup (torchrun or plain python, NCCL on GPU, gloo on CPU) and the
 stages' entry point, which prints a user's mistake as one line, once across ranks; model loading (built on the

@@ -493,7 +493,7 @@ def build_context(args, model_flags: dict, device) -> SimpleNamespace:
         try:
             ctx.benchmark_ngrams = benchmarks.benchmark_ngrams(ctx.benchmarks, DECONTAMINATION_NGRAM,
                                                                args.benchmark_dir)
-        except (benchmarks.BenchmarkUnavailable, ValueError) as error:
+        except (FileNotFoundError, ValueError) as error:  # (no --benchmark_dir, a benchmark unavailable, a bad row)
             raise SystemExit(f"--decontaminate_against {args.decontaminate_against}: {error}") from None
     models = chat_models.open_models(model_flags, device, batch_size=args.batch_size,
                                      max_concurrency=args.max_concurrency, request_timeout=args.request_timeout,

@@ -192,7 +192,6 @@ def test_a_bad_benchmark_row_during_decontamination_names_the_file_and_not_skip_
     (tmp_path / "bench").mkdir()
     (tmp_path / "bench" / "gsm8k.jsonl").write_text('{"question": "q"}\n')  # no answer: the benchmark file's fault
     monkeypatch.setattr(benchmarks, "BENCHMARK_DIR", str(tmp_path / "bench"))
-    benchmarks.benchmark_ngrams.cache_clear()  # (another test's index of the real gsm8k would serve it)
     parser = argparse.ArgumentParser()
     data_mix.add_data_args(parser, max_seq_length=128)
     args = parser.parse_args(["--dataset_mixer_list", write_jsonl(tmp_path / "mix.jsonl", sft_rows(3)), "1.0",
